@@ -34,7 +34,7 @@ def write_jsonl(path, rows):
 
 
 def test_prompt_completion_masks_only_the_completion(tmp_path):
-    tok = char_tokenizer()
+    tok = char_tokenizer(None)  # no chat template: raw concatenation
     data = encode_file(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab=", "completion": "3"}]), tok)
     (ex,) = data.examples
     assert tok.convert_ids_to_tokens(ex.input_ids) == ["a", "b", "=", "3", "</s>"]
@@ -53,11 +53,13 @@ def test_messages_use_the_chat_template_and_the_last_assistant_turn(tmp_path):
     assert "".join(text[: -3]).endswith("<|user|>x</s><|assistant|>")
 
 
-def test_chat_flag_renders_prompt_completion_rows(tmp_path):
+def test_prompt_completion_rows_use_the_chat_template_like_generate(tmp_path):
     tok = char_tokenizer()
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "completion": "yo"}])
-    (ex,) = encode_file(path, tok, DataConfig(chat=True)).examples
+    (ex,) = encode_file(path, tok).examples
     assert "".join(tok.convert_ids_to_tokens(ex.input_ids)) == "<|user|>hi</s><|assistant|>yo</s>"
+    (raw,) = encode_file(path, tok, DataConfig(chat=False)).examples
+    assert "".join(tok.convert_ids_to_tokens(raw.input_ids)) == "hiyo</s>"
 
 
 def test_truncation_is_counted_and_reported(tmp_path, caplog):
@@ -65,7 +67,7 @@ def test_truncation_is_counted_and_reported(tmp_path, caplog):
     rows = [{"prompt": "abc", "completion": "defgh"}, {"prompt": "abcdefgh", "completion": "x"},
             {"prompt": "a", "completion": "b"}]
     with caplog.at_level(logging.WARNING):
-        data = encode_file(write_jsonl(tmp_path / "d.jsonl", rows), tok, DataConfig(max_len=5))
+        data = encode_file(write_jsonl(tmp_path / "d.jsonl", rows), tok, DataConfig(max_len=5, chat=False))
     assert (data.stats.rows, data.stats.truncated, data.stats.dropped) == (3, 2, 1)
     assert [len(e.input_ids) for e in data.examples] == [5, 3]
     assert "2 truncated, 1 dropped" in data.stats.describe()
@@ -78,7 +80,7 @@ def test_fingerprint_tracks_bytes_tokenizer_and_max_len(tmp_path):
     first = encode_file(path, tok).fingerprint
     assert encode_file(path, char_tokenizer()).fingerprint == first
     assert encode_file(path, tok, DataConfig(max_len=64)).fingerprint != first
-    assert encode_file(path, char_tokenizer(TEMPLATE + " ")).fingerprint != first
+    assert encode_file(path, char_tokenizer(TEMPLATE.replace("'</s>'", "'</s>\\n'"))).fingerprint != first
     write_jsonl(path, [{"prompt": "ab", "completion": "d"}])
     assert encode_file(path, tok).fingerprint != first
 
@@ -104,8 +106,9 @@ def test_missing_file_and_missing_template_are_errors(tmp_path):
     with pytest.raises(CollmError, match="does not exist"):
         read_rows(tmp_path / "nope.jsonl")
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "completion": "c"}])
+    messages = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
     with pytest.raises(CollmError, match="no chat template"):
-        encode_file(path, char_tokenizer(None), DataConfig(chat=True))
+        encode_file(write_jsonl(path, messages), char_tokenizer(None))
     with pytest.raises(CollmError, match="max_len"):
         DataConfig(max_len=1)
 

@@ -3,7 +3,8 @@
 Rows are JSONL, one object a line, either ``{"prompt": str, "completion": str}`` or
 ``{"messages": [{"role": ..., "content": ...}, ...]}``. Messages are rendered with the base tokenizer's chat
 template and the last message, which must be the assistant's, is the completion. Prompt/completion rows are
-concatenated as they are (``chat=True`` renders them as one user turn and one assistant turn instead).
+rendered as one user turn and one assistant turn when the tokenizer has a chat template (as
+``CoLLM.generate`` renders a string prompt, so training sees what decoding will), else concatenated as they are.
 
 Positions follow the causal-LM convention: token t is a *target* (predicted from positions < t, scored,
 and trained on) iff ``completion_mask[t]``; position 0 is never a target.
@@ -32,8 +33,9 @@ class DataConfig:
     max_len: int = 1024
     """Tokens per row (prompt + completion); longer rows lose their tail, rows left with no completion
     token are dropped; both are counted and reported."""
-    chat: bool = False
-    """Render prompt/completion rows with the chat template (one user turn, one assistant turn)."""
+    chat: bool = True
+    """Render prompt/completion rows with the chat template (one user turn, one assistant turn) when the
+    tokenizer has one, as ``CoLLM.generate`` does; False concatenates prompt and completion as they are."""
     add_eos: bool = True
     """End raw completions with the tokenizer's EOS so the model learns to stop (chat turns end themselves)."""
 
@@ -172,7 +174,7 @@ def encode_row(row: dict, tokenizer, config: DataConfig, where: str = "row") -> 
     if "messages" in row:
         prompt, completion = _render_chat(row["messages"], tokenizer, where)
         return _ids(tokenizer, prompt, False), _ids(tokenizer, completion, False)
-    if config.chat:
+    if config.chat and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
         prompt, completion = _render_chat(messages, tokenizer, where)
         return _ids(tokenizer, prompt, False), _ids(tokenizer, completion, False)
