@@ -2,28 +2,17 @@
 
 import json
 import logging
-import string
-
 import pytest
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
 
 from collm.data import DataConfig, encode_file, length_order, read_rows
 from collm.errors import CollmError
-
-TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+from conftest import CHAT_TEMPLATE, make_tokenizer
 
 
-def char_tokenizer(template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
-    """One token per character (BPE without merges), with a small chat template."""
-    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
-    chars = list(string.ascii_letters + string.digits + " .,=+-*/?!:;\n#")
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
-    backend.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+def char_tokenizer(template: str | None = CHAT_TEMPLATE):
+    """The shared character tokenizer with a chosen chat template (None: no template)."""
+    tok = make_tokenizer()
     tok.chat_template = template
     return tok
 
@@ -80,7 +69,7 @@ def test_fingerprint_tracks_bytes_tokenizer_and_max_len(tmp_path):
     first = encode_file(path, tok).fingerprint
     assert encode_file(path, char_tokenizer()).fingerprint == first
     assert encode_file(path, tok, DataConfig(max_len=64)).fingerprint != first
-    assert encode_file(path, char_tokenizer(TEMPLATE.replace("'</s>'", "'</s>\\n'"))).fingerprint != first
+    assert encode_file(path, char_tokenizer(CHAT_TEMPLATE.replace("</s>", "</s>\\n"))).fingerprint != first
     write_jsonl(path, [{"prompt": "ab", "completion": "d"}])
     assert encode_file(path, tok).fingerprint != first
 

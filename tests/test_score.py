@@ -1,0 +1,128 @@
+"""Scoring: values equal a plain forward; a SIGKILLed run resumes to the same bytes; keys are enforced."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from collm.data import DataConfig, encode_file
+from collm.errors import CollmError
+from collm.score import ScoreConfig, load_scores, score
+from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
+
+
+def write_rows(path, n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        a, b = (int(x) for x in torch.randint(0, 50, (2,), generator=g))
+        rows.append({"prompt": f"{a}+{b}=?" + "x" * (i % 7), "completion": f"{a + b} because {a} plus {b}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def expert_dir(tmp_path):
+    return save_tiny(make_llama(1), make_tokenizer(), tmp_path / "expert")
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_scores_equal_a_plain_forward(tmp_path, make):
+    model, tok = make(1), make_tokenizer()
+    data_path = write_rows(tmp_path / "d.jsonl", n=9)
+    config = ScoreConfig(expert="tiny", data=str(data_path), out=str(tmp_path / "s"), batch_tokens=64, shard_rows=4)
+    score(config, model, tok)
+    data = encode_file(data_path, tok, config.data_config())
+    scores = load_scores(tmp_path / "s", data)
+    for i, example in enumerate(data.examples):
+        ids = torch.tensor([example.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+        targets = torch.tensor(example.completion_mask[1:])
+        gold = ids[0, 1:][targets]
+        want = logp[targets].gather(-1, gold[:, None])[:, 0]
+        got = scores.gold_logp[scores.offsets[i] : scores.offsets[i + 1]]
+        assert torch.allclose(got, want, atol=1e-5)
+        hit = scores.argmax_gold[scores.offsets[i] : scores.offsets[i + 1]]
+        assert torch.equal(hit, logp[targets].argmax(-1) == gold)
+
+
+KILL_AFTER_FIRST_SHARD = """
+import os, signal, sys
+import collm.score as s
+calls = []
+real_save = s.save_file
+def save_then_die(tensors, path, metadata=None):
+    calls.append(path)
+    real_save(tensors, path, metadata=metadata)
+    if len(calls) == 2:  # the second shard's temp file is written, not yet renamed: the worst moment
+        os.kill(os.getpid(), signal.SIGKILL)
+s.save_file = save_then_die
+real_shard = s._score_shard
+def counting(*a, **k):
+    print("SHARD", flush=True)
+    return real_shard(*a, **k)
+s._score_shard = counting
+s.score(s.ScoreConfig(expert=sys.argv[1], data=sys.argv[2], out=sys.argv[3], shard_rows=8, batch_tokens=128))
+"""
+
+
+def _run(script, *args, kill=True):
+    code = script if kill else script.replace("if len(calls) == 2", "if False")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path, expert_dir):
+    data_path = write_rows(tmp_path / "d.jsonl", n=30)
+    killed = _run(KILL_AFTER_FIRST_SHARD, expert_dir, data_path, tmp_path / "a")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert list(manifest["shards"]) == ["0"] and not manifest["complete"]
+    first_shard = (tmp_path / "a" / "shard-00000.safetensors").stat().st_mtime_ns
+
+    resumed = _run(KILL_AFTER_FIRST_SHARD, expert_dir, data_path, tmp_path / "a", kill=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("SHARD") == 3  # 4 shards of 8 rows; the finished one is not recomputed
+    assert (tmp_path / "a" / "shard-00000.safetensors").stat().st_mtime_ns == first_shard
+
+    whole = _run(KILL_AFTER_FIRST_SHARD, expert_dir, data_path, tmp_path / "b", kill=False)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_mismatched_keys_are_refused(tmp_path):
+    model, tok = make_llama(1), make_tokenizer()
+    data_path = write_rows(tmp_path / "d.jsonl", n=6)
+    config = ScoreConfig(expert="tiny", data=str(data_path), out=str(tmp_path / "s"), max_len=64)
+    score(config, model, tok)
+    with pytest.raises(CollmError, match="other data or encoding settings"):
+        load_scores(tmp_path / "s", encode_file(data_path, tok, DataConfig(max_len=32)))
+    other_tok = make_tokenizer()
+    other_tok.chat_template = None
+    with pytest.raises(CollmError, match="another tokenizer"):
+        load_scores(tmp_path / "s", encode_file(data_path, other_tok, DataConfig(max_len=64)))
+    other = write_rows(tmp_path / "e.jsonl", n=6, seed=1)
+    with pytest.raises(CollmError, match="data fingerprint"):
+        score(ScoreConfig(expert="tiny", data=str(other), out=str(tmp_path / "s")), model, tok)
+    score(ScoreConfig(expert="tiny", data=str(other), out=str(tmp_path / "s"), overwrite=True), model, tok)
+    assert load_scores(tmp_path / "s", encode_file(other, tok)).gold_logp.numel() > 0
+
+
+def test_unfinished_or_missing_scores_are_refused(tmp_path):
+    tok = make_tokenizer()
+    data = encode_file(write_rows(tmp_path / "d.jsonl", n=3), tok)
+    with pytest.raises(CollmError, match="run collm score first"):
+        load_scores(tmp_path / "none", data)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(CollmError, match="unfinished"):
+        load_scores(tmp_path / "s", data)
