@@ -1,0 +1,198 @@
+"""Decoding semantics, token for token: against `transformers` greedy and a slow re-encoding reference loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from collm import CoLLM, DeferralHead
+from conftest import EOS_ID, PAD_ID, make_llama
+
+PROMPTS = [[1, 40, 41, 42, 60, 61], [1, 50, 51], [1, 70, 71, 72, 73, 74, 75, 76, 77]]  # ragged on purpose
+NEW = 24
+
+
+def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
+    """What `transformers` greedy `generate` writes for one prompt, cut after EOS like collm's output."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=EOS_ID,
+                         pad_token_id=PAD_ID, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    ids = out[0, len(prompt):].tolist()
+    return ids[: ids.index(EOS_ID) + 1] if EOS_ID in ids else ids
+
+
+def random_head(hidden: int, num_experts: int = 1, scale: float = 3.0, seed: int = 7) -> DeferralHead:
+    """A head with random weights whose defer probabilities straddle 0.5, so routing is mixed."""
+    torch.manual_seed(seed)
+    head = DeferralHead(hidden, num_experts)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, scale / hidden**0.5)
+    return head
+
+
+@torch.no_grad()
+def reference(base, experts, head, prompt, new, threshold) -> tuple[list[int], list[int]]:
+    """The slow loop: every step re-encodes the whole prefix with each model, no caches at all."""
+    seq, tokens, sources = list(prompt), [], []
+    for _ in range(new):
+        x = torch.tensor([seq])
+        out = base(x, output_hidden_states=True)
+        log_pz = head.log_probs(out.hidden_states[-1][:, -1])[0]
+        p_defer = 1 - log_pz[0].exp()
+        source = int(log_pz[1:].argmax()) + 1 if p_defer > threshold else 0
+        logits = out.logits[0, -1] if source == 0 else experts[source - 1](x).logits[0, -1]
+        token = int(logits.argmax())
+        seq.append(token), tokens.append(token), sources.append(source)
+        if token == EOS_ID:
+            break
+    return tokens, sources
+
+
+def test_threshold_one_is_base_greedy(models):
+    base, expert = models
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
+    out = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=1.0)
+    for prompt, ids, src in zip(PROMPTS, out.token_ids, out.sources):
+        assert ids == hf_greedy(base, prompt, NEW)
+        assert set(src) == {0}
+    assert out.stats["expert_calls"] == 0
+
+
+def test_threshold_zero_with_zero_head_is_expert_greedy(models):
+    base, expert = models
+    pair = CoLLM(base, [expert])  # head=None: zero head, P(defer) = 0.5 > 0
+    out = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.0)
+    for prompt, ids, src in zip(PROMPTS, out.token_ids, out.sources):
+        assert ids == hf_greedy(expert, prompt, NEW)
+        assert set(src) == {1}
+
+
+def test_mixed_routing_equals_reencoding_reference(models):
+    base, expert = models
+    head = random_head(base.config.hidden_size)
+    pair = CoLLM(base, [expert], head)
+    out = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.5)
+    mixed = 0
+    for prompt, ids, src in zip(PROMPTS, out.token_ids, out.sources):
+        assert (ids, src) == reference(base, [expert], head, prompt, NEW, 0.5)
+        mixed += 0 < sum(s > 0 for s in src) < len(src)
+    assert mixed >= 2, "the random head should route some tokens to each model"
+
+
+def test_two_experts_equal_reference():
+    base, experts = make_llama(0), [make_llama(1), make_llama(2)]
+    head = random_head(base.config.hidden_size, num_experts=2, scale=4.0)
+    out = CoLLM(base, experts, head).generate(PROMPTS, max_new_tokens=NEW, threshold=0.5)
+    used = set()
+    for prompt, ids, src in zip(PROMPTS, out.token_ids, out.sources):
+        assert (ids, src) == reference(base, experts, head, prompt, NEW, 0.5)
+        used |= set(src)
+    assert used == {0, 1, 2}
+
+
+class CountingForward:
+    """Records how many token positions each forward call of a model receives."""
+
+    def __init__(self, model):
+        self.calls: list[int] = []
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.calls.append(kwargs["input_ids"].shape[1])
+
+
+def test_expert_sees_each_token_once(models):
+    base, expert = models
+    head = random_head(base.config.hidden_size)
+    counter = CountingForward(expert)
+    prompt = PROMPTS[0]
+    out = CoLLM(base, [expert], head).generate([prompt], max_new_tokens=NEW, threshold=0.5)
+    deferred_at = [t for t, s in enumerate(out.sources[0]) if s == 1]
+    assert len(deferred_at) >= 2
+    assert len(counter.calls) == len(deferred_at) == out.stats["expert_calls"]  # once per deferral
+    # no prefix re-encoding: in total it consumed the prompt plus every token before the last deferral
+    assert sum(counter.calls) == len(prompt) + deferred_at[-1]
+    assert counter.calls[0] == len(prompt) + deferred_at[0]
+
+
+def test_batch_equals_each_prompt_alone(models):
+    base, expert = models
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
+    batch = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.5)
+    lengths = set()
+    for row, prompt in enumerate(PROMPTS):
+        alone = pair.generate([prompt], max_new_tokens=NEW, threshold=0.5)
+        assert alone.token_ids[0] == batch.token_ids[row]
+        assert alone.sources[0] == batch.sources[row]
+        assert alone.defer_probs[0] == pytest.approx(batch.defer_probs[row], abs=1e-5)
+        lengths.add(len(alone.token_ids[0]))
+
+
+def test_rows_finish_independently(models):
+    base, expert = models
+    pair = CoLLM(base, [expert], DeferralHead.constant(base.config.hidden_size, 0.0))
+    alone = {k: hf_greedy(base, [1, k], NEW) for k in range(6, 102)}
+    early = next(k for k, ids in alone.items() if ids[-1] == EOS_ID and len(ids) < NEW // 2)
+    full = next(k for k, ids in alone.items() if len(ids) == NEW and EOS_ID not in ids)
+    out = pair.generate([[1, early], [1, full]], max_new_tokens=NEW)
+    assert out.token_ids == [alone[early], alone[full]]
+    assert len(out.sources[0]) == len(out.defer_probs[0]) == len(alone[early])
+
+
+def test_seeded_sampling_repeats_and_seed_matters(models):
+    base, expert = models
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
+    kwargs = dict(max_new_tokens=NEW, threshold=0.5, do_sample=True, temperature=1.3, top_p=0.9)
+    a = pair.generate(PROMPTS, seed=3, **kwargs)
+    b = pair.generate(PROMPTS, seed=3, **kwargs)
+    c = pair.generate(PROMPTS, seed=4, **kwargs)
+    assert a.token_ids == b.token_ids and a.sources == b.sources
+    assert a.token_ids != c.token_ids
+
+
+def test_top_p_tiny_is_greedy(models):
+    base, expert = models
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
+    greedy = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.5)
+    nucleus = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.5, do_sample=True, top_p=1e-6, seed=9)
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_compose_picks_argmax_of_mixture():
+    base, expert = make_llama(0), make_llama(1)
+    head = random_head(base.config.hidden_size)
+    out = CoLLM(base, [expert], head).generate([PROMPTS[0]], max_new_tokens=8, mode="compose")
+    seq = list(PROMPTS[0])
+    with torch.no_grad():
+        for token in out.token_ids[0]:
+            x = torch.tensor([seq])
+            b = base(x, output_hidden_states=True)
+            log_pz = head.log_probs(b.hidden_states[-1][:, -1])[0]
+            mixture = torch.logsumexp(torch.stack([log_pz[0] + F.log_softmax(b.logits[0, -1], -1),
+                                                   log_pz[1] + F.log_softmax(expert(x).logits[0, -1], -1)]), 0)
+            assert token == int(mixture.argmax())
+            seq.append(token)
+
+
+def test_stop_string_ends_row_and_trims_text(tokenizer):
+    base, expert = make_llama(0), make_llama(1)
+    pair = CoLLM(base, [expert], DeferralHead.constant(32, 0.0), tokenizer)
+    full = pair.generate(["abc"], max_new_tokens=NEW)
+    text = full.texts[0]
+    stop = text[5:7]
+    assert len(stop) == 2 and text.index(stop) == 5
+    out = pair.generate(["abc"], max_new_tokens=NEW, stop=[stop])
+    assert out.texts[0] == text[:5]
+    assert out.stopped_by == [stop]
+    assert len(out.token_ids[0]) == 7
+
+
+def test_base_and_expert_modes_run_one_model_only(models):
+    base, expert = models
+    base_counter, expert_counter = CountingForward(base), CountingForward(expert)
+    pair = CoLLM(base, [expert])
+    alone = pair.generate([PROMPTS[1]], max_new_tokens=NEW, mode="expert")
+    assert base_counter.calls == [] and alone.token_ids[0] == hf_greedy(expert, PROMPTS[1], NEW)
+    expert_counter.calls.clear()
+    pair.generate([PROMPTS[1]], max_new_tokens=NEW, mode="base")
+    assert expert_counter.calls == []

@@ -1,0 +1,139 @@
+"""Bad input: each a clear one-line CollmError that says what to fix."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from collm import CoLLM, CollmError, DeferralHead
+from collm.models import check_vocab, load_model
+from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return CoLLM(make_llama(0), [make_llama(1)], None, make_tokenizer())
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message
+    return message
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, math.nan, "0.5", None.__class__])
+def test_threshold_outside_unit_interval(pair, threshold):
+    with pytest.raises(CollmError) as e:
+        pair.generate("hi", threshold=threshold)
+    assert "threshold" in one_line(e)
+
+
+@pytest.mark.parametrize("new", [0, -3, 2.5])
+def test_max_new_tokens_must_be_positive(pair, new):
+    with pytest.raises(CollmError) as e:
+        pair.generate("hi", max_new_tokens=new)
+    assert "max_new_tokens" in one_line(e)
+
+
+@pytest.mark.parametrize("prompts", ["", "   ", ["ok", ""], [[1, 2], []], []])
+def test_empty_prompt(pair, prompts):
+    with pytest.raises(CollmError) as e:
+        pair.generate(prompts)
+    assert "prompt" in one_line(e)
+
+
+def test_token_ids_outside_vocab(pair):
+    with pytest.raises(CollmError) as e:
+        pair.generate([[1, 2, 10_000]])
+    assert "10000" in one_line(e)
+
+
+def test_unknown_mode_and_bad_sampling(pair):
+    with pytest.raises(CollmError, match="mode"):
+        pair.generate("hi", mode="vote")
+    with pytest.raises(CollmError, match="temperature"):
+        pair.generate("hi", do_sample=True, temperature=0)
+    with pytest.raises(CollmError, match="top_p"):
+        pair.generate("hi", do_sample=True, top_p=1.5)
+
+
+def test_input_ids_tensor_matches_lists(pair):
+    ids = torch.tensor([[1, 40, 41], [1, 50, 51]])
+    assert pair.generate(ids, max_new_tokens=5).token_ids == pair.generate(ids.tolist(), max_new_tokens=5).token_ids
+
+
+def test_vocabularies_that_differ_name_the_first_mismatch():
+    a, b = make_tokenizer(), make_tokenizer()
+    b.add_tokens(["<extra>"])
+    with pytest.raises(CollmError) as e:
+        check_vocab(a, b)
+    assert "size" in one_line(e)
+    vocab = a.get_vocab()
+    swapped = {**vocab, "a": vocab["b"], "b": vocab["a"]}
+    c = type("Tok", (), {"get_vocab": lambda self: swapped})()
+    with pytest.raises(CollmError) as e:
+        check_vocab(a, c)
+    assert "'a'" in one_line(e)
+
+
+def test_models_with_different_logit_widths_refused():
+    base, expert = make_llama(0), make_gpt2(1)
+    expert.resize_token_embeddings(expert.config.vocab_size + 8)
+    with pytest.raises(CollmError, match="vocabularies differ"):
+        CoLLM(base, [expert])
+
+
+def test_head_of_wrong_shape_refused():
+    with pytest.raises(CollmError, match="hidden size"):
+        CoLLM(make_llama(0), [make_llama(1)], DeferralHead(64))
+    with pytest.raises(CollmError, match="2 experts"):
+        CoLLM(make_llama(0), [make_llama(1)], DeferralHead(32, 2))
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(CollmError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(CollmError, match="not a model"):
+        load_model(str(tmp_path))
+    with pytest.raises(CollmError, match="does not exist"):
+        DeferralHead.load(tmp_path / "head.safetensors")
+    with pytest.raises(CollmError, match="not a collm run"):
+        CoLLM.from_pretrained(tmp_path)
+
+
+def test_gguf_that_is_not_a_causal_lm(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setenv("COLLM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "encoder.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_tensor("v.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CollmError) as e:
+        load_model(str(path))
+    assert "not a causal language model" in one_line(e)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf at all")
+    with pytest.raises(CollmError, match="not a causal language model"):
+        load_model(str(garbage))
+
+
+def test_hf_folder_roundtrip_and_run_save_load(tmp_path):
+    tok = make_tokenizer()
+    base_dir = save_tiny(make_llama(0), tok, tmp_path / "base")
+    expert_dir = save_tiny(make_llama(1), tok, tmp_path / "expert")
+    pair = CoLLM.load(base_dir, [expert_dir], threshold=0.3)
+    with torch.no_grad():
+        pair.head.linear.weight.normal_(0, 0.5)
+    before = pair.generate("What is 2+3?", max_new_tokens=12)
+    pair.save_pretrained(tmp_path / "run")
+    again = CoLLM.from_pretrained(tmp_path / "run")
+    after = again.generate("What is 2+3?", max_new_tokens=12)
+    assert again.threshold == 0.3
+    assert (after.token_ids, after.sources) == (before.token_ids, before.sources)
