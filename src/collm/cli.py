@@ -1,0 +1,152 @@
+"""The `collm` command line: one command per pipeline stage, `--help` on each explains every option."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from collm.errors import CollmError
+from collm.models import EMBEDDED_DEFAULT
+
+app = typer.Typer(
+    help="Collaborative decoding: a cheap base model writes, and defers single tokens to an expert.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+EXAMPLE_QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+
+
+def load_config(ctx: typer.Context, param, value: Optional[Path]):
+    """`--config FILE`: a JSON (or YAML) object of option defaults; options given on the line still win."""
+    if value is None:
+        return value
+    if not value.is_file():
+        raise CollmError(f"config file {str(value)!r} does not exist")
+    text = value.read_text()
+    try:
+        data = json.loads(text) if value.suffix == ".json" else _yaml(text)
+    except ValueError as e:
+        raise CollmError(f"config file {value} is not valid: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CollmError(f"config file {value} must hold an object of option names to values")
+    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
+    return value
+
+
+def _yaml(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", help="JSON or YAML file of option values (options on the line override it).",
+                 callback=load_config, is_eager=True),
+]
+
+
+@app.command()
+def generate(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts; several run as one batch.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="Read prompts from a file, one per line.")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="A trained run folder (collm.json); replaces --base/--expert/--head.")] = None,
+    base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")] = EMBEDDED_DEFAULT,
+    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several). Default: the embedded model.")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: zero head (P=0.5).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Defer where P(expert) exceeds this, in [0, 1]. Default: the run's, else 0.5.")] = None,
+    mode: Annotated[str, typer.Option(help="collm (route by the head), compose (sample the mixture), base or expert (one model alone).")] = "collm",
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per prompt.")] = 256,
+    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same tokens.")] = 0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
+    raw: Annotated[bool, typer.Option(help="Send prompts as raw text, without the base's chat template.")] = False,
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's, else float32.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of colored text.")] = False,
+    config: ConfigOption = None,
+):
+    """Answer prompts with a base and expert(s); each token is colored by the model that wrote it."""
+    from collm.pair import CoLLM
+
+    texts = _read_prompts(prompts, prompt_file) or [EXAMPLE_QUESTION]
+    with err.status("loading models"):
+        if run is not None:
+            pair = CoLLM.from_pretrained(run, device=device, dtype=dtype)
+        else:
+            pair = CoLLM.load(base, expert or [EMBEDDED_DEFAULT], head, device=device, dtype=dtype or "float32")
+    out = pair.generate(texts, max_new_tokens=max_new_tokens, threshold=threshold, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, stop=stop, seed=seed, mode=mode, chat=not raw)
+    if as_json:
+        print(json.dumps({"prompts": texts, "texts": out.texts, "token_ids": out.token_ids, "sources": out.sources,
+                          "defer_probs": out.defer_probs, "stopped_by": out.stopped_by, "stats": out.stats}))
+        return
+    _print_answers(pair, texts, out)
+
+
+def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:
+    texts = list(prompts or [])
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise CollmError(f"prompt file {str(prompt_file)!r} does not exist")
+        texts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+    return texts
+
+
+def _print_answers(pair, prompts: list[str], out) -> None:
+    from collm.provenance import colored, legend
+
+    names = [str(n) for n in pair.info.get("experts", [])] or [f"{k}" for k in range(1, len(pair.experts) + 1)]
+    console.print(legend(names))
+    for prompt, ids, sources in zip(prompts, out.token_ids, out.sources):
+        console.rule(style="dim")
+        console.print(f"[dim]> {prompt}[/dim]")
+        console.print(colored(pair.tokenizer, ids, sources))
+    stats = out.stats
+    console.rule(style="dim")
+    console.print(
+        f"[dim]{stats['new_tokens']} new tokens, deferral rate {stats['defer_rate']:.1%}, "
+        f"{stats['expert_calls']} expert calls, {stats['tokens_per_s']:.1f} tokens/s[/dim]"
+    )
+
+
+@app.command()
+def demo(
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 128,
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+):
+    """Run the embedded default offline: SmolLM2-135M-Instruct as base and as expert, on an example question."""
+    generate(prompts=[EXAMPLE_QUESTION], prompt_file=None, run=None, base=EMBEDDED_DEFAULT, expert=None,
+             head=None, threshold=0.5, mode="collm", max_new_tokens=max_new_tokens, do_sample=False,
+             temperature=1.0, top_p=1.0, seed=0, stop=None, raw=False, device=device, dtype="float32",
+             as_json=False, config=None)
+
+
+def main() -> None:
+    """Entry point: a CollmError becomes one line on stderr and exit status 2, not a traceback."""
+    try:
+        app()
+    except CollmError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

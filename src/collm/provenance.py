@@ -1,0 +1,45 @@
+"""Who wrote which token: per-token text pieces and their rendering for the terminal."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+# expert k is drawn in STYLES[k]; the base keeps the terminal's own color
+STYLES = ["", "bold magenta", "bold cyan", "bold green", "bold yellow", "bold blue"]
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds, such that ``"".join(pieces)`` equals the decoded text.
+
+    Decoding tokens one at a time breaks characters split across byte-level tokens and drops the spaces
+    some tokenizers attach to the next token, so each piece is the difference of two prefix decodings.
+    """
+    pieces, previous = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        if text.startswith(previous):
+            pieces.append(text[len(previous):])
+            previous = text
+        else:  # a partial character became whole: it belongs to this token
+            pieces.append("")
+    return pieces
+
+
+def style_of(source: int) -> str:
+    return STYLES[source] if source < len(STYLES) else "bold red"
+
+
+def colored(tokenizer, ids: list[int], sources: list[int]) -> Text:
+    """A rich Text with each token in the style of the model that wrote it."""
+    text = Text()
+    for piece, source in zip(token_pieces(tokenizer, ids), sources):
+        text.append(piece, style=style_of(source))
+    return text
+
+
+def legend(expert_names: list[str]) -> Text:
+    text = Text("base", style=style_of(0) or "default")
+    for k, name in enumerate(expert_names, start=1):
+        text.append("  ")
+        text.append(f"expert {k}: {name}", style=style_of(k))
+    return text
