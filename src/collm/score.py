@@ -182,12 +182,14 @@ def token_batches(order: list[int], examples: list[Example], batch_tokens: int) 
 # ---------------------------------------------------------------- the run
 
 
-def score(config: ScoreConfig, model=None, tokenizer=None) -> Path:
+def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_outputs) -> Path:
     """Score ``config.data`` with the expert into ``config.out``; returns the folder.
 
     ``model``/``tokenizer`` may be passed already loaded (tests, notebooks); the key then uses
-    ``config.expert`` as the identity. Raises CollmError for bad data, a vocabulary mismatch, or a folder
-    holding scores for another key (unless ``overwrite``).
+    ``config.expert`` as the identity. ``forward(model, ids, attention, targets)`` gives (gold log-probs,
+    argmax-is-gold, hidden) at targets, as :func:`target_outputs` does; replace it to score with something
+    that is not a transformers model (an oracle, a remote API). Raises CollmError for bad data, a vocabulary
+    mismatch, or a folder holding scores for another key (unless ``overwrite``).
     """
     if model is None:
         model, tokenizer = load_model(config.expert, device=config.device, dtype=config.dtype)
@@ -202,7 +204,7 @@ def score(config: ScoreConfig, model=None, tokenizer=None) -> Path:
     print(f"data: {data.stats.describe()}")
     out = Path(config.out)
     manifest = _start(out, config, data, expert_id)
-    _run_shards(model, data, manifest, out, config, _pad_id(data_tokenizer))
+    _run_shards(model, data, manifest, out, config, _pad_id(data_tokenizer), forward)
     return out
 
 
@@ -251,7 +253,8 @@ def _clean(out: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: ScoreConfig, pad_id: int) -> None:
+def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: ScoreConfig, pad_id: int,
+                forward) -> None:
     order = length_order(data.examples)
     rows = config.shard_rows
     done_tokens = sum(len(data.examples[i].input_ids) for k in map(int, manifest["shards"])
@@ -263,7 +266,7 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
         name = f"shard-{k:05d}.safetensors"
         if str(k) in manifest["shards"] and (out / name).is_file():
             continue
-        tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar)
+        tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar, forward)
         atomic_write(out / name, lambda tmp: save_file(tensors, tmp, metadata={"shard": str(k)}))
         manifest["shards"][str(k)] = name
         write_json(out / MANIFEST, manifest)
@@ -276,12 +279,13 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
 
 
 @torch.inference_mode()
-def _score_shard(model, examples: list[Example], rows: list[int], config: ScoreConfig, pad_id: int, bar) -> dict:
+def _score_shard(model, examples: list[Example], rows: list[int], config: ScoreConfig, pad_id: int, bar,
+                 forward) -> dict:
     logp, hit = {}, {}
-    device = next(model.parameters()).device
+    device = config.device
     for batch in token_batches(rows, examples, config.batch_tokens):
         ids, attention, targets = pad_batch([examples[i] for i in batch], pad_id)
-        gold, right, _ = target_outputs(model, ids.to(device), attention.to(device), targets.to(device))
+        gold, right, _ = forward(model, ids.to(device), attention.to(device), targets.to(device))
         counts = [examples[i].num_targets for i in batch]
         for i, a, b in zip(batch, gold.float().cpu().split(counts), right.cpu().split(counts)):
             logp[i], hit[i] = a, b
