@@ -139,6 +139,45 @@ def demo(
              as_json=False, config=None)
 
 
+@app.command()
+def bench(
+    base: Annotated[Optional[str], typer.Option(help="Base model spec (with --expert); else --shapes.")] = None,
+    expert: Annotated[Optional[str], typer.Option(help="Expert model spec (with --base).")] = None,
+    shapes: Annotated[str, typer.Option(help="Random-weight Llama shapes BASE+EXPERT: tiny-base, tiny-expert, llama-1b, llama-8b.")] = "tiny-base+tiny-expert",
+    fractions: Annotated[str, typer.Option(help="Comma-separated deferral fractions f.")] = "0,0.05,0.1,0.2,0.5,1",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    systems: Annotated[str, typer.Option(help="Comma-separated systems: base, expert, collm, naive, hf_base, hf_expert, hf_base_static, hf_expert_static.")] = "base,expert,collm,naive,hf_base,hf_expert",
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per row.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="New tokens per row (EOS ignored).")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed runs per row after a warm-up; the median is kept.")] = 3,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed for prompts, weights and the deferral pattern.")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write rows and config as JSON here.")] = None,
+    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as Markdown here.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Write a plot of ms/token against f here.")] = None,
+    config: ConfigOption = None,
+):
+    """Time ms/token for base, expert, Co-LLM at deferral fractions f, a naive re-encoding loop and transformers."""
+    from collm import bench as b
+
+    cfg = b.BenchConfig(base=base, expert=expert, shapes=None if base else shapes,
+                        fractions=_floats(fractions), batches=tuple(int(x) for x in _floats(batch)),
+                        systems=tuple(s.strip() for s in systems.split(",") if s.strip()), prompt_len=prompt_len,
+                        new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, seed=seed)
+    rows = b.run(cfg, progress=lambda r: err.print(f"[dim]{r.system} f={r.f:g} batch={r.batch}: "
+                                                   f"{r.ms_per_token:.2f} ms/token[/dim]"))
+    b.save(rows, cfg, json_out, markdown_out, png)
+    print(b.markdown(rows))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CollmError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def main() -> None:
     """Entry point: a CollmError becomes one line on stderr and exit status 2, not a traceback."""
     try:

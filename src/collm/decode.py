@@ -60,9 +60,10 @@ class Decoded:
 class _Model:
     """One backbone with its own KV cache and the number of ``seq`` columns it has consumed."""
 
-    def __init__(self, model: torch.nn.Module, vocab: int):
+    def __init__(self, model: torch.nn.Module, vocab: int, reencode: bool = False):
         self.model = model
         self.vocab = vocab
+        self.reencode = reencode  # the naive baseline: forget the cache and re-read the prefix every call
         self.cache = DynamicCache(config=model.config)
         self.seen = 0
         self.calls = 0
@@ -70,6 +71,8 @@ class _Model:
 
     def advance(self, seq, mask, positions, end: int, hidden: bool = False):
         """Consume columns [seen, end) in one forward; return next-token logits (B, V) and h (B, H) or None."""
+        if self.reencode:
+            self.cache, self.seen = DynamicCache(config=self.model.config), 0
         start, self.seen = self.seen, end
         self.calls += 1
         self.tokens += int(mask[:, start:end].sum()) if start == 0 else (end - start) * mask.shape[0]
@@ -103,16 +106,18 @@ def decode(
     vocab: int,
     stop_check: Callable[[int, list[int]], str | None] | None = None,
     router: Router | None = None,
+    reencode_experts: bool = False,
 ) -> Decoded:
     """Generate up to ``max_new_tokens`` per prompt; see DESIGN.md "Decoding semantics".
 
     ``stop_check(row, new_token_ids)`` returns the stop string that ends the row, or None.
+    ``reencode_experts`` makes every expert call re-encode the whole prefix: the naive baseline for benchmarks.
     """
     device = next(base.parameters()).device
     seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
     rows = len(prompts)
     writer = _Model(experts[0] if mode == "expert" else base, vocab)
-    helpers = [] if mode in ("base", "expert") else [_Model(e, vocab) for e in experts]
+    helpers = [] if mode in ("base", "expert") else [_Model(e, vocab, reencode_experts) for e in experts]
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)

@@ -1,0 +1,252 @@
+"""`collm bench`: ms/token of collaborative decoding against each model alone, a naive loop and `transformers`.
+
+Every row of one run is measured on the same machine in the same process, so ratios between rows mean
+something even on a noisy shared machine; absolute numbers mean little across runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from collm.atomic import atomic_write, write_json
+from collm.decode import Decoded, Sampling, decode
+from collm.errors import CollmError
+from collm.head import DeferralHead
+from collm.models import DTYPES, load_model, vocab_size
+
+SYSTEMS = ("base", "expert", "collm", "naive", "hf_base", "hf_expert", "hf_base_static", "hf_expert_static")
+
+# Llama shapes for random-weight benchmarks; "tiny" ones are for CPU.
+SHAPES = {
+    "tiny-base": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=4096),
+    "tiny-expert": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=4096),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+}
+
+
+@dataclass
+class BenchConfig:
+    """What to measure."""
+
+    base: str | None = None
+    """Base model spec (folder, .gguf or embedded name); or use ``shapes``."""
+    expert: str | None = None
+    """Expert model spec; or use ``shapes``."""
+    shapes: str | None = "tiny-base+tiny-expert"
+    """``BASE+EXPERT`` from: """ + ", ".join(SHAPES) + """ (random weights)."""
+    fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+    """Deferral fractions f: the benchmark router defers on exactly round(f * steps) evenly spaced steps."""
+    batches: tuple[int, ...] = (1,)
+    """Batch sizes."""
+    prompt_len: int = 32
+    """Prompt tokens per row (random ids)."""
+    new_tokens: int = 64
+    """Tokens generated per row (EOS is ignored so every run writes exactly this many)."""
+    repeats: int = 3
+    """Timed runs per row after one warm-up run; the median is reported."""
+    systems: tuple[str, ...] = SYSTEMS
+    """Which systems to time."""
+    dtype: str = "float32"
+    """Weights dtype (bfloat16 on GPU)."""
+    device: str = "cpu"
+    """Torch device."""
+    seed: int = 0
+    """Seeds the prompts, random weights and the router's phase."""
+
+    def __post_init__(self):
+        if (self.base is None) != (self.expert is None):
+            raise CollmError("give both --base and --expert, or --shapes")
+        if self.base is None:
+            parts = (self.shapes or "").split("+")
+            if len(parts) != 2 or any(p not in SHAPES for p in parts):
+                raise CollmError(f"--shapes must be BASE+EXPERT from {', '.join(SHAPES)}, got {self.shapes!r}")
+        if any(not 0 <= f <= 1 for f in self.fractions):
+            raise CollmError("deferral fractions must lie in [0, 1]")
+        if any(b <= 0 for b in self.batches) or self.new_tokens <= 0 or self.prompt_len <= 0 or self.repeats <= 0:
+            raise CollmError("batch sizes, --new-tokens, --prompt-len and --repeats must be positive")
+        unknown = set(self.systems) - set(SYSTEMS)
+        if unknown:
+            raise CollmError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+        if self.dtype not in DTYPES:
+            raise CollmError(f"dtype must be one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class Row:
+    system: str
+    f: float
+    batch: int
+    ms_per_token: float
+    """Milliseconds per decoding step; each row of the batch gains one token per step."""
+    ideal_ms_per_token: float | None = None
+    expert_calls: int = 0
+    mean_catch_up: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def pattern_router(fraction: float, steps: int, seed: int):
+    """A router that defers on exactly round(fraction * steps) evenly spaced steps, same for every row."""
+    phase = (seed * 0.618034) % 1.0  # a seeded offset, so seeds move the pattern but not the rate
+    marks = [int((t + 1) * fraction + phase) > int(t * fraction + phase) for t in range(steps)]
+
+    def route(step: int, log_pz: torch.Tensor) -> torch.Tensor:
+        return torch.full((log_pz.shape[0],), int(marks[step]), dtype=torch.long, device=log_pz.device)
+
+    return route
+
+
+def build_models(config: BenchConfig):
+    """(base, expert, vocab) from specs or random-weight shapes."""
+    if config.base is not None:
+        base, _ = load_model(config.base, device=config.device, dtype=config.dtype)
+        expert, _ = load_model(config.expert, device=config.device, dtype=config.dtype)
+        return base, expert
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    models = []
+    for offset, name in enumerate(config.shapes.split("+")):
+        torch.manual_seed(config.seed + offset)
+        llama = LlamaConfig(**SHAPES[name], max_position_embeddings=4096)
+        with torch.device(config.device):
+            models.append(LlamaForCausalLM(llama).to(DTYPES[config.dtype]).eval())
+    return models
+
+
+def run(config: BenchConfig, progress=None) -> list[Row]:
+    """Measure every (system, f, batch) asked for; returns rows with the ideal tau(f) filled in."""
+    base, expert = build_models(config)
+    vocab = min(vocab_size(base), vocab_size(expert))
+    head = DeferralHead(base.config.hidden_size).to(config.device)
+    rows: list[Row] = []
+    for batch in config.batches:
+        prompts = torch.randint(0, vocab, (batch, config.prompt_len),
+                                generator=torch.Generator().manual_seed(config.seed)).tolist()
+        timed = _Timer(config, base, expert, head, prompts, vocab)
+        alone = {s: timed.single(s) for s in ("base", "expert") if s in config.systems or "collm" in config.systems}
+        rows += [Row(s, 1.0 if s == "expert" else 0.0, batch, ms, expert_calls=calls)
+                 for s, (ms, calls) in alone.items() if s in config.systems]
+        for system in ("hf_base", "hf_expert", "hf_base_static", "hf_expert_static"):
+            if system in config.systems:
+                rows.append(Row(system, 1.0 if "expert" in system else 0.0, batch, timed.hf(system)))
+        for f in config.fractions:
+            ideal = alone["base"][0] + f * alone["expert"][0] if {"base", "expert"} <= alone.keys() else None
+            for system in ("collm", "naive"):
+                if system in config.systems:
+                    ms, out = timed.collab(f, naive=system == "naive")
+                    calls = out.stats["expert_calls"]
+                    catch_up = out.stats["expert_tokens"] / (calls * batch) if calls else None
+                    rows.append(Row(system, f, batch, ms, ideal, calls, catch_up))
+                    if progress:
+                        progress(rows[-1])
+    for row in rows:
+        if row.ideal_ms_per_token is None and row.system in ("base", "expert"):
+            row.ideal_ms_per_token = row.ms_per_token
+    return rows
+
+
+class _Timer:
+    def __init__(self, config, base, expert, head, prompts, vocab):
+        self.config, self.base, self.expert, self.head = config, base, expert, head
+        self.prompts, self.vocab = prompts, vocab
+
+    def _median_ms(self, fn) -> tuple[float, object]:
+        fn()  # warm-up: allocator, kernels, compile caches
+        times, result = [], None
+        for _ in range(self.config.repeats):
+            _sync(self.config.device)
+            start = time.perf_counter()
+            result = fn()
+            _sync(self.config.device)
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times) / self.config.new_tokens, result
+
+    def _decode(self, mode: str, router=None, naive: bool = False) -> Decoded:
+        return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=self.config.new_tokens,
+                      threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
+                      router=router, reencode_experts=naive)
+
+    def single(self, system: str) -> tuple[float, int]:
+        ms, out = self._median_ms(lambda: self._decode(system))
+        return ms, out.stats["expert_calls"]
+
+    def collab(self, f: float, naive: bool) -> tuple[float, Decoded]:
+        router = pattern_router(f, self.config.new_tokens, self.config.seed)
+        return self._median_ms(lambda: self._decode("collm", router, naive))
+
+    def hf(self, system: str) -> float:
+        model = self.expert if "expert" in system else self.base
+        ids = torch.tensor(self.prompts, device=self.config.device)
+        kwargs = dict(max_new_tokens=self.config.new_tokens, min_new_tokens=self.config.new_tokens,
+                      do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+        if system.endswith("static"):
+            kwargs["cache_implementation"] = "static"
+        with torch.inference_mode():
+            ms, _ = self._median_ms(lambda: model.generate(ids, **kwargs))
+        return ms
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| system | f | batch | ms/token | ideal τ(f) | ratio | tokens/s | expert calls | mean catch-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ideal = f"{r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
+        ratio = f"{r.ms_per_token / r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
+        catch = f"{r.mean_catch_up:.1f}" if r.mean_catch_up else "–"
+        lines.append(f"| {r.system} | {r.f:g} | {r.batch} | {r.ms_per_token:.2f} | {ideal} | {ratio} | "
+                     f"{1000 * r.batch / r.ms_per_token:.0f} | {r.expert_calls} | {catch} |")
+    return "\n".join(lines) + "\n"
+
+
+def save(rows: list[Row], config: BenchConfig, json_path=None, md_path=None, png_path=None) -> None:
+    """Write the rows as JSON (with the config that made them), a Markdown table and a PNG of ms/token vs f."""
+    if json_path:
+        write_json(json_path, {"config": asdict(config), "rows": [asdict(r) for r in rows]})
+    if md_path:
+        table = markdown(rows)
+        atomic_write(Path(md_path), lambda tmp: Path(tmp).write_text(table))
+    if png_path:
+        _plot(rows, Path(png_path))
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = min(r.batch for r in rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, style in (("collm", "o-"), ("naive", "s--")):
+        pts = sorted((r.f, r.ms_per_token) for r in rows if r.system == system and r.batch == batch)
+        if pts:
+            ax.plot(*zip(*pts), style, label=system)
+    ideal = sorted({(r.f, r.ideal_ms_per_token) for r in rows if r.system == "collm" and r.batch == batch
+                    and r.ideal_ms_per_token})
+    if ideal:
+        ax.plot(*zip(*ideal), ":", color="gray", label="ideal τ(f)")
+    for system, color in (("base", "tab:green"), ("expert", "tab:red")):
+        for r in rows:
+            if r.system == system and r.batch == batch:
+                ax.axhline(r.ms_per_token, color=color, lw=0.8, label=f"{system} alone")
+    ax.set_xlabel("deferral fraction f")
+    ax.set_ylabel("ms / token")
+    ax.set_title(f"batch {batch}")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""The `collm` command line on tiny models saved as HF folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from collm.cli import app
+from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = make_tokenizer()
+    return save_tiny(make_llama(0), tok, root / "base"), save_tiny(make_llama(1), tok, root / "expert")
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.mark.parametrize("head, rate", [("never", 0.0), ("always", 1.0)])
+def test_generate_json(folders, head, rate):
+    base, expert = folders
+    result = invoke("generate", "--base", base, "--expert", expert, "--head", head, "--max-new-tokens", 6,
+                    "--json", "What is 2+3?", "hello")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(out["texts"]) == 2 and out["stats"]["defer_rate"] == rate
+    assert all(len(s) == len(t) for s, t in zip(out["sources"], out["token_ids"]))
+
+
+def test_generate_colored_output_and_summary(folders):
+    base, expert = folders
+    result = invoke("generate", "--base", base, "--expert", expert, "--head", "always", "--max-new-tokens", 5, "hi")
+    assert result.exit_code == 0
+    assert "deferral rate 100.0%" in result.stdout and "expert calls" in result.stdout
+
+
+def test_config_file_sets_options(folders, tmp_path):
+    base, expert = folders
+    config = tmp_path / "gen.json"
+    config.write_text(json.dumps({"base": base, "expert": [expert], "head": "always", "max_new_tokens": 3}))
+    out = json.loads(invoke("generate", "--config", config, "--json", "hi").stdout)
+    assert out["stats"]["new_tokens"] <= 3 and out["stats"]["defer_rate"] == 1.0
+
+
+def test_bad_input_is_one_line_and_exit_2(folders):
+    base, expert = folders
+    proc = subprocess.run([sys.executable, "-m", "collm.cli", "generate", "--base", base, "--expert", expert,
+                           "--threshold", "1.5", "hi"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: threshold must be a number in [0, 1], got 1.5"]
+    proc = subprocess.run([sys.executable, "-m", "collm.cli", "generate", "--base", "/nonexistent", "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_vocab_mismatch_refused(tmp_path, folders):
+    base, _ = folders
+    tok = make_tokenizer()
+    tok.add_tokens(["<extra>"])
+    other = save_tiny(make_gpt2(3), tok, tmp_path / "other")
+    with pytest.raises(Exception, match="vocabularies differ"):
+        invoke("generate", "--base", base, "--expert", other, "hi")
+
+
+def test_bench_json_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke("bench", "--fractions", "0,0.5", "--new-tokens", 4, "--prompt-len", 4, "--repeats", 1,
+                    "--systems", "base,expert,collm,naive,hf_base", "--json", out, "--png", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    keys = {"system", "f", "batch", "ms_per_token", "ideal_ms_per_token", "expert_calls"}
+    assert all(keys <= row.keys() for row in rows)
+    collab = {(r["system"], r["f"]): r for r in rows if r["system"] in ("collm", "naive")}
+    assert collab[("collm", 0.5)]["expert_calls"] == 2 and collab[("collm", 0.0)]["expert_calls"] == 0
+    assert collab[("naive", 0.5)]["expert_calls"] == 2
+    assert (tmp_path / "b.png").stat().st_size > 1000
