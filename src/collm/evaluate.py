@@ -1,0 +1,217 @@
+"""Exact-match evaluation of a run against its baselines, as a results JSON and a Markdown table.
+
+Systems, all on the same rows and decoding settings: the base alone, the expert alone, Co-LLM at the run's
+threshold, random deferral at the rate Co-LLM actually deferred (does the head pick *where* to defer, or
+only *how often*?), and any other runs given (a weak-supervision head, a fine-tuned base). A system that
+cannot be run here gets a row that says why, never a made-up number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from collm.answer import is_correct, normalize_number
+from collm.atomic import atomic_write, write_json
+from collm.errors import CollmError
+
+PROXY_TUNING_NOTE = "not run: collm has no proxy-tuning decoder (it needs a tuned and an untuned small model)"
+
+
+@dataclass
+class EvalConfig:
+    """How `evaluate` decodes; saved in the results JSON."""
+
+    max_new_tokens: int = 256
+    """Most new tokens per answer."""
+    batch_size: int = 8
+    """Prompts decoded together."""
+    threshold: float | None = None
+    """Co-LLM's deferral threshold; None: the run's own (from collm.json)."""
+    limit: int | None = None
+    """Evaluate only the first `limit` rows (None: all)."""
+    seed: int = 0
+    """Seeds the random-deferral baseline (and sampling, were it on)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: an answer ends before the first of them."""
+    chat: bool = True
+    """Wrap prompts in the base's chat template, as `collm.data` does for training."""
+
+    def __post_init__(self):
+        self.stop = tuple(self.stop)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise CollmError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise CollmError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.limit is not None and self.limit <= 0:
+            raise CollmError(f"limit must be positive, got {self.limit}")
+
+
+@dataclass
+class SystemResult:
+    """One row of the table, with the per-example outputs behind it."""
+
+    name: str
+    correct: int = 0
+    total: int = 0
+    accuracy: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    defer_rate: float | None = None
+    expert_calls: int | None = None
+    new_tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float | None = None
+    threshold: float | None = None
+    note: str = ""
+    """Why the row has no numbers, or how it was made (e.g. the random rate)."""
+    examples: list[dict] = field(default_factory=list)
+
+
+def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
+    """JSONL rows with at least "prompt" and "answer"; CollmError naming the line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CollmError(f"data file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CollmError(f"{path}:{number} is not JSON: {error.msg}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+            raise CollmError(f"{path}:{number} needs a string \"prompt\" and an \"answer\"")
+        rows.append(row)
+    if not rows:
+        raise CollmError(f"{path} holds no rows")
+    return rows[:limit] if limit else rows
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion; unlike p ± z·se it stays in [0, 1] and works at 0 or n."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def random_router(rate: float, seed: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A router (see `collm.decode.Router`) that defers each token with probability `rate`, seeded."""
+    generator: dict[str, torch.Generator] = {}
+
+    def route(step: int, log_pz: torch.Tensor) -> torch.Tensor:
+        if "g" not in generator:  # created on first use, on the device the head runs on
+            generator["g"] = torch.Generator(device=log_pz.device).manual_seed(seed)
+        defer = torch.rand(log_pz.shape[0], generator=generator["g"], device=log_pz.device) < rate
+        return torch.where(defer, log_pz[:, 1:].argmax(-1) + 1, 0)
+
+    return route
+
+
+def run_system(pair, rows: list[dict], name: str, config: EvalConfig, *, mode: str = "collm",
+               threshold: float | None = None, router=None) -> SystemResult:
+    """Decode every row with one system and score it by exact match of the final answer."""
+    result = SystemResult(name, threshold=threshold if mode == "collm" else None)
+    deferred = calls = 0
+    for start in range(0, len(rows), config.batch_size):
+        batch = rows[start:start + config.batch_size]
+        out = pair.generate([row["prompt"] for row in batch], max_new_tokens=config.max_new_tokens,
+                            threshold=threshold, seed=config.seed, mode=mode, stop=list(config.stop) or None,
+                            chat=config.chat, router=router)
+        stats = out.stats
+        deferred += stats.get("deferred_tokens", 0)
+        calls += stats.get("expert_calls", 0)
+        result.new_tokens += stats.get("new_tokens", 0)
+        result.seconds += stats.get("seconds", 0.0)
+        for i, row in enumerate(batch):
+            result.examples.append(_example(pair, row, out, i))
+    result.total = len(result.examples)
+    result.correct = sum(example["correct"] for example in result.examples)
+    result.accuracy = result.correct / result.total
+    result.ci_low, result.ci_high = wilson_interval(result.correct, result.total)
+    result.defer_rate = deferred / result.new_tokens if result.new_tokens else 0.0
+    result.expert_calls = calls
+    result.tokens_per_s = result.new_tokens / result.seconds if result.seconds > 0 else None
+    return result
+
+
+def _example(pair, row: dict, out, i: int) -> dict:
+    tokenizer = pair.tokenizer
+    pieces = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in out.token_ids[i]]
+    return {"prompt": row["prompt"], "answer": normalize_number(str(row["answer"])) or str(row["answer"]),
+            "text": out.texts[i], "correct": is_correct(out.texts[i], row["answer"]), "tokens": pieces,
+            "sources": out.sources[i], "defer_probs": [round(p, 4) for p in out.defer_probs[i]]}
+
+
+def missing(name: str, note: str) -> SystemResult:
+    """A row for a system that could not be run, saying why."""
+    return SystemResult(name, note=note)
+
+
+def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path | None = None,
+             sft_run: str | Path | None = None, load_run: Callable[[str], Any] | None = None) -> dict:
+    """Results for base, expert, Co-LLM, random deferral, and the comparison runs.
+
+    `weak_run`: a run whose head was trained on weak (pseudo-label) supervision, decoded as Co-LLM at its own
+    threshold. `sft_run`: a run with a fine-tuned base, decoded as the base alone. `load_run` loads a run
+    folder (default `CoLLM.from_pretrained`). Returns the dict `save_results` writes and `collm.report` shows.
+    """
+    threshold = pair.threshold if config.threshold is None else config.threshold
+    systems = [run_system(pair, rows, "base alone", config, mode="base"),
+               run_system(pair, rows, "expert alone", config, mode="expert"),
+               run_system(pair, rows, "Co-LLM", config, threshold=threshold)]
+    rate = systems[-1].defer_rate or 0.0
+    randomised = run_system(pair, rows, "random deferral", config, router=random_router(rate, config.seed))
+    randomised.note = f"each token deferred with probability {rate:.3f} (Co-LLM's measured rate)"
+    systems.append(randomised)
+    load_run = load_run or _load_run
+    for name, folder, mode in (("Co-LLM, weak-supervision head", weak_run, "collm"), ("SFT base alone", sft_run, "base")):
+        if folder is None:
+            systems.append(missing(name, "not run: no run folder given"))
+            continue
+        other = load_run(str(folder))
+        result = run_system(other, rows, name, config, mode=mode, threshold=other.threshold)
+        result.note = f"run {folder}"
+        systems.append(result)
+    systems.append(missing("proxy tuning", PROXY_TUNING_NOTE))
+    return {"config": asdict(config), "threshold": threshold, "rows": len(rows),
+            "systems": [asdict(s) for s in systems]}
+
+
+def _load_run(folder: str):
+    from collm.pair import CoLLM
+
+    return CoLLM.from_pretrained(folder)
+
+
+def markdown_table(results: dict) -> str:
+    """The systems as a Markdown table; rows without numbers show their note instead."""
+    lines = ["| System | Accuracy | 95% CI | Deferral rate | Expert calls | Tokens/s | Note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in results["systems"]:
+        if s["accuracy"] is None:
+            lines.append(f"| {s['name']} | – | – | – | – | – | {s['note']} |")
+            continue
+        speed = f"{s['tokens_per_s']:.1f}" if s["tokens_per_s"] else "–"
+        lines.append(f"| {s['name']} | {s['accuracy']:.3f} ({s['correct']}/{s['total']}) | "
+                     f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} | {s['expert_calls']} | "
+                     f"{speed} | {s['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_results(results: dict, json_path: str | Path | None = None, markdown_path: str | Path | None = None) -> None:
+    """Write the results JSON (with every example) and/or the Markdown table, atomically."""
+    if json_path is not None:
+        write_json(json_path, results)
+    if markdown_path is not None:
+        table = markdown_table(results)
+        atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))

@@ -1,0 +1,100 @@
+"""Evaluation: Wilson intervals, the random router, and the systems table on tiny models."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from collm.errors import CollmError
+from collm.evaluate import (
+    EvalConfig,
+    evaluate,
+    markdown_table,
+    random_router,
+    read_rows,
+    run_system,
+    save_results,
+    wilson_interval,
+)
+from collm.pair import CoLLM
+from conftest import make_llama
+
+
+@pytest.mark.parametrize(("correct", "total", "low", "high"),
+                         [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (81, 100, 0.7222, 0.8749)])
+def test_wilson_interval_known_values(correct, total, low, high):
+    got = wilson_interval(correct, total)
+    assert got == pytest.approx((low, high), abs=1e-4)
+
+
+def test_random_router_defers_at_the_rate_and_is_seeded():
+    log_pz = torch.log(torch.full((4000, 2), 0.5))
+    assert random_router(0.0, 0)(0, log_pz).sum() == 0
+    assert (random_router(1.0, 0)(0, log_pz) == 1).all()
+    picks = random_router(0.3, 1)(0, log_pz)
+    assert abs(picks.float().mean().item() - 0.3) < 0.03
+    assert torch.equal(picks, random_router(0.3, 1)(0, log_pz))
+
+
+class ScriptedPair:
+    """Stands in for CoLLM: answers from a script, so exact match is checked without a model."""
+
+    threshold = 0.5
+    tokenizer = None
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def generate(self, prompts, **kwargs):
+        texts = [self.answers[p] for p in prompts]
+        ids = [[1, 2, 3] for _ in texts]
+        return SimpleNamespace(texts=texts, token_ids=ids, sources=[[0, 1, 0] for _ in texts],
+                               defer_probs=[[0.1, 0.9, 0.2] for _ in texts],
+                               stats={"new_tokens": 3 * len(texts), "deferred_tokens": len(texts),
+                                      "expert_calls": len(texts), "seconds": 0.5})
+
+
+def test_run_system_scores_by_exact_match_and_sums_stats():
+    rows = [{"prompt": "a", "answer": "18"}, {"prompt": "b", "answer": "1,200"}, {"prompt": "c", "answer": 7}]
+    pair = ScriptedPair({"a": "so #### 18", "b": "The final answer is $1200.00.", "c": "I think 8"})
+    result = run_system(pair, rows, "scripted", EvalConfig(batch_size=2))
+    assert (result.correct, result.total) == (2, 3)
+    assert result.defer_rate == pytest.approx(1 / 3)
+    assert result.expert_calls == 3 and result.new_tokens == 9
+    assert result.tokens_per_s == pytest.approx(9 / 1.0)  # two batches of 0.5 s
+    assert [e["correct"] for e in result.examples] == [True, True, False]
+
+
+def test_read_rows_errors(tmp_path):
+    with pytest.raises(CollmError, match="does not exist"):
+        read_rows(tmp_path / "none.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "answer": 1}\n{"prompt": 3}\n')
+    with pytest.raises(CollmError, match="bad.jsonl:2"):
+        read_rows(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    from conftest import make_tokenizer
+
+    return CoLLM(make_llama(0), [make_llama(1)], None, make_tokenizer(), threshold=0.4)
+
+
+def test_evaluate_table_on_tiny_models(tiny_pair, tmp_path):
+    rows = [{"prompt": "What is 2+3?", "answer": "5"}, {"prompt": "And 4+4?", "answer": "8"}]
+    results = evaluate(tiny_pair, rows, EvalConfig(max_new_tokens=4, batch_size=2), weak_run="runs/weak",
+                       load_run=lambda folder: tiny_pair)
+    by_name = {s["name"]: s for s in results["systems"]}
+    assert by_name["base alone"]["defer_rate"] == 0 and by_name["expert alone"]["defer_rate"] == 1
+    assert by_name["Co-LLM"]["defer_rate"] == 1  # zero head: P(expert) = 0.5 > 0.4 everywhere
+    assert by_name["random deferral"]["defer_rate"] == 1
+    assert by_name["Co-LLM, weak-supervision head"]["accuracy"] is not None
+    assert by_name["SFT base alone"]["accuracy"] is None and "not run" in by_name["SFT base alone"]["note"]
+    assert by_name["proxy tuning"]["accuracy"] is None
+    table = markdown_table(results)
+    assert all(name in table for name in by_name)
+    save_results(results, tmp_path / "r.json", tmp_path / "r.md")
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == 2
+    assert (tmp_path / "r.md").read_text() == table
