@@ -1,0 +1,149 @@
+"""Choose a run's deferral threshold on validation data: accuracy against deferral rate over a grid.
+
+Each threshold in the grid decodes every validation row (batched); the choice is a pure function of the
+measured points (`choose_threshold`): the most accurate threshold, or the most accurate one that defers
+at most `max_defer` of the tokens. The choice is written into the run's collm.json atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from collm.atomic import write_json
+from collm.errors import CollmError
+from collm.evaluate import EvalConfig, run_system
+
+DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass
+class CalibrateConfig:
+    """How `calibrate` measures and chooses; saved into collm.json under "calibration"."""
+
+    thresholds: tuple[float, ...] = DEFAULT_GRID
+    """Thresholds to try, each in [0, 1]."""
+    max_defer: float | None = None
+    """Largest acceptable deferral rate (fraction of tokens the expert writes); None: no budget."""
+    max_new_tokens: int = 256
+    """Most new tokens per answer."""
+    batch_size: int = 8
+    """Prompts decoded together."""
+    limit: int | None = None
+    """Use only the first `limit` validation rows (None: all)."""
+    baselines: bool = True
+    """Also measure the base alone and the expert alone (the plot's horizontal lines)."""
+
+    def __post_init__(self):
+        self.thresholds = tuple(sorted({float(t) for t in self.thresholds}))
+        if not self.thresholds or any(not 0 <= t <= 1 for t in self.thresholds):
+            raise CollmError(f"thresholds must be numbers in [0, 1], got {self.thresholds}")
+        if self.max_defer is not None and not 0 <= self.max_defer <= 1:
+            raise CollmError(f"max_defer must be in [0, 1], got {self.max_defer}")
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, limit=self.limit)
+
+
+@dataclass(frozen=True)
+class Point:
+    """What one threshold gave on the validation rows."""
+
+    threshold: float
+    accuracy: float
+    defer_rate: float
+    correct: int = 0
+    total: int = 0
+
+
+def choose_threshold(points: list[Point], max_defer: float | None = None) -> Point:
+    """The most accurate point whose deferral rate is within `max_defer` (any rate when None).
+
+    Ties go to the lower deferral rate (the expert is the costly model), then to the higher threshold.
+    Raises CollmError when no point meets the budget (add threshold 1.0, which never defers, to the grid).
+    """
+    allowed = [p for p in points if max_defer is None or p.defer_rate <= max_defer + 1e-12]
+    if not allowed:
+        lowest = min((p.defer_rate for p in points), default=float("nan"))
+        raise CollmError(f"no threshold defers at most {max_defer} (lowest rate measured: {lowest:.3f}); "
+                         "add 1.0 to the thresholds or raise --max-defer")
+    return max(allowed, key=lambda p: (p.accuracy, -p.defer_rate, p.threshold))
+
+
+def sweep(pair, rows: list[dict], config: CalibrateConfig, progress=None) -> list[Point]:
+    """Decode `rows` at every threshold of the grid; `progress(threshold, point)` is called after each."""
+    points = []
+    for threshold in config.thresholds:
+        result = run_system(pair, rows, f"threshold {threshold}", config.eval_config(), threshold=threshold)
+        point = Point(threshold, result.accuracy, result.defer_rate, result.correct, result.total)
+        points.append(point)
+        if progress is not None:
+            progress(threshold, point)
+    return points
+
+
+def baseline_levels(pair, rows: list[dict], config: CalibrateConfig) -> dict[str, float]:
+    """Accuracy of the base alone and the expert alone on the same rows."""
+    levels = {}
+    for name, mode in (("base alone", "base"), ("expert alone", "expert")):
+        levels[name] = run_system(pair, rows, name, config.eval_config(), mode=mode).accuracy
+    return levels
+
+
+def write_threshold(run_dir: str | Path, threshold: float, calibration: dict) -> None:
+    """Set "threshold" (and a "calibration" record) in the run's collm.json; atomic, other keys kept."""
+    from collm.pair import read_run_config
+
+    config = read_run_config(run_dir)
+    config["threshold"] = threshold
+    config["calibration"] = calibration
+    write_json(Path(run_dir) / "collm.json", config)
+
+
+def plot(points: list[Point], levels: dict[str, float], path: str | Path, chosen: Point | None = None) -> None:
+    """PNG of accuracy against deferral rate, thresholds labelled, baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ordered = sorted(points, key=lambda p: p.defer_rate)
+    ax.plot([p.defer_rate for p in ordered], [p.accuracy for p in ordered], "o-", color="#1f77b4", label="Co-LLM")
+    for p in points:
+        ax.annotate(f"{p.threshold:g}", (p.defer_rate, p.accuracy), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    for (name, level), color in zip(levels.items(), ("#2ca02c", "#d62728")):
+        if level is not None:
+            ax.axhline(level, linestyle="--", color=color, label=f"{name} ({level:.2f})")
+    if chosen is not None:
+        ax.plot([chosen.defer_rate], [chosen.accuracy], "*", markersize=14, color="#ff7f0e",
+                label=f"chosen threshold {chosen.threshold:g}")
+    ax.set_xlabel("deferral rate (fraction of tokens the expert writes)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def _save_figure(fig, path: Path) -> None:
+    from collm.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def calibrate(pair, run_dir: str | Path, rows: list[dict], config: CalibrateConfig,
+              png: str | Path | None = None, progress=None) -> dict:
+    """Sweep, choose, write the threshold into `run_dir`/collm.json, and plot; returns the record written."""
+    points = sweep(pair, rows, config, progress)
+    chosen = choose_threshold(points, config.max_defer)
+    levels = baseline_levels(pair, rows, config) if config.baselines else {}
+    record = {"config": asdict(config), "rows": len(rows), "chosen": asdict(chosen),
+              "points": [asdict(p) for p in points], "baselines": levels}
+    write_threshold(run_dir, chosen.threshold, record)
+    if png is not None:
+        plot(points, levels, png, chosen)
+    return record
