@@ -147,3 +147,28 @@ def calibrate(pair, run_dir: str | Path, rows: list[dict], config: CalibrateConf
     if png is not None:
         plot(points, levels, png, chosen)
     return record
+
+
+def calibration_png(record: dict | None) -> bytes | None:
+    """The plot for a calibration record (as saved in collm.json), as PNG bytes; None without a record."""
+    if not record or not record.get("points"):
+        return None
+    import tempfile
+
+    points = [Point(**p) for p in record["points"]]
+    chosen = Point(**record["chosen"]) if record.get("chosen") else None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "plot.png"
+        plot(points, record.get("baselines", {}), path, chosen)
+        return path.read_bytes()
+
+
+def calibrate_run(run: str | Path, data: str | Path, config: CalibrateConfig, png: str | Path | None = None,
+                  device: str = "cpu", dtype: str | None = None, progress=None) -> dict:
+    """Load a run, calibrate it on a validation JSONL file, and write the threshold into its collm.json."""
+    from collm.evaluate import read_rows
+    from collm.pair import CoLLM
+
+    rows = read_rows(data, config.limit)
+    pair = CoLLM.from_pretrained(run, device=device, dtype=dtype)
+    return calibrate(pair, run, rows, config, png, progress)

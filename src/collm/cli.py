@@ -171,6 +171,99 @@ def bench(
     print(b.markdown(rows))
 
 
+data_app = typer.Typer(help="Make prompt/completion JSONL data sets (GSM8K variants, arithmetic).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("gsm")
+def data_gsm(
+    out: Annotated[Path, typer.Option(help="Output folder for train/new_numbers/validation/test JSONL, splits.json, manifest.json.")],
+    seed: Annotated[int, typer.Option(help="Seeds the template split and every draw; same seed, same files.")] = 0,
+    fractions: Annotated[str, typer.Option(help="Shares of templates for train,validation,test.")] = "0.7,0.1,0.2",
+    train_variants: Annotated[int, typer.Option(help="Variants per train template.")] = 50,
+    new_numbers_variants: Annotated[int, typer.Option(help="Variants per train template with numbers unseen in train.")] = 10,
+    eval_variants: Annotated[int, typer.Option(help="Variants per validation or test template.")] = 10,
+    originals: Annotated[bool, typer.Option(help="Include each template's original GSM8K problem in its split.")] = True,
+):
+    """GSM8K problems and checked new variants from the GSM-Symbolic templates, split by template."""
+    from collm import gsm
+
+    manifest = gsm.write_dataset(out, gsm.GsmConfig(seed, _floats(fractions), train_variants, new_numbers_variants,
+                                                    eval_variants, originals))
+    for template_id, reason in manifest["skipped"].items():
+        err.print(f"[yellow]skipped[/yellow] {reason}", highlight=False)
+    print(json.dumps({"rows": manifest["rows"], "skipped": len(manifest["skipped"])}))
+
+
+@data_app.command("arithmetic")
+def data_arithmetic(
+    out: Annotated[Path, typer.Option(help="Output folder for train/validation/test JSONL and manifest.json.")],
+    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same files.")] = 0,
+    modules: Annotated[str, typer.Option(help="Comma-separated mathematics_dataset arithmetic modules.")] = "add_or_sub,mul,div,mixed",
+    train: Annotated[int, typer.Option(help="Training rows per module.")] = 1000,
+    validation: Annotated[int, typer.Option(help="Validation rows per module.")] = 100,
+    test: Annotated[int, typer.Option(help="Test rows per module.")] = 200,
+):
+    """Arithmetic problems from mathematics_dataset; no question appears in two splits."""
+    from collm import arithmetic
+
+    names = tuple(m.strip() for m in modules.split(",") if m.strip())
+    manifest = arithmetic.write_dataset(out, arithmetic.ArithmeticConfig(seed, names, train, validation, test))
+    print(json.dumps({"rows": manifest["rows"]}))
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Option(help="Trained run folder (collm.json) to evaluate.")],
+    data: Annotated[Path, typer.Option(help="JSONL with \"prompt\" and \"answer\" per line.")],
+    html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results with every answer as JSON here.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write the summary table as Markdown here.")] = None,
+    weak_run: Annotated[Optional[Path], typer.Option(help="Run whose head was trained by weak supervision (a comparison row).")] = None,
+    sft_run: Annotated[Optional[Path], typer.Option(help="Run with a fine-tuned base, decoded alone (a comparison row).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Co-LLM threshold in [0, 1]. Default: the run's.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N rows.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random-deferral baseline.")] = 0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); an answer ends before it.")] = None,
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's.")] = None,
+    config: ConfigOption = None,
+):
+    """Exact-match accuracy of base, expert, Co-LLM and random deferral (and given runs), with 95% intervals."""
+    from collm import evaluate as ev
+
+    cfg = ev.EvalConfig(max_new_tokens, batch_size, threshold, limit, seed, tuple(stop or ()))
+    results = ev.evaluate_run(run, data, cfg, weak_run=weak_run, sft_run=sft_run, json_path=json_out,
+                              markdown_path=markdown, html_path=html, device=device, dtype=dtype)
+    print(ev.markdown_table(results))
+
+
+@app.command()
+def calibrate(
+    run: Annotated[Path, typer.Option(help="Trained run folder; its collm.json gets the chosen threshold.")],
+    data: Annotated[Path, typer.Option(help="Validation JSONL with \"prompt\" and \"answer\" per line.")],
+    max_defer: Annotated[Optional[float], typer.Option(help="Largest acceptable deferral rate in [0, 1]. Default: none.")] = None,
+    thresholds: Annotated[str, typer.Option(help="Comma-separated thresholds to try, each in [0, 1].")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+    png: Annotated[Optional[Path], typer.Option(help="Write the accuracy-vs-deferral plot here.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N validation rows.")] = None,
+    baselines: Annotated[bool, typer.Option(help="Also measure base alone and expert alone for the plot.")] = True,
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's.")] = None,
+    config: ConfigOption = None,
+):
+    """Pick the threshold with the best validation accuracy (within --max-defer) and save it in the run."""
+    from collm import calibrate as cal
+
+    cfg = cal.CalibrateConfig(_floats(thresholds), max_defer, max_new_tokens, batch_size, limit, baselines)
+    record = cal.calibrate_run(run, data, cfg, png, device, dtype, progress=lambda t, p: err.print(
+        f"[dim]threshold {t:g}: accuracy {p.accuracy:.3f}, deferral rate {p.defer_rate:.3f}[/dim]"))
+    print(json.dumps({"threshold": record["chosen"]["threshold"], "chosen": record["chosen"]}))
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())

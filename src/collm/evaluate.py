@@ -215,3 +215,26 @@ def save_results(results: dict, json_path: str | Path | None = None, markdown_pa
     if markdown_path is not None:
         table = markdown_table(results)
         atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
+
+
+def evaluate_run(run: str | Path, data: str | Path, config: EvalConfig, *, weak_run=None, sft_run=None,
+                 json_path=None, markdown_path=None, html_path=None, device: str = "cpu",
+                 dtype: str | None = None) -> dict:
+    """Load a run, evaluate it on a JSONL file, and write whichever of JSON, Markdown and HTML are asked for.
+
+    The HTML embeds the run's calibration plot when its collm.json records a calibration.
+    """
+    from collm.pair import CoLLM
+
+    rows = read_rows(data, config.limit)
+    pair = CoLLM.from_pretrained(run, device=device, dtype=dtype)
+    results = evaluate(pair, rows, config, weak_run=weak_run, sft_run=sft_run,
+                       load_run=lambda folder: CoLLM.from_pretrained(folder, device=device, dtype=dtype))
+    results["run"], results["data"] = str(run), str(data)
+    save_results(results, json_path, markdown_path)
+    if html_path is not None:
+        from collm.calibrate import calibration_png
+        from collm.report import write_html
+
+        write_html(html_path, results, calibration_png(pair.info.get("calibration")))
+    return results
