@@ -196,3 +196,51 @@ def test_base_and_expert_modes_run_one_model_only(models):
     expert_counter.calls.clear()
     pair.generate([PROMPTS[1]], max_new_tokens=NEW, mode="base")
     assert expert_counter.calls == []
+
+
+@pytest.mark.parametrize("max_bucket", [4, 64])
+def test_static_cache_path_changes_no_token(monkeypatch, max_bucket):
+    """The fast path's bucketed static caches, run eagerly on CPU, write exactly what the plain path writes;
+    with max_bucket=4 long catch-ups take the eager branch and short ones the padded-bucket branch."""
+    import collm.static
+
+    monkeypatch.setattr(collm.static, "MAX_BUCKET", max_bucket)
+    base, expert = make_llama(0), make_llama(1)
+    head = random_head(base.config.hidden_size, scale=2.0, seed=11)
+    pair = CoLLM(base, [expert], head)
+    kwargs = dict(max_new_tokens=40, threshold=0.6)
+    plain = pair.generate(PROMPTS, **kwargs)
+    from collm.decode import Sampling, decode
+
+    fast = decode(base, [expert], head, PROMPTS, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
+                  vocab=pair.vocab, static=True, **kwargs)
+    assert (fast.token_ids, fast.sources) == (plain.token_ids, plain.sources)
+    assert fast.stats["expert_calls"] == plain.stats["expert_calls"] >= 3
+
+
+def test_naive_reencoding_baseline_writes_the_same_tokens(models):
+    from collm.decode import Sampling, decode
+
+    base, expert = models
+    head = random_head(base.config.hidden_size)
+    args = dict(max_new_tokens=NEW, threshold=0.5, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
+                vocab=base.config.vocab_size)
+    cached = decode(base, [expert], head, PROMPTS, **args)
+    naive = decode(base, [expert], head, PROMPTS, reencode_experts=True, **args)
+    assert naive.token_ids == cached.token_ids
+    assert naive.stats["expert_tokens"] > cached.stats["expert_tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_path_matches_plain_path():
+    base, expert = make_llama(0).cuda(), make_llama(1).cuda()
+    head = random_head(base.config.hidden_size, scale=2.0, seed=11).cuda()
+    from collm.decode import Sampling, decode
+
+    args = dict(max_new_tokens=48, threshold=0.6, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
+                vocab=base.config.vocab_size)
+    plain = decode(base, [expert], head, PROMPTS, static=False, **args)
+    for _ in range(2):  # the second run replays graphs captured by the first
+        fast = decode(base, [expert], head, PROMPTS, static=True, **args)
+        assert (fast.token_ids, fast.sources) == (plain.token_ids, plain.sources)

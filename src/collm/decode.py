@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from collm.errors import CollmError
 from collm.head import DeferralHead
+from collm.static import runner, supported
 
 MODES = ("collm", "compose", "base", "expert")
 
@@ -107,17 +108,28 @@ def decode(
     stop_check: Callable[[int, list[int]], str | None] | None = None,
     router: Router | None = None,
     reencode_experts: bool = False,
+    static: bool | None = None,
 ) -> Decoded:
     """Generate up to ``max_new_tokens`` per prompt; see DESIGN.md "Decoding semantics".
 
     ``stop_check(row, new_token_ids)`` returns the stop string that ends the row, or None.
     ``reencode_experts`` makes every expert call re-encode the whole prefix: the naive baseline for benchmarks.
+    ``static``: use static caches and, on CUDA, captured graphs (collm.static); None picks it where supported.
     """
     device = next(base.parameters()).device
     seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
     rows = len(prompts)
-    writer = _Model(experts[0] if mode == "expert" else base, vocab)
-    helpers = [] if mode in ("base", "expert") else [_Model(e, vocab, reencode_experts) for e in experts]
+    writer_model = experts[0] if mode == "expert" else base
+    helper_models = [] if mode in ("base", "expert") else experts
+    if static is None:
+        static = device.type == "cuda" and not reencode_experts and all(
+            supported(m) for m in [writer_model, *helper_models])
+    if static:
+        writer = _static(writer_model, vocab, mask)
+        helpers = [_static(m, vocab, mask) for m in helper_models]
+    else:
+        writer = _Model(writer_model, vocab)
+        helpers = [_Model(e, vocab, reencode_experts) for e in helper_models]
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -157,6 +169,12 @@ def decode(
 
     seconds = time.perf_counter() - started
     return _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode)
+
+
+def _static(model, vocab: int, mask: torch.Tensor):
+    state = runner(model, vocab, mask.shape[0], mask.shape[1])
+    state.reset(mask)
+    return state
 
 
 def _layout(prompts: list[list[int]], max_new: int, pad_id: int, device):
