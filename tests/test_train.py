@@ -112,3 +112,133 @@ def test_learns_to_defer_before_the_digits(known_case, mode, weak):
     assert run_config["base_weights"] == {"frozen": "original", "lora": "lora"}[mode]
     if weak:  # digits are about a fifth of the targets; the base (random) never gets them right
         assert 0.1 < run_config["training"]["weak_fit"]["positive_rate"] < 0.4
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_training_follows_the_uninterrupted_run(known_case, monkeypatch):
+    import collm.train as t
+
+    common = dict(base_mode="lora", lora_dropout=0.1, max_steps=8, save_every=3, weak_steps=20)
+    whole = train(config(known_case, "whole", **common))
+    real_step, calls = t.train_step, []
+
+    def crash_at_step_5(s, module, optimizer, scheduler, step):
+        if step == 5 and not calls:
+            calls.append(step)
+            raise KeyboardInterrupt  # as if killed mid-run, after the step-3 checkpoint and two more steps
+        return real_step(s, module, optimizer, scheduler, step)
+
+    monkeypatch.setattr(t, "train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(known_case, "resumed", **common))
+    assert len(_losses(known_case["root"] / "resumed")) == 5
+    resumed = train(config(known_case, "resumed", **common))
+    assert _losses(resumed) == pytest.approx(_losses(whole), rel=1e-5)
+    assert torch.allclose(DeferralHead.load(resumed / "head.safetensors").linear.weight,
+                          DeferralHead.load(whole / "head.safetensors").linear.weight, atol=1e-6)
+    with pytest.raises(CollmError, match="other settings .*lr"):
+        train(config(known_case, "resumed", **common | {"lr": 1e-4}))
+
+
+def test_run_folder_loads_with_from_pretrained_and_generates(tmp_path):
+    from collm import CoLLM
+
+    tok = make_tokenizer()
+    data = write_jsonl(tmp_path / "d.jsonl", digit_rows(16, seed=2))
+    expert = save_tiny(make_llama(1), tok, tmp_path / "expert")
+    base = save_tiny(make_llama(0), tok, tmp_path / "base")
+    score(ScoreConfig(expert=expert, data=data, out=str(tmp_path / "s"), max_len=64))
+    for mode in ("lora", "full"):
+        run = train(TrainConfig(base=base, data=data, scores=[str(tmp_path / "s")], out=str(tmp_path / mode),
+                                base_mode=mode, max_len=64, batch_size=4, max_steps=2, weak_steps=5))
+        pair = CoLLM.from_pretrained(run)
+        out = pair.generate(["go"], max_new_tokens=4)
+        assert len(out.token_ids[0]) >= 1 and pair.info["training"]["base_mode"] == mode
+        assert pair.info["experts"] == [str((tmp_path / "expert").resolve())]
+
+
+def test_baselines_sft_and_weak(known_case):
+    sft = train(config(known_case, "sft", objective="sft", scores=[], max_steps=4))
+    sft_config = json.loads((sft / "collm.json").read_text())
+    assert sft_config["base_weights"] == "lora" and sft_config["training"]["objective"] == "sft"
+    head = DeferralHead.load(sft / "head.safetensors")  # never defers: the run decodes as the tuned base
+    assert float(defer_prob(head(torch.zeros(1, head.hidden_size)))) == 0.0
+    assert _losses(sft)[-1] < _losses(sft)[0]
+    weak = train(config(known_case, "weak", objective="weak", base_mode="frozen", epochs=4))
+    assert heldout_auroc(known_case, weak) >= 0.95
+
+
+def test_two_experts_softmax_head(known_case, tmp_path):
+    # Expert 2 is expert 1 made worse everywhere: the head should route digits to expert 1.
+    tok = known_case["tok"]
+    oracle = oracle_forward(tok)
+
+    def worse(model, ids, attention, targets):
+        logp, hit, _ = oracle(model, ids, attention, targets)
+        return logp - 3.0, torch.zeros_like(hit), None
+
+    second = str(tmp_path / "scores2")
+    score(ScoreConfig(expert="worse", data=known_case["data"], out=second, max_len=64), "worse", tok, worse)
+    run = train(config(known_case, "two", base_mode="frozen", scores=[known_case["scores"], second], epochs=4))
+    head = DeferralHead.load(run / "head.safetensors")
+    assert head.num_experts == 2
+    data = encode_file(known_case["heldout"], tok)
+    ids, attention, targets = pad_batch(data.examples, 0)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        _, _, hidden = target_outputs(AutoModelForCausalLM.from_pretrained(known_case["base"]), ids, attention, targets)
+        choice = head.log_probs(hidden).argmax(-1)
+    gold = ids[:, 1:][targets[:, 1:]]
+    is_digit = torch.isin(gold, torch.tensor(tok.convert_tokens_to_ids(sorted(DIGITS))))
+    assert (choice[is_digit] == 1).float().mean() > 0.9 and (choice[~is_digit] == 2).float().mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"objective": "nope"}, "objective must be one of"),
+        ({"base_mode": "frozen", "objective": "sft"}, "trains the base"),
+        ({"scores": []}, "needs --scores"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"threshold": 1.5}, "threshold"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(overrides, message):
+    with pytest.raises(CollmError, match=message):
+        TrainConfig(**({"base": "b", "data": "d", "out": "o", "scores": ["s"]} | overrides))
+
+
+def test_scores_for_other_data_are_refused(known_case, tmp_path):
+    other = write_jsonl(tmp_path / "other.jsonl", digit_rows(20, seed=5))
+    with pytest.raises(CollmError, match="other data"):
+        train(config(known_case, "refused", data=other))
+
+
+TWO_PROCESS = """
+import json, sys
+from collm.train import TrainConfig, train
+train(TrainConfig(**json.loads(sys.argv[1])))
+"""
+
+
+def test_accelerate_launch_two_cpu_processes_matches_one(known_case, tmp_path):
+    common = dict(base=known_case["base"], data=known_case["data"], scores=[known_case["scores"]], max_len=64,
+                  base_mode="lora", max_steps=3, weak_steps=10, lr=3e-3)
+    one = train(TrainConfig(**common, out=str(tmp_path / "one"), batch_size=4, grad_accum=2))
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent(TWO_PROCESS))
+    two = tmp_path / "two"
+    args = json.dumps(common | {"out": str(two), "batch_size": 4, "grad_accum": 1})
+    # accelerate 1.x: "--cpu --num_processes 2" starts ONE process (multi-CPU there needs mpirun);
+    # torchrun's launcher with ACCELERATE_USE_CPU=1 gives two gloo processes.
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(script), args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    assert json.loads((two / "collm.json").read_text())["base_weights"] == "lora"

@@ -222,6 +222,7 @@ class _Trainee(torch.nn.Module):
 def setup(config: TrainConfig, acc: Accelerator | None = None) -> Setup:
     """Load the base, data and scores; check they agree; build head, LoRA and caches."""
     acc = acc or Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")
+    _check_world(acc)
     set_seed(config.seed)
     base, tokenizer = load_model(config.base, device=acc.device)
     data = encode_file(config.data, tokenizer, config.data_config())
@@ -240,6 +241,15 @@ def setup(config: TrainConfig, acc: Accelerator | None = None) -> Setup:
                          f"{config.batch_size * config.grad_accum * world} rows: lower batch_size or grad_accum")
     s.total_steps = config.max_steps or max(1, round(config.epochs * s.steps_per_epoch))
     return s
+
+
+def _check_world(acc: Accelerator) -> None:
+    """Refuse processes that were launched together but do not see each other: each would train alone and
+    all would write the same run folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise CollmError(f"{launched} processes were launched but accelerate formed a group of {acc.num_processes}; "
+                         f"on CPU set ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N)")
 
 
 def _prepare_base(base, config: TrainConfig):
@@ -456,6 +466,7 @@ def fit(s: Setup) -> None:
     optimizer, scheduler = build_optimizer(s)
     start = _resume(s, module, optimizer, scheduler)
     module, optimizer = acc.prepare(module, optimizer)
+    optimizer.zero_grad(set_to_none=True)
     metrics = out / "metrics.jsonl"
     bar = tqdm(total=s.total_steps, initial=start, desc=f"train {c.objective}/{c.base_mode}",
                disable=not acc.is_main_process)

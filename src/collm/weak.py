@@ -79,6 +79,7 @@ def fit_weak_start(head: DeferralHead, hidden: torch.Tensor, labels: torch.Tenso
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    head.zero_grad(set_to_none=True)  # leftover grads would leak into the first training step
     with torch.no_grad():
         logits = head(hidden)
         loss = float(weak_bce(logits, labels, mask, weights))
