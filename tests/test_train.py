@@ -242,3 +242,27 @@ def test_accelerate_launch_two_cpu_processes_matches_one(known_case, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     assert json.loads((two / "collm.json").read_text())["base_weights"] == "lora"
+
+
+def test_cli_score_then_train_with_a_config_file(tmp_path):
+    tok = make_tokenizer()
+    data = write_jsonl(tmp_path / "d.jsonl", digit_rows(12, seed=3))
+    expert = save_tiny(make_llama(1), tok, tmp_path / "expert")
+    base = save_tiny(make_llama(0), tok, tmp_path / "base")
+    cli = [sys.executable, "-m", "collm.cli"]
+    scored = subprocess.run([*cli, "score", "--expert", expert, "--data", data, "--out", str(tmp_path / "s"),
+                             "--max-len", "64"], capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    (tmp_path / "train.yaml").write_text(f"base: {base}\nmax_len: 64\nbatch_size: 4\nmax_steps: 2\nweak_steps: 5\n"
+                                         f"base_mode: frozen\n")
+    trained = subprocess.run([*cli, "train", "--config", str(tmp_path / "train.yaml"), "--data", data,
+                              "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "run"), "--max-steps", "3"],
+                             capture_output=True, text=True, timeout=120)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "collm.json").read_text())["training"]
+    assert saved["max_steps"] == 3 and saved["base_mode"] == "frozen" and saved["batch_size"] == 4
+    refused = subprocess.run([*cli, "train", "--base", base, "--data", data, "--out", str(tmp_path / "r2"),
+                              "--scores", str(tmp_path / "s"), "--max-len", "32"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "other data or encoding settings" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -212,6 +212,78 @@ def data_arithmetic(
     print(json.dumps({"rows": manifest["rows"]}))
 
 
+@app.command()
+def score(
+    expert: Annotated[str, typer.Option(help="Expert model: HF folder, .gguf file, or the embedded default's name.")],
+    data: Annotated[Path, typer.Option(help="JSONL of {\"prompt\",\"completion\"} or {\"messages\"} rows.")],
+    out: Annotated[Path, typer.Option(help="Output folder for the shards and manifest.json; an unfinished run there resumes.")],
+    tokenizer: Annotated[Optional[str], typer.Option(help="Model whose tokenizer encodes the data (give the base's if it differs from the expert's).")] = None,
+    max_len: Annotated[int, typer.Option(help="Tokens per row; longer rows are cut and counted. Must match training.")] = 1024,
+    chat: Annotated[bool, typer.Option(help="Render prompt/completion rows with the chat template, as generate does.")] = True,
+    add_eos: Annotated[bool, typer.Option(help="End raw (non-chat) completions with EOS.")] = True,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass; bounds memory.")] = 8192,
+    shard_rows: Annotated[int, typer.Option(help="Rows per shard, the unit of resumption.")] = 512,
+    dtype: Annotated[str, typer.Option(help="Expert dtype: float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace scores made for another data/expert/tokenizer key instead of refusing.")] = False,
+    config: ConfigOption = None,
+):
+    """Run the expert once over the data: per completion token, log P(gold) and whether its argmax is gold."""
+    from collm import score as sc
+
+    sc.score(sc.ScoreConfig(expert=expert, data=str(data), out=str(out), tokenizer=tokenizer, max_len=max_len,
+                            chat=chat, add_eos=add_eos, batch_tokens=batch_tokens, shard_rows=shard_rows,
+                            dtype=dtype, device=device, overwrite=overwrite))
+
+
+@app.command()
+def train(
+    base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")],
+    data: Annotated[Path, typer.Option(help="Training JSONL (the file given to collm score).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, then collm.json + head (+ adapter/weights).")],
+    scores: Annotated[Optional[list[Path]], typer.Option(help="Folder from collm score; repeat once per expert, in expert order.")] = None,
+    objective: Annotated[str, typer.Option(help="marginal (Co-LLM), sft (fine-tune the base; baseline) or weak (LM + BCE on pseudo-labels; baseline).")] = "marginal",
+    base_mode: Annotated[str, typer.Option(help="full, lora, or frozen (head only, on cached base outputs).")] = "lora",
+    weak_start: Annotated[bool, typer.Option(help="First fit the head to pseudo-labels (expert right, base wrong).")] = True,
+    weak_steps: Annotated[int, typer.Option(help="Optimizer steps of the weak start.")] = 300,
+    weak_lr: Annotated[float, typer.Option(help="Learning rate of the weak start.")] = 1e-2,
+    weak_max_tokens: Annotated[int, typer.Option(help="Target tokens whose hidden states the weak start caches.")] = 200_000,
+    weak_weight: Annotated[float, typer.Option(help="Weak objective: weight of the BCE term.")] = 1.0,
+    max_len: Annotated[int, typer.Option(help="Tokens per row; must match collm score.")] = 1024,
+    chat: Annotated[bool, typer.Option(help="Chat-template rendering of prompt/completion rows; must match collm score.")] = True,
+    add_eos: Annotated[bool, typer.Option(help="EOS after raw completions; must match collm score.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch per process.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (loss normalised by the step's tokens).")] = 1,
+    epochs: Annotated[float, typer.Option(help="Passes over the data (ignored with --max-steps).")] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the base (LoRA or full).")] = 2e-4,
+    head_lr: Annotated[float, typer.Option(help="Peak learning rate of the deferral head.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the base (never the head).")] = 0.0,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 0,
+    schedule: Annotated[str, typer.Option(help="Decay after warmup: cosine, linear or constant.")] = "cosine",
+    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a fraction of the peak.")] = 0.1,
+    clip: Annotated[float, typer.Option(help="Gradient-norm clipping; 0 disables.")] = 1.0,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast.")] = "fp32",
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    lora_targets: Annotated[str, typer.Option(help="all-linear, or comma-separated module names.")] = "all-linear",
+    threshold: Annotated[float, typer.Option(help="Deferral threshold written into the run (collm calibrate refines it).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seeds data order, LoRA init and the weak start.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps (and at the end).")] = 100,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept on disk.")] = 2,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward in no-grad base passes.")] = 8192,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint (same settings).")] = True,
+    config: ConfigOption = None,
+):
+    """Train the deferral head (and base) by marginal likelihood; runs under `accelerate launch` too."""
+    from collm import train as tr
+
+    values = {k: v for k, v in locals().items() if k not in ("config", "tr")}
+    values.update(data=str(data), out=str(out), scores=[str(p) for p in scores or []])
+    print(tr.train(tr.TrainConfig(**values)))
+
+
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Option(help="Trained run folder (collm.json) to evaluate.")],
