@@ -117,8 +117,13 @@ def build_models(config: BenchConfig):
     for offset, name in enumerate(config.shapes.split("+")):
         torch.manual_seed(config.seed + offset)
         llama = LlamaConfig(**SHAPES[name], max_position_embeddings=4096)
-        with torch.device(config.device):
-            models.append(LlamaForCausalLM(llama).to(DTYPES[config.dtype]).eval())
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[config.dtype])  # build in the target dtype: 8B in float32 is 32 GB
+        try:
+            with torch.device(config.device):
+                models.append(LlamaForCausalLM(llama).eval())
+        finally:
+            torch.set_default_dtype(default)
     return models
 
 

@@ -122,11 +122,13 @@ def decode(
     writer_model = experts[0] if mode == "expert" else base
     helper_models = [] if mode in ("base", "expert") else experts
     if static is None:
-        static = device.type == "cuda" and not reencode_experts and all(
+        static = device.type == "cuda" and all(
             supported(m) for m in [writer_model, *helper_models])
     if static:
         writer = _static(writer_model, vocab, mask)
         helpers = [_static(m, vocab, mask) for m in helper_models]
+        for helper in helpers:
+            helper.reencode = reencode_experts
     else:
         writer = _Model(writer_model, vocab)
         helpers = [_Model(e, vocab, reencode_experts) for e in helper_models]

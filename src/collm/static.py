@@ -47,6 +47,7 @@ class StaticModel:
         self.graphs_on = graphs and device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.seen = self.calls = self.tokens = 0
+        self.reencode = False
 
     def reset(self, mask: torch.Tensor) -> None:
         """Start a new request: its padding mask (B, width) goes into the static mask buffer."""
@@ -56,6 +57,8 @@ class StaticModel:
 
     def advance(self, seq, mask, positions, end: int, hidden: bool = False):
         """Consume columns [seen, end) of ``seq``; return next-token logits (B, V) float32 and h (B, H)."""
+        if self.reencode:  # the naive baseline: throw the cache away, re-read the prefix
+            self.seen = 0
         start, length = self.seen, end - self.seen
         self.seen = end
         self.calls += 1
