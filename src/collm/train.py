@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -142,15 +142,6 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.weak_steps < 0 or self.weak_max_tokens < 1:
             raise CollmError("warmup_steps and weak_steps must be >= 0, weak_max_tokens >= 1")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """Build from a parsed JSON/YAML config; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CollmError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**values)
-
     def data_config(self) -> DataConfig:
         return DataConfig(max_len=self.max_len, chat=self.chat, add_eos=self.add_eos)
 
@@ -162,26 +153,6 @@ class TrainConfig:
 def _one_of(name: str, value: str, allowed: tuple) -> None:
     if value not in allowed:
         raise CollmError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def load_config_file(path: str | Path) -> dict:
-    """Options from a .json or .yaml/.yml file, as a dict (merged under explicit CLI options)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CollmError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
-        raise CollmError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}".splitlines()[0]) from None
-    if not isinstance(values, dict):
-        raise CollmError(f"{path} must hold a mapping of option names to values")
-    return values
 
 
 # ---------------------------------------------------------------- setup

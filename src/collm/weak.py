@@ -14,7 +14,7 @@ import torch
 
 from collm.data import Example
 from collm.head import DeferralHead
-from collm.loss import class_weights, defer_prob, weak_bce, weak_labels
+from collm.loss import class_weights, defer_prob, weak_bce
 from collm.score import pad_batch, target_outputs, token_batches
 
 
@@ -85,9 +85,3 @@ def fit_weak_start(head: DeferralHead, hidden: torch.Tensor, labels: torch.Tenso
         loss = float(weak_bce(logits, labels, mask, weights))
         defer_rate = float((defer_prob(logits) > 0.5).float().mean())
     return WeakFit(n, float((labels > 0).float().mean()), loss, defer_rate)
-
-
-def pseudo_labels(outputs: dict[int, RowOutputs], expert_hit: dict[int, torch.Tensor],
-                  expert_logp: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Per row, Z_t (long (n,)): the expert right where the base is wrong, else 0 (base)."""
-    return {i: weak_labels(o.base_hit, expert_hit[i], expert_logp[i]) for i, o in outputs.items()}
