@@ -9,20 +9,17 @@ Everything stays in log space: probabilities of gold tokens are often far below 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
 from collm.errors import CollmError
+from collm.head import logits_to_log_probs
 
 
 def defer_log_probs(head_logits: torch.Tensor) -> torch.Tensor:
     """Log π over writers, ``(..., M+1)`` ordered [base, expert1, ...], from head logits.
 
     One expert: logits ``(..., 1)`` are the log-odds of deferring, so log π = [logσ(−z), logσ(z)].
+    The same map the head applies at decoding time, so training and decoding cannot disagree.
     """
-    if head_logits.shape[-1] == 1:
-        z = head_logits
-        return torch.cat([F.logsigmoid(-z), F.logsigmoid(z)], dim=-1)
-    return torch.log_softmax(head_logits, dim=-1)
+    return logits_to_log_probs(head_logits)
 
 
 def defer_prob(head_logits: torch.Tensor) -> torch.Tensor:
