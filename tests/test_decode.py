@@ -244,3 +244,19 @@ def test_cuda_graph_path_matches_plain_path():
     for _ in range(2):  # the second run replays graphs captured by the first
         fast = decode(base, [expert], head, PROMPTS, static=True, **args)
         assert (fast.token_ids, fast.sources) == (plain.token_ids, plain.sources)
+
+
+def test_proxy_tuning_picks_argmax_of_expert_plus_tuned_minus_untuned():
+    from collm.pair import proxy_tuning
+
+    expert, tuned, untuned = make_llama(1), make_llama(0), make_llama(2)
+    out = proxy_tuning(expert, tuned, untuned).generate([PROMPTS[0]], max_new_tokens=8, mode="proxy")
+    seq = list(PROMPTS[0])
+    with torch.no_grad():
+        for token in out.token_ids[0]:
+            x = torch.tensor([seq])
+            scores = sum(sign * F.log_softmax(m(x).logits[0, -1], -1)
+                         for sign, m in ((1, expert), (1, tuned), (-1, untuned)))
+            assert token == int(scores.argmax())
+            seq.append(token)
+    assert out.stats["expert_calls"] == 2 * len(out.token_ids[0])  # both helpers, every step

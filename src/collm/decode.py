@@ -21,7 +21,7 @@ from collm.errors import CollmError
 from collm.head import DeferralHead
 from collm.static import runner, supported
 
-MODES = ("collm", "compose", "base", "expert")
+MODES = ("collm", "compose", "base", "expert", "proxy")
 
 # router(step, head_log_probs (B, M+1)) -> choice (B,) in 0..M; replaces the threshold rule (benchmarks, baselines)
 Router = Callable[[int, torch.Tensor], torch.Tensor]
@@ -141,11 +141,12 @@ def decode(
     steps = 0
     started = time.perf_counter()
 
-    logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=bool(helpers))
+    use_head = mode in ("collm", "compose")
+    logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=use_head)
     for step in range(max_new_tokens):
         n = prompt_len + step
         choice = torch.zeros(rows, dtype=torch.long, device=device)
-        if helpers:
+        if use_head:
             log_pz = head.log_probs(hidden)  # (B, M+1)
             choice = _route(step, log_pz, threshold, router).masked_fill(done, 0)
             defer_p[:, step] = -torch.expm1(log_pz[:, 0])
@@ -154,6 +155,8 @@ def decode(
             break
         if mode == "compose":
             token, choice = _compose_pick(logits, log_pz, helpers, seq, mask, positions, n, sampling, generator)
+        elif mode == "proxy":
+            token = _proxy_pick(logits, helpers, seq, mask, positions, n, sampling, generator)
         else:
             for k in writers:
                 expert_logits, _ = helpers[k - 1].advance(seq, mask, positions, n)
@@ -167,7 +170,7 @@ def decode(
         if stop_check is not None:
             _stop_strings(seq[:, prompt_len : n + 1], done, stopped, stop_check)
         if steps < max_new_tokens:
-            logits, hidden = writer.advance(seq, mask, positions, n + 1, hidden=bool(helpers))
+            logits, hidden = writer.advance(seq, mask, positions, n + 1, hidden=use_head)
 
     seconds = time.perf_counter() - started
     return _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode)
@@ -240,6 +243,18 @@ def _compose_pick(logits, log_pz, helpers, seq, mask, positions, n, sampling, ge
     token = mixture.argmax(-1) if not sampling.do_sample else _sample(mixture, sampling.top_p, generator)
     source = joint.gather(2, token[:, None, None].expand(-1, joint.shape[1], 1)).squeeze(-1).argmax(-1)
     return token, source
+
+
+def _proxy_pick(logits, helpers, seq, mask, positions, n, sampling, generator):
+    """Proxy tuning (Liu et al., 2024): log p_expert + log p_tuned - log p_untuned, where the writer (the
+    pair's base) is the tuned small model, helpers[0] the large expert, helpers[1] the untuned small model."""
+    temperature = sampling.temperature if sampling.do_sample else 1.0
+    expert_logits, _ = helpers[0].advance(seq, mask, positions, n)
+    untuned_logits, _ = helpers[1].advance(seq, mask, positions, n)
+    scores = sum(sign * F.log_softmax(x / temperature, -1)
+                 for sign, x in ((1, expert_logits), (1, logits), (-1, untuned_logits)))
+    log_probs = F.log_softmax(scores, -1)
+    return log_probs.argmax(-1) if not sampling.do_sample else _sample(log_probs, sampling.top_p, generator)
 
 
 def _stop_strings(new_ids: torch.Tensor, done: torch.Tensor, stopped: list, stop_check) -> None:

@@ -123,7 +123,8 @@ class CoLLM:
         ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
         or token ids (a 2-D LongTensor or a list of lists). ``threshold``: defer where P(Z != base) exceeds it
         (default: the pair's). ``mode``: ``collm`` (route by the head), ``compose`` (sample the mixture),
-        ``base`` or ``expert`` (one model alone, for baselines). ``router`` overrides the threshold rule.
+        ``base`` or ``expert`` (one model alone, for baselines), ``proxy`` (proxy tuning, for a pair made by
+        :func:`proxy_tuning`). ``router`` overrides the threshold rule.
         Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
         """
         threshold = self.threshold if threshold is None else _check_threshold(threshold)
@@ -133,6 +134,8 @@ class CoLLM:
             raise CollmError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode != "base" and not self.experts:
             raise CollmError(f"mode {mode!r} needs at least one expert")
+        if mode == "proxy" and len(self.experts) != 2:
+            raise CollmError("mode 'proxy' needs a pair made by collm.pair.proxy_tuning(expert, tuned, untuned, ...)")
         ids = self.encode(prompts, chat=chat)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
@@ -206,6 +209,14 @@ class CoLLM:
             return ""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text[: text.index(stopped_by)] if stopped_by else text
+
+
+def proxy_tuning(expert, tuned, untuned, tokenizer=None) -> CoLLM:
+    """A pair that decodes by proxy tuning (Liu et al., 2024), the baseline the Co-LLM paper compares with:
+    each token from log p_expert + log p_tuned - log p_untuned, where ``tuned`` is the fine-tuned small model
+    and ``untuned`` its original. Use ``generate(..., mode="proxy")``; all three models run every step."""
+    hidden = tuned.config.get_text_config().hidden_size
+    return CoLLM(tuned, [expert, untuned], DeferralHead(hidden, 2), tokenizer, info={"proxy": True})
 
 
 def _check_threshold(threshold) -> float:
