@@ -19,8 +19,9 @@ import torch
 from collm.answer import is_correct, normalize_number
 from collm.atomic import atomic_write, write_json
 from collm.errors import CollmError
+from collm.provenance import token_pieces
 
-PROXY_TUNING_NOTE = "not run: collm has no proxy-tuning decoder (it needs a tuned and an untuned small model)"
+PROXY_TUNING_NOTE = "not run: needs an SFT run (--sft-run) for the tuned small model"
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run_system(pair, rows: list[dict], name: str, config: EvalConfig, *, mode: s
 
 def _example(pair, row: dict, out, i: int) -> dict:
     tokenizer = pair.tokenizer
-    pieces = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in out.token_ids[i]]
+    pieces = token_pieces(tokenizer, out.token_ids[i]) if tokenizer is not None else [str(t) for t in out.token_ids[i]]
     return {"prompt": row["prompt"], "answer": normalize_number(str(row["answer"])) or str(row["answer"]),
             "text": out.texts[i], "correct": is_correct(out.texts[i], row["answer"]), "tokens": pieces,
             "sources": out.sources[i], "defer_probs": [round(p, 4) for p in out.defer_probs[i]]}
@@ -174,17 +175,36 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
     randomised.note = f"each token deferred with probability {rate:.3f} (Co-LLM's measured rate)"
     systems.append(randomised)
     load_run = load_run or _load_run
+    loaded = {}
     for name, folder, mode in (("Co-LLM, weak-supervision head", weak_run, "collm"), ("SFT base alone", sft_run, "base")):
         if folder is None:
             systems.append(missing(name, "not run: no run folder given"))
             continue
-        other = load_run(str(folder))
+        other = loaded[mode] = load_run(str(folder))
         result = run_system(other, rows, name, config, mode=mode, threshold=other.threshold)
         result.note = f"run {folder}"
         systems.append(result)
-    systems.append(missing("proxy tuning", PROXY_TUNING_NOTE))
+    systems.append(_proxy_system(pair, loaded.get("base"), rows, config))
     return {"config": asdict(config), "threshold": threshold, "rows": len(rows),
             "systems": [asdict(s) for s in systems]}
+
+
+def _proxy_system(pair, sft_pair, rows: list[dict], config: EvalConfig) -> SystemResult:
+    """Proxy tuning, as the paper compares: the expert + (SFT base - the untuned base it started from)."""
+    if sft_pair is None:
+        return missing("proxy tuning", PROXY_TUNING_NOTE)
+    from collm.models import load_model
+    from collm.pair import proxy_tuning
+
+    original = sft_pair.info.get("base")
+    if not original or sft_pair.info.get("base_weights", "original") == "original":
+        return missing("proxy tuning", "not run: the SFT run does not record a tuned base and its original")
+    device = next(sft_pair.base.parameters()).device
+    untuned, _ = load_model(original, device=device, dtype=sft_pair.info.get("dtype", "float32"))
+    proxy = proxy_tuning(pair.experts[0], sft_pair.base, untuned, pair.tokenizer)
+    result = run_system(proxy, rows, "proxy tuning", config, mode="proxy")
+    result.note = f"expert + SFT base - untuned {original}"
+    return result
 
 
 def _load_run(folder: str):
