@@ -141,10 +141,23 @@ def check_shapes(base: PreTrainedModel, experts: list[PreTrainedModel], tokenize
     return sizes[0]
 
 
+def hf_folder(spec: str) -> Path:
+    """The local HF folder behind a spec (a GGUF's dequantised cache), for loading parts without the weights."""
+    folder, gguf = resolve(spec)
+    return _dequantised(folder / gguf) if gguf else folder
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer :func:`load_model` gives for ``spec``, without loading the weights."""
+    try:
+        return AutoTokenizer.from_pretrained(hf_folder(spec), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CollmError(f"cannot load a tokenizer from {spec!r}: {_first_line(e)}") from None
+
+
 def config_of(spec: str) -> object:
     """The HF config of a model spec, without loading weights (for quick checks)."""
-    folder, gguf = resolve(spec)
-    return AutoConfig.from_pretrained(_dequantised(folder / gguf) if gguf else folder, local_files_only=True)
+    return AutoConfig.from_pretrained(hf_folder(spec), local_files_only=True)
 
 
 def _first_line(error: BaseException) -> str:

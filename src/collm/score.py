@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from collm.atomic import atomic_write, write_json
 from collm.data import DataConfig, EncodedData, Example, encode_file, length_order
 from collm.errors import CollmError
 from collm.loss import argmax_is_gold, gold_log_probs
-from collm.models import DTYPES, check_vocab, load_model, resolve
+from collm.models import DTYPES, check_vocab, load_model, load_tokenizer, resolve
 
 MANIFEST = "manifest.json"
 SCORES_FORMAT = 1
@@ -107,14 +106,6 @@ def expert_identity(spec: str, dtype: str) -> str:
             f.seek(max(size - (1 << 20), 0))
             h.update(f.read(1 << 20))
     return h.hexdigest()
-
-
-def load_tokenizer(spec: str):
-    """The tokenizer :func:`collm.models.load_model` would give for ``spec``, without loading weights."""
-    from collm.models import _dequantised  # same cached folder load_model reads, so identities agree
-
-    folder, gguf = resolve(spec)
-    return AutoTokenizer.from_pretrained(_dequantised(folder / gguf) if gguf else folder, local_files_only=True)
 
 
 # ---------------------------------------------------------------- forward
