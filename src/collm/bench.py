@@ -62,6 +62,8 @@ class BenchConfig:
     """Torch device."""
     seed: int = 0
     """Seeds the prompts, random weights and the router's phase."""
+    compile: bool = False
+    """CUDA: torch.compile the static-cache steps of collm/base/expert (compile time is spent in warm-up)."""
 
     def __post_init__(self):
         if (self.base is None) != (self.expert is None):
@@ -178,7 +180,7 @@ class _Timer:
     def _decode(self, mode: str, router=None, naive: bool = False) -> Decoded:
         return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=self.config.new_tokens,
                       threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
-                      router=router, reencode_experts=naive)
+                      router=router, reencode_experts=naive, compile=self.config.compile)
 
     def single(self, system: str) -> tuple[float, int]:
         ms, out = self._median_ms(lambda: self._decode(system))

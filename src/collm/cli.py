@@ -153,6 +153,7 @@ def bench(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed for prompts, weights and the deferral pattern.")] = 0,
+    compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (warm-up takes minutes).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write rows and config as JSON here.")] = None,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as Markdown here.")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Write a plot of ms/token against f here.")] = None,
@@ -164,7 +165,8 @@ def bench(
     cfg = b.BenchConfig(base=base, expert=expert, shapes=None if base else shapes,
                         fractions=_floats(fractions), batches=tuple(int(x) for x in _floats(batch)),
                         systems=tuple(s.strip() for s in systems.split(",") if s.strip()), prompt_len=prompt_len,
-                        new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, seed=seed)
+                        new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, seed=seed,
+                        compile=compile)
     rows = b.run(cfg, progress=lambda r: err.print(f"[dim]{r.system} f={r.f:g} batch={r.batch}: "
                                                    f"{r.ms_per_token:.2f} ms/token[/dim]"))
     b.save(rows, cfg, json_out, markdown_out, png)

@@ -109,12 +109,14 @@ def decode(
     router: Router | None = None,
     reencode_experts: bool = False,
     static: bool | None = None,
+    compile: bool = False,
 ) -> Decoded:
     """Generate up to ``max_new_tokens`` per prompt; see DESIGN.md "Decoding semantics".
 
     ``stop_check(row, new_token_ids)`` returns the stop string that ends the row, or None.
     ``reencode_experts`` makes every expert call re-encode the whole prefix: the naive baseline for benchmarks.
     ``static``: use static caches and, on CUDA, captured graphs (collm.static); None picks it where supported.
+    ``compile``: on the static CUDA path, torch.compile each step before capturing it (slow first calls).
     """
     device = next(base.parameters()).device
     seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
@@ -125,8 +127,8 @@ def decode(
         static = device.type == "cuda" and all(
             supported(m) for m in [writer_model, *helper_models])
     if static:
-        writer = _static(writer_model, vocab, mask)
-        helpers = [_static(m, vocab, mask) for m in helper_models]
+        writer = _static(writer_model, vocab, mask, compile)
+        helpers = [_static(m, vocab, mask, compile) for m in helper_models]
         for helper in helpers:
             helper.reencode = reencode_experts
     else:
@@ -176,8 +178,8 @@ def decode(
     return _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode)
 
 
-def _static(model, vocab: int, mask: torch.Tensor):
-    state = runner(model, vocab, mask.shape[0], mask.shape[1])
+def _static(model, vocab: int, mask: torch.Tensor, compile: bool):
+    state = runner(model, vocab, mask.shape[0], mask.shape[1], compile=compile)
     state.reset(mask)
     return state
 
