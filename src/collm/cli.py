@@ -129,14 +129,15 @@ def _print_answers(pair, prompts: list[str], out) -> None:
 
 @app.command()
 def demo(
-    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 128,
+    count: Annotated[int, typer.Option(help="Held-out problems to answer (of the shipped ones).")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
 ):
-    """Run the embedded default offline: SmolLM2-135M-Instruct as base and as expert, on an example question."""
-    generate(prompts=[EXAMPLE_QUESTION], prompt_file=None, run=None, base=EMBEDDED_DEFAULT, expert=None,
-             head=None, threshold=0.5, mode="collm", max_new_tokens=max_new_tokens, do_sample=False,
-             temperature=1.0, top_p=1.0, seed=0, stop=None, raw=False, device=device, dtype="float32",
-             as_json=False, config=None)
+    """The embedded default, offline: SmolLM2-135M-Instruct with a shipped math expert (LoRA) and a trained
+    deferral head answer held-out GSM8K problems (base alone, expert alone, Co-LLM), then the measured table."""
+    from collm import demo as d
+
+    d.run(console, count=count, max_new_tokens=max_new_tokens, device=device)
 
 
 @app.command()
@@ -211,6 +212,24 @@ def data_arithmetic(
 
     names = tuple(m.strip() for m in modules.split(",") if m.strip())
     manifest = arithmetic.write_dataset(out, arithmetic.ArithmeticConfig(seed, names, train, validation, test))
+    print(json.dumps({"rows": manifest["rows"]}))
+
+
+@data_app.command("calc")
+def data_calc(
+    out: Annotated[Path, typer.Option(help="Output folder for train.jsonl and manifest.json.")],
+    gsm: Annotated[Optional[Path], typer.Option(help="GSM train JSONL whose <<a=b>> notes are reused (train split only).")] = None,
+    arithmetic: Annotated[Optional[Path], typer.Option(help="Arithmetic train JSONL mixed in unchanged.")] = None,
+    rows: Annotated[int, typer.Option(help="Calculation rows, each a few lines 'a = <<a=b>>b'.")] = 30_000,
+    gsm_share: Annotated[float, typer.Option(help="Share of lines taken from the GSM notes; the rest are random.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same file.")] = 0,
+):
+    """Training rows for the math expert: calculations written as GSM8K notes, plus arithmetic (no word problems)."""
+    from collm import expert
+
+    manifest = expert.write_calc_dataset(out, expert.CalcConfig(seed, rows, gsm_share=gsm_share,
+                                                               gsm=str(gsm) if gsm else None,
+                                                               arithmetic=str(arithmetic) if arithmetic else None))
     print(json.dumps({"rows": manifest["rows"]}))
 
 
