@@ -56,7 +56,7 @@ def test_eval_bad_data_is_one_line_error(run_and_data, tmp_path):
     bad.write_text("not json\n")
     result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(bad)])
     assert isinstance(result.exception, CollmError)  # `collm.cli.main` prints it as one line, exit status 2
-    assert "bad.jsonl:1 is not JSON" in str(result.exception)
+    assert "bad.jsonl:1: not valid JSON" in str(result.exception)
 
 
 def test_data_gsm_small(tmp_path):

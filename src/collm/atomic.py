@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -27,3 +28,18 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
 def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically."""
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def atomic_folder(target: str | Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp_dir)`` then swap the folder into place: readers see the old folder or the new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

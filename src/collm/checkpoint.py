@@ -10,15 +10,13 @@ sharded FSDP/DeepSpeed states would need ``Accelerator.save_state``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from collm.atomic import atomic_write, write_json
+from collm.atomic import atomic_folder, atomic_write, write_json
 from collm.errors import CollmError
 
 LATEST = "latest"
@@ -63,20 +61,16 @@ def save_checkpoint(folder: Path, step: int, module, optimizer, scheduler, extra
     """
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"meta": json.dumps(meta)})
         save_file({f"rank{r}": t for r, t in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
         scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         write_json(tmp / "state.json", {"step": step, "scheduler": scheduler_state, **extra})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_folder(target, write)
     atomic_write(folder / LATEST, lambda p: Path(p).write_text(target.name + "\n"))
     for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from collm.errors import CollmError
 
@@ -85,7 +86,12 @@ class EncodedData:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Parse a JSONL file; raises CollmError naming the first bad line."""
+    """Parse a training JSONL file; raises CollmError naming the first bad line."""
+    return read_jsonl(path, _check_row)
+
+
+def read_jsonl(path: str | Path, check: Callable[[object, str], None]) -> list[dict]:
+    """Parse a JSONL file, calling ``check(row, "file:line")`` on each row (it raises CollmError to refuse)."""
     path = Path(path)
     if not path.is_file():
         raise CollmError(f"data file {str(path)!r} does not exist")
@@ -97,7 +103,7 @@ def read_rows(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise CollmError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        _check_row(row, f"{path}:{number}")
+        check(row, f"{path}:{number}")
         rows.append(row)
     if not rows:
         raise CollmError(f"data file {path} has no rows")

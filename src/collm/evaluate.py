@@ -8,7 +8,6 @@ cannot be run here gets a row that says why, never a made-up number.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,23 +75,15 @@ class SystemResult:
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     """JSONL rows with at least "prompt" and "answer"; CollmError naming the line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CollmError(f"data file {path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CollmError(f"{path}:{number} is not JSON: {error.msg}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
-            raise CollmError(f"{path}:{number} needs a string \"prompt\" and an \"answer\"")
-        rows.append(row)
-    if not rows:
-        raise CollmError(f"{path} holds no rows")
+    from collm.data import read_jsonl
+
+    rows = read_jsonl(path, _check_row)
     return rows[:limit] if limit else rows
+
+
+def _check_row(row: object, where: str) -> None:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+        raise CollmError(f"{where} needs a string \"prompt\" and an \"answer\"")
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from collm.atomic import atomic_write, write_json
+from collm.atomic import atomic_folder, atomic_write, write_json
 from collm.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from collm.data import DataConfig, EncodedData, encode_file
 from collm.errors import CollmError
@@ -519,9 +518,9 @@ def finish(s: Setup) -> Path:
     head.save(out / HEAD_FILE)  # sft: a head that never defers, so the run decodes as the tuned base alone
     weights = {"frozen": "original", "lora": "lora", "full": "full"}[c.base_mode]
     if weights == "lora":
-        _save_folder(out / "base_adapter", lambda tmp: base.save_pretrained(tmp))
+        atomic_folder(out / "base_adapter", lambda tmp: base.save_pretrained(tmp))
     elif weights == "full":
-        _save_folder(out / "base", lambda tmp: (base.save_pretrained(tmp), s.tokenizer.save_pretrained(tmp)))
+        atomic_folder(out / "base", lambda tmp: (base.save_pretrained(tmp), s.tokenizer.save_pretrained(tmp)))
     experts = [sc.expert for sc in s.scores]
     training = {**asdict(c), "weak_fit": s.weak_fit, "data_fingerprint": s.data.fingerprint,
                 "steps": s.total_steps, "data_stats": asdict(s.data.stats)}
@@ -536,18 +535,6 @@ def finish(s: Setup) -> Path:
 def _spec(spec: str) -> str:
     """A path spec made absolute, so the run loads from any working directory; names stay."""
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
-
-
-def _save_folder(target: Path, write) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train(config: TrainConfig) -> Path:
