@@ -1,0 +1,282 @@
+"""The embedded default: a Co-LLM run shipped with the package, and what `collm demo` shows with it.
+
+``assets/gsm/`` holds a run made by ``scripts/reproduce.sh``: the math expert as a LoRA adapter
+(``expert/``), the Co-LLM base's LoRA adapter (``base_adapter/``), the deferral head, ``collm.json``, the
+measured results (``results.md``, ``results.json``, ``calibration.png``) and the held-out problems the demo
+answers. ``manifest.json`` records every file's sha256; `verify` refuses to load a run that does not match.
+`package` builds the folder from a reproduction's runs; `summarise` computes the numbers it reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from collm.errors import CollmError
+
+ASSETS = Path(__file__).parent / "assets" / "gsm"
+MANIFEST = "manifest.json"
+_NUMBER_PUNCT = {".", ","}
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict:
+    """Record the sha256 and size of every file under `folder` (but the manifest) in manifest.json."""
+    from collm.atomic import write_json
+
+    files = {str(p.relative_to(folder)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def verify(folder: Path = ASSETS) -> dict:
+    """Check every file recorded in the manifest is there with its sha256; CollmError naming the first that
+    is missing or differs. Returns the manifest."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CollmError(f"{folder} has no {MANIFEST}: the shipped run is missing; run scripts/reproduce.sh")
+    manifest = json.loads(path.read_text())
+    for name, record in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise CollmError(f"shipped file {file} is missing")
+        if sha256(file) != record["sha256"]:
+            raise CollmError(f"shipped file {file} does not match its recorded sha256 (changed or corrupt)")
+    return manifest
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_pair(folder: Path = ASSETS, device: str = "cpu"):
+    """The shipped Co-LLM: embedded SmolLM2 + base adapter, embedded SmolLM2 + expert adapter, the head.
+
+    Verifies the manifest first. The adapters are merged into float32 copies of the embedded model.
+    """
+    from peft import PeftModel
+
+    from collm.head import DeferralHead
+    from collm.models import load_model
+    from collm.pair import CoLLM, read_run_config
+
+    verify(folder)
+    config = read_run_config(folder)
+
+    def with_adapter(adapter: Path):
+        model, tokenizer = load_model(config["base"], device=device)
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tokenizer
+
+    base, tokenizer = with_adapter(folder / "base_adapter")
+    expert, _ = with_adapter(folder / "expert")
+    pair = CoLLM(base, [expert], DeferralHead.load(folder / "head.safetensors"), tokenizer,
+                 threshold=config["threshold"], info=config)
+    return pair
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def in_number(pieces: list[str], i: int) -> bool:
+    """Whether token i is part of a number: digits, or a '.'/',' between digits."""
+    piece = pieces[i].strip()
+    if piece.isdigit():
+        return True
+    if piece in _NUMBER_PUNCT and 0 < i < len(pieces) - 1:
+        return pieces[i - 1][-1:].isdigit() and pieces[i + 1][:1].isdigit()
+    return False
+
+
+def deferral_summary(system: dict) -> dict:
+    """Deferral rate and the share of deferred tokens that lie inside numbers, from a system's examples."""
+    tokens = deferred = inside = 0
+    for example in system.get("examples", []):
+        pieces, sources = example["tokens"], example["sources"]
+        tokens += len(sources)
+        for i, source in enumerate(sources):
+            if source:
+                deferred += 1
+                inside += in_number(pieces, i)
+    return {"tokens": tokens, "deferred": deferred, "defer_rate": deferred / tokens if tokens else 0.0,
+            "deferred_in_numbers": inside, "share_in_numbers": inside / deferred if deferred else 0.0}
+
+
+def provenance_text(example: dict) -> str:
+    """An answer with each expert-written run of tokens in [[double brackets]] (plain-text provenance)."""
+    out, open_ = [], False
+    for piece, source in zip(example["tokens"], example["sources"]):
+        if bool(source) != open_:
+            out.append("[[" if source else "]]")
+            open_ = bool(source)
+        out.append(piece)
+    return "".join(out) + ("]]" if open_ else "")
+
+
+def _system(results: dict, name: str) -> dict:
+    return next(s for s in results["systems"] if s["name"] == name)
+
+
+def table(results: dict) -> str:
+    """Markdown rows: accuracy with its 95% Wilson interval, deferral rate, and the note."""
+    lines = ["| System | Accuracy | 95% CI | Deferral rate | Note |", "| --- | --- | --- | --- | --- |"]
+    for s in results["systems"]:
+        if s["accuracy"] is None:
+            lines.append(f"| {s['name']} | – | – | – | {s['note']} |")
+        else:
+            lines.append(f"| {s['name']} | {s['accuracy']:.3f} ({s['correct']}/{s['total']}) | "
+                         f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} | {s['note']} |")
+    return "\n".join(lines)
+
+
+def summarise(results: dict) -> dict:
+    """Headline numbers of one evaluation: Co-LLM against max(SFT base, expert), deferral statistics."""
+    collm = _system(results, "Co-LLM")
+    rivals = {n: _system(results, n)["accuracy"] for n in ("SFT base alone", "expert alone")}
+    best = max((v for v in rivals.values() if v is not None), default=None)
+    return {"collm_accuracy": collm["accuracy"], "best_single": best,
+            "margin_points": None if best is None else round(100 * (collm["accuracy"] - best), 1),
+            **deferral_summary(collm)}
+
+
+def pick_examples(results: dict, count: int = 3) -> list[int]:
+    """Rows where Co-LLM and its base alone disagree on correctness (illustrative), else the first rows."""
+    collm, base = _system(results, "Co-LLM")["examples"], _system(results, "base alone")["examples"]
+    differ = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] != b["correct"]]
+    return (differ + [i for i in range(len(collm)) if i not in differ])[:count]
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None = None) -> dict:
+    """Build the shipped folder from a reproduction: adapters, head, run config, results; then the manifest.
+
+    `runs` holds expert/, collm/ and the evaluations (`evaluations`: label -> results JSON of `collm eval`).
+    """
+    from collm.atomic import atomic_write, write_json
+    from collm.pair import read_run_config
+
+    evaluations = evaluations or {"held-out templates (test)": runs / "eval-test.json",
+                                  "train templates, new numbers": runs / "eval-new-numbers.json"}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(runs / "collm" / "base_adapter", out / "base_adapter")
+    shutil.copytree(runs / "expert" / "base_adapter", out / "expert")
+    shutil.copy(runs / "collm" / "head.safetensors", out / "head.safetensors")
+    config = read_run_config(runs / "collm")
+    config["experts"] = ["expert"]  # the adapter beside it; the trained run named a merged folder
+    config["training"].pop("data_stats", None)
+    write_json(out / "collm.json", config)
+    if (runs / "calibration.png").is_file():
+        shutil.copy(runs / "calibration.png", out / "calibration.png")
+    loaded = {label: json.loads(path.read_text()) for label, path in evaluations.items() if path.is_file()}
+    test = next(iter(loaded.values()))
+    chosen = pick_examples(test)
+    problems = [{"prompt": test["systems"][0]["examples"][i]["prompt"],
+                 "answer": test["systems"][0]["examples"][i]["answer"]} for i in chosen]
+    write_json(out / "problems.json", {"problems": problems, "chosen": "held-out test rows where Co-LLM and "
+                                       "its base alone disagree on correctness"})
+    trimmed = {label: {**{k: v for k, v in r.items() if k != "systems"}, "summary": summarise(r),
+                       "systems": [{k: v for k, v in s.items() if k != "examples"} for s in r["systems"]]}
+               for label, r in loaded.items()}
+    trimmed["calibration"] = config.get("calibration")
+    trimmed["examples"] = [{"prompt": _system(test, "Co-LLM")["examples"][i]["prompt"],
+                            **{name: _system(test, name)["examples"][i]["text"]
+                               for name in ("base alone", "expert alone")},
+                            "Co-LLM": provenance_text(_system(test, "Co-LLM")["examples"][i]),
+                            "answer": _system(test, "Co-LLM")["examples"][i]["answer"]} for i in chosen]
+    write_json(out / "results.json", trimmed)
+    markdown = results_markdown(trimmed)
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    return write_manifest(out)
+
+
+def results_markdown(trimmed: dict) -> str:
+    """The shipped results as Markdown: one table per evaluation, the calibration sweep, three examples."""
+    parts = []
+    for label, results in trimmed.items():
+        if label in ("calibration", "examples"):
+            continue
+        s = results["summary"]
+        parts += [f"### {label} ({results['rows']} problems, threshold {results['threshold']})", "",
+                  table(results), "",
+                  f"Co-LLM − max(SFT base, expert) = {s['margin_points']} points; deferral rate "
+                  f"{s['defer_rate']:.3f}; {s['share_in_numbers']:.1%} of deferred tokens are inside numbers.", ""]
+    calibration = trimmed.get("calibration") or {}
+    if calibration.get("points"):
+        parts += [f"### Accuracy against deferral rate (validation, {calibration['rows']} problems)", "",
+                  "| threshold | deferral rate | accuracy |", "| --- | --- | --- |"]
+        parts += [f"| {p['threshold']:g} | {p['defer_rate']:.3f} | {p['accuracy']:.3f} |"
+                  for p in calibration["points"]]
+        parts += ["", f"Base alone {calibration['baselines'].get('base alone')}, expert alone "
+                      f"{calibration['baselines'].get('expert alone')}; chosen threshold "
+                      f"{calibration['chosen']['threshold']:g} (budget: deferral rate <= "
+                      f"{calibration['config']['max_defer']}).", ""]
+    for n, example in enumerate(trimmed.get("examples", []), 1):
+        parts += [f"### Example {n} (gold {example['answer']}); [[expert-written tokens]]", "",
+                  f"> {example['prompt']}", ""]
+        parts += [f"**{name}:**\n\n```\n{example[name]}\n```\n" for name in ("base alone", "expert alone", "Co-LLM")]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu") -> None:
+    """Load the shipped run, answer `count` held-out problems three ways, print the shipped results table."""
+    from rich.markdown import Markdown
+
+    from collm.answer import extract_answer
+    from collm.provenance import colored, legend
+
+    with console.status("verifying and loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
+        pair = load_pair(folder, device)
+    problems = json.loads((folder / "problems.json").read_text())["problems"][:count]
+    prompts = [p["prompt"] for p in problems]
+    outputs = {}
+    for label, mode in (("base alone", "base"), ("expert alone", "expert"), ("Co-LLM", "collm")):
+        with console.status(f"{label}: answering {len(prompts)} held-out problems"):
+            outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode)
+    console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"]))
+    for i, problem in enumerate(problems):
+        console.rule(f"held-out problem {i + 1} (gold answer {problem['answer']})")
+        console.print(f"[dim]> {problem['prompt']}[/dim]")
+        for label, out in outputs.items():
+            answer = extract_answer(out.texts[i])
+            mark = "[green]right[/green]" if answer == problem["answer"] else "[red]wrong[/red]"
+            console.print(f"\n[bold]{label}[/bold] (answer {answer}, {mark}):")
+            console.print(colored(pair.tokenizer, out.token_ids[i], out.sources[i]))
+    stats = outputs["Co-LLM"].stats
+    console.rule()
+    console.print(f"Co-LLM here: threshold {pair.threshold:g}, deferral rate {stats['defer_rate']:.1%}, "
+                  f"{stats['expert_calls']} expert calls")
+    console.print(Markdown((folder / "results.md").read_text().split("### Example")[0]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m collm.demo package RUNS [OUT]``: build the shipped folder from a reproduction."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["package"] or len(args) not in (2, 3):
+        raise SystemExit("usage: python -m collm.demo package RUNS [OUT]")
+    manifest = package(Path(args[1]), Path(args[2]) if len(args) == 3 else ASSETS)
+    print(json.dumps({"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"]}))
+
+
+if __name__ == "__main__":
+    main()
