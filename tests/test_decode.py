@@ -131,12 +131,15 @@ def test_batch_equals_each_prompt_alone(models):
 def test_rows_finish_independently(models):
     base, expert = models
     pair = CoLLM(base, [expert], DeferralHead.constant(base.config.hidden_size, 0.0))
-    alone = {k: hf_greedy(base, [1, k], NEW) for k in range(6, 102)}
-    early = next(k for k, ids in alone.items() if ids[-1] == EOS_ID and len(ids) < NEW // 2)
-    full = next(k for k, ids in alone.items() if len(ids) == NEW and EOS_ID not in ids)
-    out = pair.generate([[1, early], [1, full]], max_new_tokens=NEW)
-    assert out.token_ids == [alone[early], alone[full]]
-    assert len(out.sources[0]) == len(out.defer_probs[0]) == len(alone[early])
+    candidates = [[1, k] for k in range(6, 102)]
+    lengths = [len(ids) for ids in pair.generate(candidates, max_new_tokens=NEW).token_ids]
+    early = candidates[next(i for i, n in enumerate(lengths) if n < NEW // 2)]
+    full = candidates[lengths.index(NEW)]
+    alone = [hf_greedy(base, early, NEW), hf_greedy(base, full, NEW)]
+    assert alone[0][-1] == EOS_ID and EOS_ID not in alone[1]
+    out = pair.generate([early, full], max_new_tokens=NEW)
+    assert out.token_ids == alone
+    assert len(out.sources[0]) == len(out.defer_probs[0]) == len(alone[0])
 
 
 def test_seeded_sampling_repeats_and_seed_matters(models):
