@@ -87,3 +87,16 @@ def test_bench_json_rows(tmp_path):
     assert collab[("collm", 0.5)]["expert_calls"] == 2 and collab[("collm", 0.0)]["expert_calls"] == 0
     assert collab[("naive", 0.5)]["expert_calls"] == 2
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_benchmark_router_defers_at_exactly_the_asked_rate():
+    import torch
+
+    from collm.bench import pattern_router
+
+    for f in (0.0, 0.05, 0.1, 0.5, 1.0):
+        route = pattern_router(f, 40, seed=3, rows=4, per_row=True)
+        marks = torch.stack([route(t, torch.zeros(4, 2)) for t in range(40)])
+        assert marks.sum(0).tolist() == [round(40 * f)] * 4
+    every_other = pattern_router(0.5, 8, seed=0)
+    assert [int(every_other(t, torch.zeros(1, 2))[0]) for t in range(8)] in ([0, 1] * 4, [1, 0] * 4)

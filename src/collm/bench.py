@@ -62,6 +62,8 @@ class BenchConfig:
     """Torch device."""
     seed: int = 0
     """Seeds the prompts, random weights and the router's phase."""
+    per_row: bool = False
+    """Each row of a batch defers on its own seeded phase (else all rows defer on the same steps)."""
     compile: bool = False
     """CUDA: torch.compile the static-cache steps of collm/base/expert (compile time is spent in warm-up)."""
 
@@ -96,13 +98,19 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def pattern_router(fraction: float, steps: int, seed: int):
-    """A router that defers on exactly round(fraction * steps) evenly spaced steps, same for every row."""
-    phase = (seed * 0.618034) % 1.0  # a seeded offset, so seeds move the pattern but not the rate
-    marks = [int((t + 1) * fraction + phase) > int(t * fraction + phase) for t in range(steps)]
+def pattern_router(fraction: float, steps: int, seed: int, rows: int = 1, per_row: bool = False):
+    """A router that defers on exactly round(fraction * steps) evenly spaced steps of each row.
+
+    ``per_row=False``: every row defers at the same steps. ``per_row=True``: each row has its own seeded
+    phase, so in a batch the expert runs whenever any row defers (the realistic case for a real head).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    phases = torch.rand(rows if per_row else 1, generator=generator).tolist()
+    marks = torch.tensor([[int((t + 1) * fraction + p) > int(t * fraction + p) for p in phases]
+                          for t in range(steps)], dtype=torch.long)  # (steps, rows or 1)
 
     def route(step: int, log_pz: torch.Tensor) -> torch.Tensor:
-        return torch.full((log_pz.shape[0],), int(marks[step]), dtype=torch.long, device=log_pz.device)
+        return marks[step].to(log_pz.device).expand(log_pz.shape[0])
 
     return route
 
@@ -187,7 +195,7 @@ class _Timer:
         return ms, out.stats["expert_calls"]
 
     def collab(self, f: float, naive: bool) -> tuple[float, Decoded]:
-        router = pattern_router(f, self.config.new_tokens, self.config.seed)
+        router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)
         return self._median_ms(lambda: self._decode("collm", router, naive))
 
     def hf(self, system: str) -> float:
