@@ -80,6 +80,7 @@ def generate(
     raw: Annotated[bool, typer.Option(help="Send prompts as raw text, without the base's chat template.")] = False,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's, else float32.")] = None,
+    compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (slow first call, faster after).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of colored text.")] = False,
     config: ConfigOption = None,
 ):
@@ -93,7 +94,8 @@ def generate(
         else:
             pair = CoLLM.load(base, expert or [EMBEDDED_DEFAULT], head, device=device, dtype=dtype or "float32")
     out = pair.generate(texts, max_new_tokens=max_new_tokens, threshold=threshold, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, stop=stop, seed=seed, mode=mode, chat=not raw)
+                        temperature=temperature, top_p=top_p, stop=stop, seed=seed, mode=mode, chat=not raw,
+                        compile=compile)
     if as_json:
         print(json.dumps({"prompts": texts, "texts": out.texts, "token_ids": out.token_ids, "sources": out.sources,
                           "defer_probs": out.defer_probs, "stopped_by": out.stopped_by, "stats": out.stats}))
