@@ -28,7 +28,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   EVAL=(--limit 3 --max-new-tokens 24 --batch-size 3); THRESHOLDS=0.3,1; PRECISION=fp32
 else
   CALC_ROWS=30000; EXPERT=(--epochs 1 --batch-size 64); TRAIN=(--epochs 2 --batch-size 16)
-  EVAL=(--max-new-tokens 256 --batch-size 128); THRESHOLDS=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1; PRECISION=bf16
+  EVAL=(--max-new-tokens 256 --batch-size 128); THRESHOLDS=${THRESHOLDS:-0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1}; PRECISION=bf16
 fi
 [[ $DEVICE == cpu ]] && PRECISION=fp32
 
