@@ -10,6 +10,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -138,7 +139,11 @@ def build_models(config: BenchConfig):
 
 
 def run(config: BenchConfig, progress=None) -> list[Row]:
-    """Measure every (system, f, batch) asked for; returns rows with the ideal tau(f) filled in."""
+    """Measure every (system, f, batch) asked for; returns rows with the ideal tau(f) filled in.
+
+    Within a batch size, every system runs once per round, round after round (after one warm-up round),
+    so the machine's slow spells fall on all of them alike; each row reports its median over the rounds.
+    """
     base, expert = build_models(config)
     vocab = min(vocab_size(base), vocab_size(expert))
     head = DeferralHead(base.config.hidden_size).to(config.device)
@@ -146,68 +151,84 @@ def run(config: BenchConfig, progress=None) -> list[Row]:
     for batch in config.batches:
         prompts = torch.randint(0, vocab, (batch, config.prompt_len),
                                 generator=torch.Generator().manual_seed(config.seed)).tolist()
-        timed = _Timer(config, base, expert, head, prompts, vocab)
-        alone = {s: timed.single(s) for s in ("base", "expert") if s in config.systems or "collm" in config.systems}
-        rows += [Row(s, 1.0 if s == "expert" else 0.0, batch, ms, expert_calls=calls)
-                 for s, (ms, calls) in alone.items() if s in config.systems]
-        for system in ("hf_base", "hf_expert", "hf_base_static", "hf_expert_static"):
-            if system in config.systems:
-                rows.append(Row(system, 1.0 if "expert" in system else 0.0, batch, timed.hf(system)))
-        for f in config.fractions:
-            ideal = alone["base"][0] + f * alone["expert"][0] if {"base", "expert"} <= alone.keys() else None
-            for system in ("collm", "naive"):
-                if system in config.systems:
-                    ms, out = timed.collab(f, naive=system == "naive")
-                    calls = out.stats["expert_calls"]
-                    catch_up = out.stats["expert_tokens"] / (calls * batch) if calls else None
-                    rows.append(Row(system, f, batch, ms, ideal, calls, catch_up))
-                    if progress:
-                        progress(rows[-1])
-    for row in rows:
-        if row.ideal_ms_per_token is None and row.system in ("base", "expert"):
-            row.ideal_ms_per_token = row.ms_per_token
+        cases = _cases(config, _Runner(config, base, expert, head, prompts, vocab))
+        timings = _round_robin(config, cases)
+        batch_rows = [_row(key, batch, ms, out) for key, (ms, out) in timings.items()]
+        alone = {r.system: r.ms_per_token for r in batch_rows if r.system in ("base", "expert")}
+        for row in batch_rows:
+            if row.system in ("base", "expert"):
+                row.ideal_ms_per_token = row.ms_per_token
+            elif row.system in ("collm", "naive") and len(alone) == 2:
+                row.ideal_ms_per_token = alone["base"] + row.f * alone["expert"]
+            if progress:
+                progress(row)
+        rows += [r for r in batch_rows if r.system in config.systems]
     return rows
 
 
-class _Timer:
+def _cases(config: BenchConfig, runner: "_Runner") -> dict[tuple[str, float], Callable[[], object]]:
+    """(system, f) -> a function that decodes once; base and expert alone always run (they give tau)."""
+    cases = {("base", 0.0): lambda: runner.decode("base"), ("expert", 1.0): lambda: runner.decode("expert")}
+    for system in ("hf_base", "hf_expert", "hf_base_static", "hf_expert_static"):
+        if system in config.systems:
+            cases[(system, 1.0 if "expert" in system else 0.0)] = runner.hf(system)
+    for f in config.fractions:
+        for system in ("collm", "naive"):
+            if system in config.systems:
+                cases[(system, f)] = runner.collab(f, naive=system == "naive")
+    return cases
+
+
+def _round_robin(config: BenchConfig, cases: dict) -> dict[tuple[str, float], tuple[float, object]]:
+    times = {key: [] for key in cases}
+    outputs = {key: fn() for key, fn in cases.items()}  # warm-up round: allocator, kernels, graphs, compiles
+    for _ in range(config.repeats):
+        for key, fn in cases.items():
+            _sync(config.device)
+            start = time.perf_counter()
+            outputs[key] = fn()
+            _sync(config.device)
+            times[key].append(time.perf_counter() - start)
+    return {key: (1000 * statistics.median(t) / config.new_tokens, outputs[key]) for key, t in times.items()}
+
+
+def _row(key: tuple[str, float], batch: int, ms: float, out) -> Row:
+    system, f = key
+    stats = out.stats if isinstance(out, Decoded) else {}
+    calls = stats.get("expert_calls", 0)
+    catch_up = stats["expert_tokens"] / (calls * batch) if calls and system in ("collm", "naive") else None
+    return Row(system, f, batch, ms, expert_calls=calls, mean_catch_up=catch_up)
+
+
+class _Runner:
+    """Closures that decode once with a given system, on fixed prompts."""
+
     def __init__(self, config, base, expert, head, prompts, vocab):
         self.config, self.base, self.expert, self.head = config, base, expert, head
         self.prompts, self.vocab = prompts, vocab
 
-    def _median_ms(self, fn) -> tuple[float, object]:
-        fn()  # warm-up: allocator, kernels, compile caches
-        times, result = [], None
-        for _ in range(self.config.repeats):
-            _sync(self.config.device)
-            start = time.perf_counter()
-            result = fn()
-            _sync(self.config.device)
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times) / self.config.new_tokens, result
-
-    def _decode(self, mode: str, router=None, naive: bool = False) -> Decoded:
+    def decode(self, mode: str, router=None, naive: bool = False) -> Decoded:
         return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=self.config.new_tokens,
                       threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
                       router=router, reencode_experts=naive, compile=self.config.compile)
 
-    def single(self, system: str) -> tuple[float, int]:
-        ms, out = self._median_ms(lambda: self._decode(system))
-        return ms, out.stats["expert_calls"]
-
-    def collab(self, f: float, naive: bool) -> tuple[float, Decoded]:
+    def collab(self, f: float, naive: bool) -> Callable[[], Decoded]:
         router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)
-        return self._median_ms(lambda: self._decode("collm", router, naive))
+        return lambda: self.decode("collm", router, naive)
 
-    def hf(self, system: str) -> float:
+    def hf(self, system: str) -> Callable[[], object]:
         model = self.expert if "expert" in system else self.base
         ids = torch.tensor(self.prompts, device=self.config.device)
         kwargs = dict(max_new_tokens=self.config.new_tokens, min_new_tokens=self.config.new_tokens,
                       do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
         if system.endswith("static"):
             kwargs["cache_implementation"] = "static"
-        with torch.inference_mode():
-            ms, _ = self._median_ms(lambda: model.generate(ids, **kwargs))
-        return ms
+
+        def run():
+            with torch.inference_mode():
+                return model.generate(ids, **kwargs)
+
+        return run
 
 
 def _sync(device: str) -> None:
