@@ -137,3 +137,22 @@ def test_hf_folder_roundtrip_and_run_save_load(tmp_path):
     after = again.generate("What is 2+3?", max_new_tokens=12)
     assert again.threshold == 0.3
     assert (after.token_ids, after.sources) == (before.token_ids, before.sources)
+
+
+def test_lora_adapter_folder_is_a_model_spec(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok = make_tokenizer()
+    base_dir = save_tiny(make_llama(0), tok, tmp_path / "base")
+    tuned = get_peft_model(load_model(base_dir)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    tuned.save_pretrained(tmp_path / "adapter")
+    merged = tuned.merge_and_unload()
+    loaded, loaded_tok = load_model(str(tmp_path / "adapter"))
+    x = torch.tensor([[1, 40, 41, 42]])
+    assert torch.allclose(loaded(x).logits, merged(x).logits, atol=1e-5)
+    assert loaded_tok.get_vocab() == tok.get_vocab()
+    assert not torch.allclose(loaded(x).logits, load_model(base_dir)[0](x).logits, atol=1e-3)

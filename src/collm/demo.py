@@ -63,28 +63,12 @@ def verify(folder: Path = ASSETS) -> dict:
 
 
 def load_pair(folder: Path = ASSETS, device: str = "cpu"):
-    """The shipped Co-LLM: embedded SmolLM2 + base adapter, embedded SmolLM2 + expert adapter, the head.
-
-    Verifies the manifest first. The adapters are merged into float32 copies of the embedded model.
-    """
-    from peft import PeftModel
-
-    from collm.head import DeferralHead
-    from collm.models import load_model
-    from collm.pair import CoLLM, read_run_config
+    """The shipped Co-LLM (embedded SmolLM2 + its base adapter, the expert adapter, the head), after
+    checking every file against the manifest."""
+    from collm.pair import CoLLM
 
     verify(folder)
-    config = read_run_config(folder)
-
-    def with_adapter(adapter: Path):
-        model, tokenizer = load_model(config["base"], device=device)
-        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tokenizer
-
-    base, tokenizer = with_adapter(folder / "base_adapter")
-    expert, _ = with_adapter(folder / "expert")
-    pair = CoLLM(base, [expert], DeferralHead.load(folder / "head.safetensors"), tokenizer,
-                 threshold=config["threshold"], info=config)
-    return pair
+    return CoLLM.from_pretrained(folder, device=device)
 
 
 # ---------------------------------------------------------------- numbers

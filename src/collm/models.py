@@ -31,7 +31,8 @@ def resolve(spec: str) -> tuple[Path, str | None]:
     """Map a model spec to (folder, gguf file name or None).
 
     ``spec`` is the embedded default's name, a ``.gguf`` file, or a folder holding either an HF checkpoint
-    (``config.json``) or exactly one ``.gguf`` file. Raises CollmError when nothing loadable is there.
+    (``config.json``) or exactly one ``.gguf`` file. (A peft LoRA adapter folder is a spec for
+    :func:`load_model` too: it loads the adapter's base and merges the adapter in.) Raises CollmError when nothing loadable is there.
     """
     if spec in _EMBEDDED:
         package, file = _EMBEDDED[spec]
@@ -67,6 +68,9 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise CollmError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    adapter = _adapter_base(spec)
+    if adapter is not None:
+        return _load_with_adapter(spec, adapter, device, dtype)
     folder, gguf = resolve(spec)
     if gguf is not None:
         folder = _dequantised(folder / gguf)
@@ -77,6 +81,33 @@ def load_model(
         raise CollmError(f"cannot load {spec!r} as a causal language model: {_first_line(e)}") from None
     model.to(device).eval()
     model.name_or_path = spec  # the identity recorded in run configs and score manifests
+    return model, tokenizer
+
+
+def _adapter_base(spec: str) -> str | None:
+    """The base spec of a peft adapter folder (``adapter_config.json``), resolved next to it; None otherwise."""
+    path = Path(spec).expanduser()
+    config = path / "adapter_config.json"
+    if spec in _EMBEDDED or not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text())["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError):
+        raise CollmError(f"{config} does not name its base model (base_model_name_or_path)") from None
+    beside = path.parent / base
+    return str(beside) if base not in _EMBEDDED and beside.exists() else base
+
+
+def _load_with_adapter(spec: str, base_spec: str, device, dtype: str):
+    from peft import PeftModel
+
+    model, tokenizer = load_model(base_spec, device="cpu", dtype="float32")
+    try:
+        model = PeftModel.from_pretrained(model, spec).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CollmError(f"cannot apply the adapter {spec!r} to {base_spec!r}: {_first_line(e)}") from None
+    model.to(device=device, dtype=DTYPES[dtype]).eval()  # merged in float32, then cast: no bf16 rounding twice
+    model.name_or_path = spec
     return model, tokenizer
 
 
