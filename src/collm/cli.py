@@ -134,12 +134,13 @@ def demo(
     count: Annotated[int, typer.Option(help="Held-out problems to answer (of the shipped ones).")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    threshold: Annotated[Optional[float], typer.Option(help="Co-LLM's threshold in [0, 1]. Default: the shipped run's calibrated one.")] = None,
 ):
     """The embedded default, offline: SmolLM2-135M-Instruct with a shipped math expert (LoRA) and a trained
     deferral head answer held-out GSM8K problems (base alone, expert alone, Co-LLM), then the measured table."""
     from collm import demo as d
 
-    d.run(console, count=count, max_new_tokens=max_new_tokens, device=device)
+    d.run(console, count=count, max_new_tokens=max_new_tokens, device=device, threshold=threshold)
 
 
 @app.command()

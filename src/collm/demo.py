@@ -220,8 +220,13 @@ def results_markdown(trimmed: dict) -> str:
 # ---------------------------------------------------------------- the demo
 
 
-def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu") -> None:
-    """Load the shipped run, answer `count` held-out problems three ways, print the shipped results table."""
+def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu",
+        threshold: float | None = None) -> None:
+    """Load the shipped run, answer `count` held-out problems three ways, print the shipped results table.
+
+    Co-LLM runs at ``threshold`` (default: the run's calibrated one). Where that threshold never defers
+    (calibration found no threshold better than the base alone), it also runs at 0.5, so the colors show
+    where the head would hand tokens to the expert."""
     from rich.markdown import Markdown
 
     from collm.answer import extract_answer
@@ -231,10 +236,15 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
         pair = load_pair(folder, device)
     problems = json.loads((folder / "problems.json").read_text())["problems"][:count]
     prompts = [p["prompt"] for p in problems]
+    threshold = pair.threshold if threshold is None else threshold
+    systems = [("base alone", "base", None), ("expert alone", "expert", None),
+               (f"Co-LLM (η = {threshold:g})", "collm", threshold)]
+    if threshold >= 1:
+        systems.append(("Co-LLM at η = 0.5, uncalibrated (where the head defers)", "collm", 0.5))
     outputs = {}
-    for label, mode in (("base alone", "base"), ("expert alone", "expert"), ("Co-LLM", "collm")):
+    for label, mode, eta in systems:
         with console.status(f"{label}: answering {len(prompts)} held-out problems"):
-            outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode)
+            outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta)
     console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"]))
     for i, problem in enumerate(problems):
         console.rule(f"held-out problem {i + 1} (gold answer {problem['answer']})")
@@ -244,10 +254,10 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
             mark = "[green]right[/green]" if answer == problem["answer"] else "[red]wrong[/red]"
             console.print(f"\n[bold]{label}[/bold] (answer {answer}, {mark}):")
             console.print(colored(pair.tokenizer, out.token_ids[i], out.sources[i]))
-    stats = outputs["Co-LLM"].stats
     console.rule()
-    console.print(f"Co-LLM here: threshold {pair.threshold:g}, deferral rate {stats['defer_rate']:.1%}, "
-                  f"{stats['expert_calls']} expert calls")
+    for label, mode, eta in systems[2:]:
+        stats = outputs[label].stats
+        console.print(f"{label}: deferral rate {stats['defer_rate']:.1%}, {stats['expert_calls']} expert calls")
     console.print(Markdown((folder / "results.md").read_text().split("### Example")[0]))
 
 
