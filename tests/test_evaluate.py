@@ -98,3 +98,16 @@ def test_evaluate_table_on_tiny_models(tiny_pair, tmp_path):
     save_results(results, tmp_path / "r.json", tmp_path / "r.md")
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == 2
     assert (tmp_path / "r.md").read_text() == table
+
+
+def test_proxy_tuning_row_runs_when_an_sft_run_is_given(tiny_pair, tmp_path):
+    from conftest import make_tokenizer, save_tiny
+
+    original = save_tiny(make_llama(0), make_tokenizer(), tmp_path / "original")
+    sft = CoLLM(make_llama(5), [make_llama(1)], None, make_tokenizer(),
+                info={"base": original, "base_weights": "full", "dtype": "float32"})
+    rows = [{"prompt": "What is 2+3?", "answer": "5"}]
+    results = evaluate(tiny_pair, rows, EvalConfig(max_new_tokens=4), sft_run="runs/sft", load_run=lambda f: sft)
+    proxy = {s["name"]: s for s in results["systems"]}["proxy tuning"]
+    assert proxy["accuracy"] is not None and proxy["total"] == 1
+    assert proxy["expert_calls"] == 2 * proxy["new_tokens"] and original in proxy["note"]
