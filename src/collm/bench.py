@@ -110,8 +110,13 @@ def pattern_router(fraction: float, steps: int, seed: int, rows: int = 1, per_ro
     marks = torch.tensor([[int((t + 1) * fraction + p) > int(t * fraction + p) for p in phases]
                           for t in range(steps)], dtype=torch.long)  # (steps, rows or 1)
 
+    on_device = {}
+
     def route(step: int, log_pz: torch.Tensor) -> torch.Tensor:
-        return marks[step].to(log_pz.device).expand(log_pz.shape[0])
+        # moved once: a per-step copy from host memory would wait for the GPU, an extra sync per token
+        if log_pz.device not in on_device:
+            on_device[log_pz.device] = marks.to(log_pz.device)
+        return on_device[log_pz.device][step].expand(log_pz.shape[0])
 
     return route
 
