@@ -156,3 +156,11 @@ def test_lora_adapter_folder_is_a_model_spec(tmp_path):
     assert torch.allclose(loaded(x).logits, merged(x).logits, atol=1e-5)
     assert loaded_tok.get_vocab() == tok.get_vocab()
     assert not torch.allclose(loaded(x).logits, load_model(base_dir)[0](x).logits, atol=1e-3)
+
+
+def test_request_longer_than_the_context_is_refused():
+    pair = CoLLM(make_gpt2(0), [make_gpt2(1)])  # n_positions = 512
+    with pytest.raises(CollmError) as e:
+        pair.generate([[1] * 500], max_new_tokens=20)
+    assert "context is 512" in one_line(e)
+    assert len(pair.generate([[1] * 500], max_new_tokens=12).token_ids[0]) <= 12

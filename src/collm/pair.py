@@ -139,6 +139,7 @@ class CoLLM:
         if mode == "proxy" and len(self.experts) != 2:
             raise CollmError("mode 'proxy' needs a pair made by collm.pair.proxy_tuning(expert, tuned, untuned, ...)")
         ids = self.encode(prompts, chat=chat)
+        self._check_context(max(len(p) for p in ids) + max_new_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise CollmError("stop strings must be non-empty")
@@ -183,6 +184,15 @@ class CoLLM:
             )
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompt)["input_ids"]
+
+    def _check_context(self, length: int) -> None:
+        """Refuse a request longer than a model's context (learned positions would fail with an index error)."""
+        for name, model in [("base", self.base), *((f"expert {k}", m) for k, m in enumerate(self.experts, 1))]:
+            config = model.config.get_text_config()
+            limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+            if limit and length > limit:
+                raise CollmError(f"the longest prompt plus max_new_tokens is {length} tokens but the {name}'s "
+                                 f"context is {limit}: shorten the prompt or lower max_new_tokens")
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set()
