@@ -100,3 +100,13 @@ def test_benchmark_router_defers_at_exactly_the_asked_rate():
         assert marks.sum(0).tolist() == [round(40 * f)] * 4
     every_other = pattern_router(0.5, 8, seed=0)
     assert [int(every_other(t, torch.zeros(1, 2))[0]) for t in range(8)] in ([0, 1] * 4, [1, 0] * 4)
+
+
+def test_generate_from_a_saved_run(folders, tmp_path):
+    from collm.pair import CoLLM
+
+    base, expert = folders
+    pair = CoLLM.load(base, [expert], "always", threshold=0.25)
+    pair.save_pretrained(tmp_path / "run")
+    out = json.loads(invoke("generate", "--run", tmp_path / "run", "--max-new-tokens", 4, "--json", "hi").stdout)
+    assert out["stats"]["defer_rate"] == 1.0 and len(out["token_ids"][0]) <= 4
