@@ -121,19 +121,7 @@ def decode(
     device = next(base.parameters()).device
     seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
     rows = len(prompts)
-    writer_model = experts[0] if mode == "expert" else base
-    helper_models = [] if mode in ("base", "expert") else experts
-    if static is None:
-        static = device.type == "cuda" and all(
-            supported(m) for m in [writer_model, *helper_models])
-    if static:
-        writer = _static(writer_model, vocab, mask, compile)
-        helpers = [_static(m, vocab, mask, compile) for m in helper_models]
-        for helper in helpers:
-            helper.reencode = reencode_experts
-    else:
-        writer = _Model(writer_model, vocab)
-        helpers = [_Model(e, vocab, reencode_experts) for e in helper_models]
+    writer, helpers = _backbones(base, experts, mode, vocab, mask, static, compile, reencode_experts)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -176,6 +164,23 @@ def decode(
 
     seconds = time.perf_counter() - started
     return _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode)
+
+
+def _backbones(base, experts, mode: str, vocab: int, mask: torch.Tensor, static: bool | None, compile: bool,
+               reencode: bool):
+    """The model that writes every step (the base, or the expert in mode "expert") and the helpers that
+    run on demand, each wrapped with its own cache: static (GPU fast path) or growing (plain path)."""
+    writer_model = experts[0] if mode == "expert" else base
+    helper_models = [] if mode in ("base", "expert") else experts
+    if static is None:
+        static = mask.device.type == "cuda" and all(supported(m) for m in [writer_model, *helper_models])
+    if not static:
+        return _Model(writer_model, vocab), [_Model(e, vocab, reencode) for e in helper_models]
+    writer = _static(writer_model, vocab, mask, compile)
+    helpers = [_static(m, vocab, mask, compile) for m in helper_models]
+    for helper in helpers:
+        helper.reencode = reencode
+    return writer, helpers
 
 
 def _static(model, vocab: int, mask: torch.Tensor, compile: bool):
