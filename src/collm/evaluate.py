@@ -161,6 +161,9 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
     systems = [run_system(pair, rows, "base alone", config, mode="base"),
                run_system(pair, rows, "expert alone", config, mode="expert"),
                run_system(pair, rows, "Co-LLM", config, threshold=threshold)]
+    weights = getattr(pair, "info", {}).get("base_weights", "original")
+    if weights != "original":  # Co-LLM training tuned it: it is not the untuned model, and may lean on the expert
+        systems[0].note = f"the run's own base, trained with the head ({weights}), decoding without the expert"
     rate = systems[-1].defer_rate or 0.0
     randomised = run_system(pair, rows, "random deferral", config, router=random_router(rate, config.seed))
     randomised.note = f"each token deferred with probability {rate:.3f} (Co-LLM's measured rate)"
