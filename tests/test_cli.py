@@ -110,3 +110,36 @@ def test_generate_from_a_saved_run(folders, tmp_path):
     pair.save_pretrained(tmp_path / "run")
     out = json.loads(invoke("generate", "--run", tmp_path / "run", "--max-new-tokens", 4, "--json", "hi").stdout)
     assert out["stats"]["defer_rate"] == 1.0 and len(out["token_ids"][0]) <= 4
+
+
+def test_one_prompt_streams_the_same_text_as_json(folders):
+    base, expert = folders
+    args = ("generate", "--base", base, "--expert", expert, "--head", "always", "--max-new-tokens", 12)
+    text = json.loads(invoke(*args, "--json", "hello").stdout)["texts"][0]
+    streamed = invoke(*args, "hello").stdout
+    squeeze = lambda t: "".join(t.split())  # rich wraps lines at the terminal width
+    assert squeeze(text) and squeeze(text) in squeeze(streamed)
+    assert "deferral rate 100.0%" in streamed
+
+
+def test_on_token_sees_every_token_and_its_writer():
+    import torch
+
+    from collm import CoLLM, DeferralHead
+    from conftest import make_llama
+
+    base, expert = make_llama(0), make_llama(1)
+    torch.manual_seed(7)
+    head = DeferralHead(32)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 0.5)
+    seen = {0: [], 1: []}
+
+    def on_token(tokens, sources, done):
+        for row in (0, 1):
+            if not done[row]:
+                seen[row].append((tokens[row], sources[row]))
+
+    out = CoLLM(base, [expert], head).generate([[1, 40, 41], [1, 50]], max_new_tokens=16, on_token=on_token)
+    for row in (0, 1):
+        assert seen[row] == list(zip(out.token_ids[row], out.sources[row]))

@@ -93,9 +93,21 @@ def generate(
             pair = CoLLM.from_pretrained(run, device=device, dtype=dtype)
         else:
             pair = CoLLM.load(base, expert or [EMBEDDED_DEFAULT], head, device=device, dtype=dtype or "float32")
+    stream = None
+    if not as_json and len(texts) == 1 and not stop:  # one answer, no text to trim: show it as it is written
+        from collm.provenance import Stream, legend
+
+        console.print(legend(_expert_names(pair)))
+        console.rule(style="dim")
+        console.print(f"[dim]> {texts[0]}[/dim]")
+        stream = Stream(console, pair.tokenizer)
     out = pair.generate(texts, max_new_tokens=max_new_tokens, threshold=threshold, do_sample=do_sample,
                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, mode=mode, chat=not raw,
-                        compile=compile)
+                        compile=compile, on_token=stream)
+    if stream is not None:
+        console.print()
+        _print_summary(out.stats)
+        return
     if as_json:
         print(json.dumps({"prompts": texts, "texts": out.texts, "token_ids": out.token_ids, "sources": out.sources,
                           "defer_probs": out.defer_probs, "stopped_by": out.stopped_by, "stats": out.stats}))
@@ -115,13 +127,19 @@ def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> 
 def _print_answers(pair, prompts: list[str], out) -> None:
     from collm.provenance import colored, legend
 
-    names = [str(n) for n in pair.info.get("experts", [])] or [f"{k}" for k in range(1, len(pair.experts) + 1)]
-    console.print(legend(names))
+    console.print(legend(_expert_names(pair)))
     for prompt, ids, sources in zip(prompts, out.token_ids, out.sources):
         console.rule(style="dim")
         console.print(f"[dim]> {prompt}[/dim]")
         console.print(colored(pair.tokenizer, ids, sources))
-    stats = out.stats
+    _print_summary(out.stats)
+
+
+def _expert_names(pair) -> list[str]:
+    return [str(n) for n in pair.info.get("experts", [])] or [f"{k}" for k in range(1, len(pair.experts) + 1)]
+
+
+def _print_summary(stats: dict) -> None:
     console.rule(style="dim")
     console.print(
         f"[dim]{stats['new_tokens']} new tokens, deferral rate {stats['defer_rate']:.1%}, "

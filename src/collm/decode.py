@@ -106,6 +106,7 @@ def decode(
     pad_id: int = 0,
     vocab: int,
     stop_check: Callable[[int, list[int]], str | None] | None = None,
+    on_token: Callable[[list[int], list[int], list[bool]], None] | None = None,
     router: Router | None = None,
     reencode_experts: bool = False,
     static: bool | None = None,
@@ -114,6 +115,8 @@ def decode(
     """Generate up to ``max_new_tokens`` per prompt; see DESIGN.md "Decoding semantics".
 
     ``stop_check(row, new_token_ids)`` returns the stop string that ends the row, or None.
+    ``on_token(tokens, sources, done)`` is called after every step with each row's new token (for streaming;
+    it costs a host copy per token, so only pass it when someone is watching).
     ``reencode_experts`` makes every expert call re-encode the whole prefix: the naive baseline for benchmarks.
     ``static``: use static caches and, on CUDA, captured graphs (collm.static); None picks it where supported.
     ``compile``: on the static CUDA path, torch.compile each step before capturing it (slow first calls).
@@ -155,6 +158,8 @@ def decode(
         token = token.masked_fill(done, pad_id)
         seq[:, n] = token
         chosen[:, step] = choice
+        if on_token is not None:  # before `done` takes this step's EOS: rows that had already ended
+            on_token(token.tolist(), choice.tolist(), done.tolist())
         done |= torch.isin(token, eos)
         steps = step + 1
         if stop_check is not None:

@@ -118,7 +118,7 @@ class CoLLM:
     def generate(self, prompts, max_new_tokens: int = 128, threshold: float | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None, seed: int = 0,
                  *, mode: str = "collm", chat: bool = True, router: Router | None = None,
-                 compile: bool = False) -> GenerateOutput:
+                 compile: bool = False, on_token=None) -> GenerateOutput:
         """Write an answer to each prompt together.
 
         ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
@@ -126,7 +126,8 @@ class CoLLM:
         (default: the pair's). ``mode``: ``collm`` (route by the head), ``compose`` (sample the mixture),
         ``base`` or ``expert`` (one model alone, for baselines), ``proxy`` (proxy tuning, for a pair made by
         :func:`proxy_tuning`). ``router`` overrides the threshold rule. ``compile`` (CUDA): torch.compile the
-        static-cache steps; the first calls take minutes, later ones run fastest.
+        static-cache steps; the first calls take minutes, later ones run fastest. ``on_token(tokens, sources,
+        done)`` is called after each step with every row's new token and writer, for streaming.
         Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
         """
         threshold = self.threshold if threshold is None else _check_threshold(threshold)
@@ -147,7 +148,7 @@ class CoLLM:
             self.base, self.experts, self.head, ids, max_new_tokens=max_new_tokens, threshold=threshold,
             sampling=Sampling(do_sample, temperature, top_p, seed), mode=mode, eos_ids=self._eos_ids(),
             pad_id=self._pad_id(), vocab=self.vocab, stop_check=self._stop_check(stops) if stops else None,
-            router=router, compile=compile,
+            router=router, compile=compile, on_token=on_token,
         )
         texts = [self._text(t, s) for t, s in zip(raw.token_ids, raw.stopped_by)]
         return GenerateOutput(texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)

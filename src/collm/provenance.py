@@ -43,3 +43,21 @@ def legend(expert_names: list[str]) -> Text:
         text.append("  ")
         text.append(f"expert {k}: {name}", style=style_of(k))
     return text
+
+
+class Stream:
+    """Prints one row's tokens as they are written, each in its writer's style (for ``on_token``)."""
+
+    def __init__(self, console, tokenizer, row: int = 0):
+        self.console, self.tokenizer, self.row = console, tokenizer, row
+        self.ids: list[int] = []
+        self.text = ""
+
+    def __call__(self, tokens: list[int], sources: list[int], done: list[bool]) -> None:
+        if done[self.row]:
+            return
+        self.ids.append(tokens[self.row])
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.text):  # else a partial character: wait for the token that completes it
+            self.console.print(Text(text[len(self.text):], style=style_of(sources[self.row])), end="")
+            self.text = text
