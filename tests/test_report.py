@@ -4,7 +4,6 @@ import base64
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import pytest
 
