@@ -64,6 +64,7 @@ def test_run_system_scores_by_exact_match_and_sums_stats():
     assert result.expert_calls == 3 and result.new_tokens == 9
     assert result.tokens_per_s == pytest.approx(9 / 1.0)  # two batches of 0.5 s
     assert [e["correct"] for e in result.examples] == [True, True, False]
+    assert result.share_in_numbers == 1.0  # the deferred token's text is "2": a digit
 
 
 def test_read_rows_errors(tmp_path):

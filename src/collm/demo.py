@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 
 from collm.errors import CollmError
+from collm.evaluate import deferral_summary, in_number  # noqa: F401 - re-exported for the package step
 
 ASSETS = Path(__file__).parent / "assets" / "gsm"
 MANIFEST = "manifest.json"
-_NUMBER_PUNCT = {".", ","}
 
 
 # ---------------------------------------------------------------- integrity
@@ -72,30 +72,6 @@ def load_pair(folder: Path = ASSETS, device: str = "cpu"):
 
 
 # ---------------------------------------------------------------- numbers
-
-
-def in_number(pieces: list[str], i: int) -> bool:
-    """Whether token i is part of a number: digits, or a '.'/',' between digits."""
-    piece = pieces[i].strip()
-    if piece.isdigit():
-        return True
-    if piece in _NUMBER_PUNCT and 0 < i < len(pieces) - 1:
-        return pieces[i - 1][-1:].isdigit() and pieces[i + 1][:1].isdigit()
-    return False
-
-
-def deferral_summary(system: dict) -> dict:
-    """Deferral rate and the share of deferred tokens that lie inside numbers, from a system's examples."""
-    tokens = deferred = inside = 0
-    for example in system.get("examples", []):
-        pieces, sources = example["tokens"], example["sources"]
-        tokens += len(sources)
-        for i, source in enumerate(sources):
-            if source:
-                deferred += 1
-                inside += in_number(pieces, i)
-    return {"tokens": tokens, "deferred": deferred, "defer_rate": deferred / tokens if tokens else 0.0,
-            "deferred_in_numbers": inside, "share_in_numbers": inside / deferred if deferred else 0.0}
 
 
 def provenance_text(example: dict) -> str:

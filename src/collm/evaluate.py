@@ -20,6 +20,7 @@ from collm.atomic import atomic_write, write_json
 from collm.errors import CollmError
 from collm.provenance import token_pieces
 
+_NUMBER_PUNCT = {".", ","}
 PROXY_TUNING_NOTE = "not run: needs an SFT run (--sft-run) for the tuned small model"
 
 
@@ -64,6 +65,8 @@ class SystemResult:
     ci_high: float | None = None
     defer_rate: float | None = None
     expert_calls: int | None = None
+    share_in_numbers: float | None = None
+    """Of the tokens an expert wrote, the share inside numbers (digits, or '.'/',' between digits)."""
     new_tokens: int = 0
     seconds: float = 0.0
     tokens_per_s: float | None = None
@@ -132,6 +135,8 @@ def run_system(pair, rows: list[dict], name: str, config: EvalConfig, *, mode: s
     result.ci_low, result.ci_high = wilson_interval(result.correct, result.total)
     result.defer_rate = deferred / result.new_tokens if result.new_tokens else 0.0
     result.expert_calls = calls
+    if mode in ("collm", "compose") and deferred:
+        result.share_in_numbers = deferral_summary(asdict(result))["share_in_numbers"]
     result.tokens_per_s = result.new_tokens / result.seconds if result.seconds > 0 else None
     return result
 
@@ -142,6 +147,30 @@ def _example(pair, row: dict, out, i: int) -> dict:
     return {"prompt": row["prompt"], "answer": normalize_number(str(row["answer"])) or str(row["answer"]),
             "text": out.texts[i], "correct": is_correct(out.texts[i], row["answer"]), "tokens": pieces,
             "sources": out.sources[i], "defer_probs": [round(p, 4) for p in out.defer_probs[i]]}
+
+
+def in_number(pieces: list[str], i: int) -> bool:
+    """Whether token i is part of a number: digits, or a '.'/',' between digits."""
+    piece = pieces[i].strip()
+    if piece.isdigit():
+        return True
+    if piece in _NUMBER_PUNCT and 0 < i < len(pieces) - 1:
+        return pieces[i - 1][-1:].isdigit() and pieces[i + 1][:1].isdigit()
+    return False
+
+
+def deferral_summary(system: dict) -> dict:
+    """Deferral rate and the share of deferred tokens that lie inside numbers, from a system's examples."""
+    tokens = deferred = inside = 0
+    for example in system.get("examples", []):
+        pieces, sources = example["tokens"], example["sources"]
+        tokens += len(sources)
+        for i, source in enumerate(sources):
+            if source:
+                deferred += 1
+                inside += in_number(pieces, i)
+    return {"tokens": tokens, "deferred": deferred, "defer_rate": deferred / tokens if tokens else 0.0,
+            "deferred_in_numbers": inside, "share_in_numbers": inside / deferred if deferred else 0.0}
 
 
 def missing(name: str, note: str) -> SystemResult:
@@ -209,16 +238,18 @@ def _load_run(folder: str):
 
 def markdown_table(results: dict) -> str:
     """The systems as a Markdown table; rows without numbers show their note instead."""
-    lines = ["| System | Accuracy | 95% CI | Deferral rate | Expert calls | Tokens/s | Note |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| System | Accuracy | 95% CI | Deferral rate | Deferred in numbers | Expert calls | Tokens/s | Note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in results["systems"]:
         if s["accuracy"] is None:
-            lines.append(f"| {s['name']} | – | – | – | – | – | {s['note']} |")
+            lines.append(f"| {s['name']} | – | – | – | – | – | – | {s['note']} |")
             continue
         speed = f"{s['tokens_per_s']:.1f}" if s["tokens_per_s"] else "–"
+        share = s.get("share_in_numbers")
+        share = f"{share:.1%}" if share is not None else "–"
         lines.append(f"| {s['name']} | {s['accuracy']:.3f} ({s['correct']}/{s['total']}) | "
-                     f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} | {s['expert_calls']} | "
-                     f"{speed} | {s['note']} |")
+                     f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} | {share} | "
+                     f"{s['expert_calls']} | {speed} | {s['note']} |")
     return "\n".join(lines) + "\n"
 
 
