@@ -155,6 +155,9 @@ def test_lora_adapter_folder_is_a_model_spec(tmp_path):
     x = torch.tensor([[1, 40, 41, 42]])
     assert torch.allclose(loaded(x).logits, merged(x).logits, atol=1e-5)
     assert loaded_tok.get_vocab() == tok.get_vocab()
+    from collm.models import load_tokenizer
+
+    assert load_tokenizer(str(tmp_path / "adapter")).get_vocab() == tok.get_vocab()
     assert not torch.allclose(loaded(x).logits, load_model(base_dir)[0](x).logits, atol=1e-3)
 
 

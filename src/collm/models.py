@@ -180,6 +180,9 @@ def hf_folder(spec: str) -> Path:
 
 def load_tokenizer(spec: str):
     """The tokenizer :func:`load_model` gives for ``spec``, without loading the weights."""
+    adapter_base = _adapter_base(spec)
+    if adapter_base is not None:  # an adapter keeps its base's vocabulary, as _load_with_adapter does
+        return load_tokenizer(adapter_base)
     try:
         return AutoTokenizer.from_pretrained(hf_folder(spec), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
