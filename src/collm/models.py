@@ -178,6 +178,19 @@ def hf_folder(spec: str) -> Path:
     return _dequantised(folder / gguf) if gguf else folder
 
 
+def weight_files(spec: str) -> list[Path]:
+    """The files that define a model spec's weights: the GGUF, an HF folder's weights and configs, or an
+    adapter's files followed by its base's (for identities that must change when any of them does)."""
+    adapter_base = _adapter_base(spec)
+    if adapter_base is not None:
+        adapter = sorted(p for p in Path(spec).expanduser().iterdir() if p.is_file())
+        return adapter + weight_files(adapter_base)
+    folder, gguf = resolve(spec)
+    if gguf:
+        return [folder / gguf]
+    return sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+
+
 def load_tokenizer(spec: str):
     """The tokenizer :func:`load_model` gives for ``spec``, without loading the weights."""
     adapter_base = _adapter_base(spec)

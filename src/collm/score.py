@@ -28,7 +28,7 @@ from collm.atomic import atomic_write, write_json
 from collm.data import DataConfig, EncodedData, Example, encode_file, length_order
 from collm.errors import CollmError
 from collm.loss import argmax_is_gold, gold_log_probs
-from collm.models import DTYPES, check_vocab, load_model, load_tokenizer, resolve
+from collm.models import DTYPES, check_vocab, load_model, load_tokenizer, weight_files
 
 MANIFEST = "manifest.json"
 SCORES_FORMAT = 1
@@ -93,12 +93,8 @@ class Scores:
 def expert_identity(spec: str, dtype: str) -> str:
     """sha256 naming the expert's weights without reading them all: config, file names and sizes, and the
     first and last MiB of each weight file (a changed checkpoint changes these), plus the dtype."""
-    folder, gguf = resolve(spec)
-    files = [folder / gguf] if gguf else sorted(
-        p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()
-    )
     h = hashlib.sha256(dtype.encode())
-    for path in files:
+    for path in weight_files(spec):
         size = path.stat().st_size
         h.update(f"{path.name}:{size}".encode())
         with open(path, "rb") as f:
