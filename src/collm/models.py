@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from collm.errors import CollmError
 
@@ -200,11 +200,6 @@ def load_tokenizer(spec: str):
         return AutoTokenizer.from_pretrained(hf_folder(spec), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise CollmError(f"cannot load a tokenizer from {spec!r}: {_first_line(e)}") from None
-
-
-def config_of(spec: str) -> object:
-    """The HF config of a model spec, without loading weights (for quick checks)."""
-    return AutoConfig.from_pretrained(hf_folder(spec), local_files_only=True)
 
 
 def _first_line(error: BaseException) -> str:
