@@ -135,10 +135,11 @@ def decode(
     started = time.perf_counter()
 
     use_head = mode in ("collm", "compose")
+    base_writes = torch.zeros(rows, dtype=torch.long, device=device)  # the choice when no head is consulted
     logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=use_head)
     for step in range(max_new_tokens):
         n = prompt_len + step
-        choice = torch.zeros(rows, dtype=torch.long, device=device)
+        choice = base_writes
         if use_head:
             log_pz = head.log_probs(hidden)  # (B, M+1)
             choice = _route(step, log_pz, threshold, router).masked_fill(done, 0)
