@@ -14,15 +14,18 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
     Decoding tokens one at a time breaks characters split across byte-level tokens and drops the spaces
     some tokenizers attach to the next token, so each piece is the difference of two prefix decodings.
     """
-    pieces, previous = [], ""
+    pieces, text = [], ""
     for end in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
-        if text.startswith(previous):
-            pieces.append(text[len(previous):])
-            previous = text
-        else:  # a partial character became whole: it belongs to this token
-            pieces.append("")
+        piece, text = _extend(tokenizer, ids[:end], text)
+        pieces.append(piece)
     return pieces
+
+
+def _extend(tokenizer, ids: list[int], previous: str) -> tuple[str, str]:
+    """(what decoding ``ids`` adds to ``previous``, the text so far); the piece is "" while the last token
+    holds only part of a character, which then belongs to the token that completes it."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return (text[len(previous):], text) if text.startswith(previous) else ("", previous)
 
 
 def style_of(source: int) -> str:
@@ -57,7 +60,6 @@ class Stream:
         if done[self.row]:
             return
         self.ids.append(tokens[self.row])
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.startswith(self.text):  # else a partial character: wait for the token that completes it
-            self.console.print(Text(text[len(self.text):], style=style_of(sources[self.row])), end="")
-            self.text = text
+        piece, self.text = _extend(self.tokenizer, self.ids, self.text)
+        if piece:
+            self.console.print(Text(piece, style=style_of(sources[self.row])), end="")
