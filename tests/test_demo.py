@@ -15,7 +15,8 @@ def test_shipped_files_match_their_recorded_sha256():
     manifest = demo.verify(demo.ASSETS)
     names = set(manifest["files"])
     assert {"collm.json", "head.safetensors", "results.md", "problems.json"} <= names
-    assert any(n.startswith("expert/") for n in names) and any(n.startswith("base_adapter/") for n in names)
+    assert any(n.startswith("expert/") for n in names)
+    assert any(n.startswith(("base_adapter/", "sft_base/")) for n in names)
     assert manifest["total_bytes"] <= 30 * 2**20  # the repository's budget for shipped weights and results
 
 
@@ -43,6 +44,45 @@ def test_deferral_summary_counts_deferred_tokens_inside_numbers():
     assert summary["deferred"] == 5 and summary["deferred_in_numbers"] == 4
     assert summary["defer_rate"] == pytest.approx(5 / 9) and summary["share_in_numbers"] == pytest.approx(0.8)
     assert demo.provenance_text(example) == "Half is [[24.5 clips]]."
+
+
+def _results(pairs):
+    """`collm eval`-shaped results: (Co-LLM correct, base correct) per row."""
+    def examples(flags):
+        return [{"prompt": f"p{i}", "answer": str(i), "text": f"t{i}", "correct": ok, "tokens": ["a", "1"],
+                 "sources": [0, 1]} for i, ok in enumerate(flags)]
+    systems = [{"name": name, "accuracy": sum(f) / len(f), "correct": sum(f), "total": len(f), "ci_low": 0.0,
+                "ci_high": 1.0, "defer_rate": 0.5, "note": "", "examples": examples(f)}
+               for name, f in (("base alone", [b for _, b in pairs]), ("expert alone", [False] * len(pairs)),
+                               ("Co-LLM", [c for c, _ in pairs]), ("SFT base alone", [b for _, b in pairs]))]
+    return {"rows": len(pairs), "threshold": 0.8, "systems": systems}
+
+
+def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
+    import json
+
+    from collm.atomic import write_json
+
+    runs, sft, expert = tmp_path / "runs", tmp_path / "sft", tmp_path / "expert"
+    for adapter in (sft / "base_adapter", expert / "base_adapter"):
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(adapter.parent.name.encode())
+    (runs / "collm").mkdir(parents=True)
+    write_json(runs / "collm" / "collm.json", {"format": 1, "base": str(sft / "base_adapter"), "experts": ["m"],
+                                               "base_weights": "original", "training": {"data_stats": {}}})
+    (runs / "collm" / "head.safetensors").write_bytes(b"head")
+    write_json(runs / "eval-new-numbers.json", _results([(False, True), (True, True), (True, False)]))
+    with pytest.raises(CollmError, match="--sft"):
+        demo.package(runs, tmp_path / "out")
+    manifest = demo.package(runs, tmp_path / "out", sft=sft, expert=expert)
+    out = tmp_path / "out"
+    assert {"sft_base/adapter_model.safetensors", "expert/adapter_model.safetensors"} <= set(manifest["files"])
+    config = json.loads((out / "collm.json").read_text())
+    assert config["base"] == "sft_base" and config["experts"] == ["expert"] and "data_stats" not in config["training"]
+    prompts = [p["prompt"] for p in json.loads((out / "problems.json").read_text())["problems"]]
+    assert prompts == ["p2", "p0", "p1"]  # Co-LLM right and base wrong, then a disagreement, then the rest
+    assert "Co-LLM − max(SFT base, expert)" in (out / "results.md").read_text()
+    demo.verify(out)
 
 
 @pytest.mark.slow

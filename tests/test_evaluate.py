@@ -112,3 +112,19 @@ def test_proxy_tuning_row_runs_when_an_sft_run_is_given(tiny_pair, tmp_path):
     proxy = {s["name"]: s for s in results["systems"]}["proxy tuning"]
     assert proxy["accuracy"] is not None and proxy["total"] == 1
     assert proxy["expert_calls"] == 2 * proxy["new_tokens"] and original in proxy["note"]
+
+
+def test_sft_row_reuses_base_alone_when_the_run_decodes_the_sft_base_frozen(tiny_pair, tmp_path):
+    sft_run = tmp_path / "sft"
+    tiny_pair.specs = {"base": str(sft_run / "base_adapter")}  # a head trained on that run's base, frozen
+    sft = CoLLM(make_llama(0), [make_llama(1)], None, tiny_pair.tokenizer, info={"base_weights": "original"})
+    rows = [{"prompt": "What is 2+3?", "answer": "5"}]
+    results = evaluate(tiny_pair, rows, EvalConfig(max_new_tokens=4), sft_run=sft_run, load_run=lambda f: sft)
+    by_name = {s["name"]: s for s in results["systems"]}
+    base, row = by_name["base alone"], by_name["SFT base alone"]
+    assert {k: v for k, v in row.items() if k not in ("name", "note")} == \
+        {k: v for k, v in base.items() if k not in ("name", "note")}
+    assert "same model as base alone" in row["note"]
+    tiny_pair.specs = {"base": str(tmp_path / "elsewhere")}
+    results = evaluate(tiny_pair, rows, EvalConfig(max_new_tokens=4), sft_run=sft_run, load_run=lambda f: sft)
+    assert "same model" not in {s["name"]: s for s in results["systems"]}["SFT base alone"]["note"]

@@ -112,53 +112,71 @@ def summarise(results: dict) -> dict:
 
 
 def pick_examples(results: dict, count: int = 3) -> list[int]:
-    """Rows where Co-LLM and its base alone disagree on correctness (illustrative), else the first rows."""
+    """Illustrative rows: first where Co-LLM is right and its base alone wrong, then other disagreements,
+    then the first rows."""
     collm, base = _system(results, "Co-LLM")["examples"], _system(results, "base alone")["examples"]
-    differ = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] != b["correct"]]
-    return (differ + [i for i in range(len(collm)) if i not in differ])[:count]
+    fixed = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] and not b["correct"]]
+    differ = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] != b["correct"] and i not in fixed]
+    rest = [i for i in range(len(collm)) if i not in fixed and i not in differ]
+    return (fixed + differ + rest)[:count]
 
 
 # ---------------------------------------------------------------- packaging
 
+EVALUATIONS = {"new-number variants of training templates": "eval-new-numbers.json",
+               "held-out test templates": "eval-test.json"}
 
-def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None = None) -> dict:
+
+def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None = None, *,
+            sft: Path | None = None, expert: Path | None = None) -> dict:
     """Build the shipped folder from a reproduction: adapters, head, run config, results; then the manifest.
 
-    `runs` holds expert/, collm/ and the evaluations (`evaluations`: label -> results JSON of `collm eval`).
+    `runs` holds collm/ (the Co-LLM run) and the evaluations (`evaluations`: label -> results JSON of
+    `collm eval`; the first one supplies the demo's problems and examples). The expert's adapter is taken from
+    `expert` (default ``runs/expert``). A run whose base was tuned with its head ships its ``base_adapter``; a
+    run whose head was trained on a frozen SFT base ships that run's adapter (`sft`) as ``sft_base``.
     """
     from collm.atomic import atomic_write, write_json
     from collm.pair import read_run_config
 
-    evaluations = evaluations or {"held-out templates (test)": runs / "eval-test.json",
-                                  "train templates, new numbers": runs / "eval-new-numbers.json"}
+    evaluations = evaluations or {label: runs / name for label, name in EVALUATIONS.items()}
+    config = read_run_config(runs / "collm")
+    if config.get("base_weights") not in ("lora", "original") or (config.get("base_weights") == "original"
+                                                                  and sft is None):
+        raise CollmError("package ships a LoRA-tuned base, or a frozen SFT base given with --sft")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copytree(runs / "collm" / "base_adapter", out / "base_adapter")
-    shutil.copytree(runs / "expert" / "base_adapter", out / "expert")
+    if config["base_weights"] == "lora":
+        shutil.copytree(runs / "collm" / "base_adapter", out / "base_adapter")
+    else:
+        shutil.copytree(Path(sft) / "base_adapter", out / "sft_base")
+        config["base"] = "sft_base"  # the adapter beside it, loaded (and merged) as the base
+    shutil.copytree(Path(expert or runs / "expert") / "base_adapter", out / "expert")
     shutil.copy(runs / "collm" / "head.safetensors", out / "head.safetensors")
-    config = read_run_config(runs / "collm")
     config["experts"] = ["expert"]  # the adapter beside it; the trained run named a merged folder
     config["training"].pop("data_stats", None)
     write_json(out / "collm.json", config)
     if (runs / "calibration.png").is_file():
         shutil.copy(runs / "calibration.png", out / "calibration.png")
     loaded = {label: json.loads(path.read_text()) for label, path in evaluations.items() if path.is_file()}
-    test = next(iter(loaded.values()))
-    chosen = pick_examples(test)
-    problems = [{"prompt": test["systems"][0]["examples"][i]["prompt"],
-                 "answer": test["systems"][0]["examples"][i]["answer"]} for i in chosen]
-    write_json(out / "problems.json", {"problems": problems, "chosen": "held-out test rows where Co-LLM and "
-                                       "its base alone disagree on correctness"})
+    if not loaded:
+        raise CollmError(f"no evaluation results in {runs} (expected {', '.join(EVALUATIONS.values())})")
+    first_label, first = next(iter(loaded.items()))
+    chosen = pick_examples(first)
+    problems = [{"prompt": first["systems"][0]["examples"][i]["prompt"],
+                 "answer": first["systems"][0]["examples"][i]["answer"]} for i in chosen]
+    write_json(out / "problems.json", {"problems": problems, "chosen": f"{first_label}: rows where Co-LLM is "
+                                       "right and its base alone wrong first, then other disagreements"})
     trimmed = {label: {**{k: v for k, v in r.items() if k != "systems"}, "summary": summarise(r),
                        "systems": [{k: v for k, v in s.items() if k != "examples"} for s in r["systems"]]}
                for label, r in loaded.items()}
     trimmed["calibration"] = config.get("calibration")
-    trimmed["examples"] = [{"prompt": _system(test, "Co-LLM")["examples"][i]["prompt"],
-                            **{name: _system(test, name)["examples"][i]["text"]
+    trimmed["examples"] = [{"prompt": _system(first, "Co-LLM")["examples"][i]["prompt"],
+                            **{name: _system(first, name)["examples"][i]["text"]
                                for name in ("base alone", "expert alone")},
-                            "Co-LLM": provenance_text(_system(test, "Co-LLM")["examples"][i]),
-                            "answer": _system(test, "Co-LLM")["examples"][i]["answer"]} for i in chosen]
+                            "Co-LLM": provenance_text(_system(first, "Co-LLM")["examples"][i]),
+                            "answer": _system(first, "Co-LLM")["examples"][i]["answer"]} for i in chosen]
     write_json(out / "results.json", trimmed)
     markdown = results_markdown(trimmed)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
@@ -178,7 +196,7 @@ def results_markdown(trimmed: dict) -> str:
                   f"{s['defer_rate']:.3f}; {s['share_in_numbers']:.1%} of deferred tokens are inside numbers.", ""]
     calibration = trimmed.get("calibration") or {}
     if calibration.get("points"):
-        parts += [f"### Accuracy against deferral rate (validation, {calibration['rows']} problems)", "",
+        parts += [f"### Accuracy against deferral rate (threshold choice, {calibration['rows']} problems)", "",
                   "| threshold | deferral rate | accuracy |", "| --- | --- | --- |"]
         parts += [f"| {p['threshold']:g} | {p['defer_rate']:.3f} | {p['accuracy']:.3f} |"
                   for p in calibration["points"]]
@@ -238,13 +256,17 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m collm.demo package RUNS [OUT]``: build the shipped folder from a reproduction."""
-    import sys
+    """``python -m collm.demo package RUNS [OUT] [--sft DIR] [--expert DIR]``: build the shipped folder."""
+    import argparse
 
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["package"] or len(args) not in (2, 3):
-        raise SystemExit("usage: python -m collm.demo package RUNS [OUT]")
-    manifest = package(Path(args[1]), Path(args[2]) if len(args) == 3 else ASSETS)
+    parser = argparse.ArgumentParser(prog="python -m collm.demo")
+    parser.add_argument("command", choices=["package"])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", default=ASSETS)
+    parser.add_argument("--sft", type=Path, help="SFT run whose adapter is the frozen base of RUNS/collm")
+    parser.add_argument("--expert", type=Path, help="the expert's run (default RUNS/expert)")
+    args = parser.parse_args(argv)
+    manifest = package(args.runs, args.out, sft=args.sft, expert=args.expert)
     print(json.dumps({"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"]}))
 
 

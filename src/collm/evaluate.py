@@ -9,7 +9,7 @@ cannot be run here gets a row that says why, never a made-up number.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -204,12 +204,26 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
             systems.append(missing(name, "not run: no run folder given"))
             continue
         other = loaded[mode] = load_run(str(folder))
-        result = run_system(other, rows, name, config, mode=mode, threshold=other.threshold)
-        result.note = f"run {folder}"
+        if mode == "base" and _same_base(pair, folder):  # decoding it again would repeat "base alone" exactly
+            result = replace(systems[0], name=name, note=f"run {folder}: the same model as base alone (this "
+                             "run's base is that run's tuned base, frozen)")
+        else:
+            result = run_system(other, rows, name, config, mode=mode, threshold=other.threshold)
+            result.note = f"run {folder}"
         systems.append(result)
     systems.append(_proxy_system(pair, loaded.get("base"), rows, config))
     return {"config": asdict(config), "threshold": threshold, "rows": len(rows),
             "systems": [asdict(s) for s in systems]}
+
+
+def _same_base(pair, sft_run: str | Path) -> bool:
+    """Whether `pair` decodes with the untouched base of the SFT run `sft_run` (its adapter folder, or its full
+    weights), so that the SFT base alone is the pair's base alone."""
+    spec = getattr(pair, "specs", {}).get("base")
+    if getattr(pair, "info", {}).get("base_weights", "original") != "original" or not spec:
+        return False
+    base = Path(spec).resolve()
+    return any(base == (Path(sft_run) / sub).resolve() for sub in ("base_adapter", "base"))
 
 
 def _proxy_system(pair, sft_pair, rows: list[dict], config: EvalConfig) -> SystemResult:

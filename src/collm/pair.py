@@ -56,6 +56,7 @@ class CoLLM:
         self.base, self.experts, self.tokenizer = base, experts, tokenizer
         self.head = head.to(next(base.parameters()).device)
         self.threshold = _check_threshold(threshold)
+        self.specs: dict = {}  # the specs `load` loaded the models from, where it did
         self.info = dict(info or {})
 
     # ---------------------------------------------------------------- loading and saving
@@ -80,7 +81,9 @@ class CoLLM:
         else:
             head_module = DeferralHead.load(head) if head else None
         info = {"base": base, "experts": list(experts), "dtype": dtype, "base_weights": "original"}
-        return cls(base_model, expert_models, head_module, tokenizer, threshold=threshold, info=info)
+        pair = cls(base_model, expert_models, head_module, tokenizer, threshold=threshold, info=info)
+        pair.specs = {"base": base, "experts": list(experts)}  # as loaded (info may be replaced by a run's config)
+        return pair
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, *, device: str = "cpu", dtype: str | None = None) -> "CoLLM":
