@@ -4,7 +4,8 @@
 #   -> math expert (LoRA SFT of SmolLM2-135M-Instruct on calculations) -> expert scores on GSM train
 #   -> Co-LLM (marginal likelihood, LoRA base + head), SFT base and weak-supervision head, same data and budget
 #   -> thresholds calibrated on validation templates (deferral rate <= MAX_DEFER)
-#   -> evaluation on held-out test templates and on train templates with new numbers -> src/collm/assets/gsm
+#   -> evaluation on held-out test templates and on train templates with new numbers (the first recipe)
+#   -> scripts/frozen_sft.sh: a head on the frozen SFT base (the second recipe) -> src/collm/assets/gsm
 #
 #   bash scripts/reproduce.sh                  # DEVICE=cuda when a GPU is present, else cpu
 #   RUNS=runs/x SMOKE=1 bash scripts/reproduce.sh   # minutes on CPU: tiny sizes, checks the wiring only
@@ -91,6 +92,6 @@ par "collm eval $EV --data $D/gsm/test.jsonl --json $RUNS/eval-test.json --markd
     "collm eval $EV --data $D/gsm/new_numbers.jsonl --json $RUNS/eval-new-numbers.json \
        --markdown $RUNS/eval-new-numbers.md"
 
-log "package the shipped run into $OUT_ASSETS"
-python3 -m collm.demo package "$RUNS" "$OUT_ASSETS"
+log "second recipe (the shipped run): a head on the frozen SFT base -> $OUT_ASSETS"
+REPRO=$RUNS DATA=$D/gsm OUT=$RUNS/frozen OUT_ASSETS=$OUT_ASSETS DEVICE=$DEVICE SMOKE=${SMOKE:-0} bash scripts/frozen_sft.sh
 log "done"

@@ -81,7 +81,8 @@ def test_bench_json_rows(tmp_path):
                     "--systems", "base,expert,collm,naive,hf_base", "--json", out, "--png", tmp_path / "b.png")
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
-    keys = {"system", "f", "batch", "ms_per_token", "ideal_ms_per_token", "expert_calls"}
+    keys = {"system", "f", "batch", "ms_per_token", "ideal_ms_per_token", "expert_calls", "prefill_ms",
+            "total_ms_per_token"}
     assert all(keys <= row.keys() for row in rows)
     collab = {(r["system"], r["f"]): r for r in rows if r["system"] in ("collm", "naive")}
     assert collab[("collm", 0.5)]["expert_calls"] == 2 and collab[("collm", 0.0)]["expert_calls"] == 0

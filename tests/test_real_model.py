@@ -38,4 +38,6 @@ def test_smollm2_generates_like_transformers_greedy(smollm):
     # the same model as expert, always deferring, writes the same answer, through the catch-up path
     always = pair.generate(["What is 2+3?"], max_new_tokens=12, threshold=0.0)
     assert always.token_ids == out.token_ids and set(always.sources[0]) == {1}
-    assert always.stats["expert_calls"] == len(always.token_ids[0])
+    # the prompt read up front gives the first token's logits; then one catch-up call per token
+    assert always.stats["expert_calls"] == len(always.token_ids[0]) - 1
+    assert always.stats["expert_prefill_tokens"] == len(prompt)

@@ -2,6 +2,10 @@
 
 Every row of one run is measured on the same machine in the same process, so ratios between rows mean
 something even on a noisy shared machine; absolute numbers mean little across runs.
+
+ms/token is the decoding phase, as the performance model counts it: each system is timed writing N tokens
+and writing 1 (the prefill and the first token, reported as ``prefill_ms``), and ms/token = (t(N) - t(1)) /
+(N - 1). Co-LLM's prefill includes the experts reading the prompt. ``total_ms_per_token`` = t(N) / N.
 """
 
 from __future__ import annotations
@@ -77,8 +81,10 @@ class BenchConfig:
                 raise CollmError(f"--shapes must be BASE+EXPERT from {', '.join(SHAPES)}, got {self.shapes!r}")
         if any(not 0 <= f <= 1 for f in self.fractions):
             raise CollmError("deferral fractions must lie in [0, 1]")
-        if any(b <= 0 for b in self.batches) or self.new_tokens <= 0 or self.prompt_len <= 0 or self.repeats <= 0:
-            raise CollmError("batch sizes, --new-tokens, --prompt-len and --repeats must be positive")
+        if any(b <= 0 for b in self.batches) or self.prompt_len <= 0 or self.repeats <= 0:
+            raise CollmError("batch sizes, --prompt-len and --repeats must be positive")
+        if self.new_tokens < 2:
+            raise CollmError("--new-tokens must be at least 2 (ms/token is measured between 1 and N tokens)")
         unknown = set(self.systems) - set(SYSTEMS)
         if unknown:
             raise CollmError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -92,7 +98,11 @@ class Row:
     f: float
     batch: int
     ms_per_token: float
-    """Milliseconds per decoding step; each row of the batch gains one token per step."""
+    """Milliseconds per decoding step after the first token; each row of the batch gains one token per step."""
+    prefill_ms: float | None = None
+    """Milliseconds to the first token (the prompt read by every model the system runs up front)."""
+    total_ms_per_token: float | None = None
+    """Milliseconds for all N tokens, prefill included, divided by N."""
     ideal_ms_per_token: float | None = None
     expert_calls: int = 0
     mean_catch_up: float | None = None
@@ -171,9 +181,10 @@ def run(config: BenchConfig, progress=None) -> list[Row]:
     return rows
 
 
-def _cases(config: BenchConfig, runner: "_Runner") -> dict[tuple[str, float], Callable[[], object]]:
-    """(system, f) -> a function that decodes once; base and expert alone always run (they give tau)."""
-    cases = {("base", 0.0): lambda: runner.decode("base"), ("expert", 1.0): lambda: runner.decode("expert")}
+def _cases(config: BenchConfig, runner: "_Runner") -> dict[tuple[str, float], Callable[[int], object]]:
+    """(system, f) -> a function that decodes once, writing the given number of tokens; base and expert
+    alone always run (they give tau)."""
+    cases = {("base", 0.0): lambda n: runner.decode("base", n), ("expert", 1.0): lambda n: runner.decode("expert", n)}
     for system in ("hf_base", "hf_expert", "hf_base_static", "hf_expert_static"):
         if system in config.systems:
             cases[(system, 1.0 if "expert" in system else 0.0)] = runner.hf(system)
@@ -184,25 +195,35 @@ def _cases(config: BenchConfig, runner: "_Runner") -> dict[tuple[str, float], Ca
     return cases
 
 
-def _round_robin(config: BenchConfig, cases: dict) -> dict[tuple[str, float], tuple[float, object]]:
-    times = {key: [] for key in cases}
-    outputs = {key: fn() for key, fn in cases.items()}  # warm-up round: allocator, kernels, graphs, compiles
+def _round_robin(config: BenchConfig, cases: dict) -> dict[tuple[str, float], tuple[dict, object]]:
+    """Per (system, f): median milliseconds for N tokens and for 1, and the N-token run's output."""
+    n = config.new_tokens
+    times = {(key, length): [] for key in cases for length in (n, 1)}
+    outputs = {key: fn(n) for key, fn in cases.items()}  # warm-up round: allocator, kernels, graphs, compiles
+    for key, fn in cases.items():
+        fn(1)
     for _ in range(config.repeats):
         for key, fn in cases.items():
-            _sync(config.device)
-            start = time.perf_counter()
-            outputs[key] = fn()
-            _sync(config.device)
-            times[key].append(time.perf_counter() - start)
-    return {key: (1000 * statistics.median(t) / config.new_tokens, outputs[key]) for key, t in times.items()}
+            for length in (n, 1):
+                _sync(config.device)
+                start = time.perf_counter()
+                out = fn(length)
+                _sync(config.device)
+                times[key, length].append(time.perf_counter() - start)
+                if length == n:
+                    outputs[key] = out
+    ms = {key: {length: 1000 * statistics.median(times[key, length]) for length in (n, 1)} for key in cases}
+    return {key: (ms[key], outputs[key]) for key in cases}
 
 
-def _row(key: tuple[str, float], batch: int, ms: float, out) -> Row:
+def _row(key: tuple[str, float], batch: int, ms: dict, out) -> Row:
     system, f = key
+    (n, full), (_, first) = sorted(ms.items(), reverse=True)
     stats = out.stats if isinstance(out, Decoded) else {}
     calls = stats.get("expert_calls", 0)
     catch_up = stats["expert_tokens"] / (calls * batch) if calls and system in ("collm", "naive") else None
-    return Row(system, f, batch, ms, expert_calls=calls, mean_catch_up=catch_up)
+    return Row(system, f, batch, (full - first) / (n - 1), prefill_ms=first, total_ms_per_token=full / n,
+               expert_calls=calls, mean_catch_up=catch_up)
 
 
 class _Runner:
@@ -212,26 +233,25 @@ class _Runner:
         self.config, self.base, self.expert, self.head = config, base, expert, head
         self.prompts, self.vocab = prompts, vocab
 
-    def decode(self, mode: str, router=None, naive: bool = False) -> Decoded:
-        return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=self.config.new_tokens,
+    def decode(self, mode: str, new_tokens: int, router=None, naive: bool = False) -> Decoded:
+        return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=new_tokens,
                       threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
                       router=router, reencode_experts=naive, compile=self.config.compile)
 
-    def collab(self, f: float, naive: bool) -> Callable[[], Decoded]:
+    def collab(self, f: float, naive: bool) -> Callable[[int], Decoded]:
         router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)
-        return lambda: self.decode("collm", router, naive)
+        return lambda n: self.decode("collm", n, router, naive)
 
-    def hf(self, system: str) -> Callable[[], object]:
+    def hf(self, system: str) -> Callable[[int], object]:
         model = self.expert if "expert" in system else self.base
         ids = torch.tensor(self.prompts, device=self.config.device)
-        kwargs = dict(max_new_tokens=self.config.new_tokens, min_new_tokens=self.config.new_tokens,
-                      do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+        kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
         if system.endswith("static"):
             kwargs["cache_implementation"] = "static"
 
-        def run():
+        def run(n: int):
             with torch.inference_mode():
-                return model.generate(ids, **kwargs)
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
         return run
 
@@ -242,14 +262,15 @@ def _sync(device: str) -> None:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| system | f | batch | ms/token | ideal τ(f) | ratio | tokens/s | expert calls | mean catch-up |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| system | f | batch | ms/token | ideal τ(f) | ratio | tokens/s | expert calls | mean catch-up | "
+             "prefill ms | total ms/token |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ideal = f"{r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
         ratio = f"{r.ms_per_token / r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
         catch = f"{r.mean_catch_up:.1f}" if r.mean_catch_up else "–"
         lines.append(f"| {r.system} | {r.f:g} | {r.batch} | {r.ms_per_token:.2f} | {ideal} | {ratio} | "
-                     f"{1000 * r.batch / r.ms_per_token:.0f} | {r.expert_calls} | {catch} |")
+                     f"{1000 * r.batch / r.ms_per_token:.0f} | {r.expert_calls} | {catch} | "
+                     f"{r.prefill_ms:.1f} | {r.total_ms_per_token:.2f} |")
     return "\n".join(lines) + "\n"
 
 

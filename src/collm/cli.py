@@ -182,7 +182,8 @@ def bench(
     png: Annotated[Optional[Path], typer.Option(help="Write a plot of ms/token against f here.")] = None,
     config: ConfigOption = None,
 ):
-    """Time ms/token for base, expert, Co-LLM at deferral fractions f, a naive re-encoding loop and transformers."""
+    """Time ms/token (decoding, after the first token; prefill apart) for base, expert, Co-LLM at deferral
+    fractions f, a naive re-encoding loop and transformers."""
     from collm import bench as b
 
     cfg = b.BenchConfig(base=base, expert=expert, shapes=None if base else shapes,

@@ -67,11 +67,16 @@ class _Model:
         self.reencode = reencode  # the naive baseline: forget the cache and re-read the prefix every call
         self.cache = DynamicCache(config=model.config)
         self.seen = 0
+        self.last_logits = None
         self.calls = 0
         self.tokens = 0  # token positions fed to the model, summed over rows that are real (not padding)
 
     def advance(self, seq, mask, positions, end: int, hidden: bool = False):
-        """Consume columns [seen, end) in one forward; return next-token logits (B, V) and h (B, H) or None."""
+        """Consume columns [seen, end) in one forward; return next-token logits (B, V) and h (B, H) or None.
+        Where nothing is new (``end == seen``: a deferral right after the up-front prefill) the last call's
+        logits are returned without a forward."""
+        if end == self.seen and self.last_logits is not None and not self.reencode:
+            return self.last_logits, None
         if self.reencode:
             self.cache, self.seen = DynamicCache(config=self.model.config), 0
         start, self.seen = self.seen, end
@@ -87,7 +92,7 @@ class _Model:
             output_hidden_states=hidden,
             logits_to_keep=1,
         )
-        logits = out.logits[:, -1, : self.vocab].float()
+        logits = self.last_logits = out.logits[:, -1, : self.vocab].float()
         return logits, (out.hidden_states[-1][:, -1] if hidden else None)
 
 
@@ -137,6 +142,13 @@ def decode(
     use_head = mode in ("collm", "compose")
     base_writes = torch.zeros(rows, dtype=torch.long, device=device)  # the choice when no head is consulted
     logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=use_head)
+    if mode == "collm" and not reencode_experts:
+        # The experts read the prompt now, with the base: a deferral then costs one catch-up over the tokens
+        # written since, not a prompt-length prefill in the middle of decoding. (The naive baseline re-reads
+        # the prefix at every call anyway.) Stats count the prefill apart from the deferrals' calls and tokens.
+        for helper in helpers:
+            helper.advance(seq, mask, positions, prompt_len)
+            helper.calls, helper.prefill_tokens, helper.tokens = 0, helper.tokens, 0
     for step in range(max_new_tokens):
         n = prompt_len + step
         choice = base_writes
@@ -299,6 +311,7 @@ def _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, 
         "defer_rate": deferred / new if new else 0.0,
         "expert_calls": expert_calls,
         "expert_tokens": writer.tokens if mode == "expert" else sum(h.tokens for h in helpers),
+        "expert_prefill_tokens": sum(getattr(h, "prefill_tokens", 0) for h in helpers),
         "steps": steps,
         "seconds": seconds,
         "tokens_per_s": new / seconds if seconds > 0 else 0.0,

@@ -32,7 +32,9 @@ class GenerateOutput:
     """P(Z_t != base) from the head at each new token (0 where the head was not consulted)."""
     stopped_by: list[str | None]
     stats: dict = field(default_factory=dict)
-    """new_tokens, deferred_tokens, defer_rate, expert_calls, expert_tokens, steps, seconds, tokens_per_s."""
+    """new_tokens, deferred_tokens, defer_rate, expert_calls (catch-ups at deferrals), expert_tokens (positions
+    they read), expert_prefill_tokens (the prompt positions the experts read up front, with the base), steps,
+    seconds, tokens_per_s."""
 
 
 class CoLLM:

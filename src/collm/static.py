@@ -53,6 +53,7 @@ class StaticModel:
         self._step = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.seen = self.calls = self.tokens = 0
+        self.last_logits = None
         self.reencode = False
 
     def reset(self, mask: torch.Tensor) -> None:
@@ -60,9 +61,12 @@ class StaticModel:
         self.mask.fill_(1)
         self.mask[:, : mask.shape[1]].copy_(mask)
         self.seen = 0
+        self.last_logits = None
 
     def advance(self, seq, mask, positions, end: int, hidden: bool = False):
         """Consume columns [seen, end) of ``seq``; return next-token logits (B, V) float32 and h (B, H)."""
+        if end == self.seen and self.last_logits is not None and not self.reencode:
+            return self.last_logits, None  # nothing new: valid until this model's next forward (see decode)
         if self.reencode:  # the naive baseline: throw the cache away, re-read the prefix
             self.seen = 0
         start, length = self.seen, end - self.seen
@@ -85,13 +89,15 @@ class StaticModel:
                 self.graphs[bucket] = self._capture(bucket)
             graph, (logits, h) = self.graphs[bucket]
             graph.replay()
-        return logits[:, : self.vocab].float(), (h.clone() if hidden else None)
+        self.last_logits = logits[:, : self.vocab].float()
+        return self.last_logits, (h.clone() if hidden else None)
 
     def _eager(self, ids, pos, start: int, hidden: bool):
         self.start.fill_(start)
         self.last.fill_(ids.shape[1] - 1)
         logits, h = self._forward(ids.shape[1], ids, pos)
-        return logits[:, : self.vocab].float(), (h if hidden else None)
+        self.last_logits = logits[:, : self.vocab].float()
+        return self.last_logits, (h if hidden else None)
 
     def _forward(self, length: int, ids=None, pos=None):
         """Forward ``length`` buffered tokens at cache offset ``self.start``; logits and h at ``self.last``."""
