@@ -122,6 +122,7 @@ def test_batch_equals_each_prompt_alone(models):
     base, expert = models
     pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
     batch = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.5)
+    assert batch.stats["expert_prefill_tokens"] == sum(len(p) for p in PROMPTS)  # real tokens, not padding
     lengths = set()
     for row, prompt in enumerate(PROMPTS):
         alone = pair.generate([prompt], max_new_tokens=NEW, threshold=0.5)

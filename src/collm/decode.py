@@ -70,6 +70,7 @@ class _Model:
         self.last_logits = None
         self.calls = 0
         self.tokens = 0  # token positions fed to the model, summed over rows that are real (not padding)
+        self.pads = 0  # the request's left-padding positions (known on the host: counting them costs no sync)
 
     def advance(self, seq, mask, positions, end: int, hidden: bool = False):
         """Consume columns [seen, end) in one forward; return next-token logits (B, V) and h (B, H) or None.
@@ -81,7 +82,7 @@ class _Model:
             self.cache, self.seen = DynamicCache(config=self.model.config), 0
         start, self.seen = self.seen, end
         self.calls += 1
-        self.tokens += int(mask[:, start:end].sum()) if start == 0 else (end - start) * mask.shape[0]
+        self.tokens += (end - start) * mask.shape[0] - (self.pads if start == 0 else 0)
         out = self.model(
             input_ids=seq[:, start:end],
             attention_mask=mask[:, :end],
@@ -130,6 +131,8 @@ def decode(
     seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
     rows = len(prompts)
     writer, helpers = _backbones(base, experts, mode, vocab, mask, static, compile, reencode_experts)
+    for backbone in (writer, *helpers):
+        backbone.pads = rows * prompt_len - sum(len(p) for p in prompts)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)

@@ -216,7 +216,7 @@ def results_markdown(trimmed: dict) -> str:
 
 def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu",
         threshold: float | None = None) -> None:
-    """Load the shipped run, answer `count` held-out problems three ways, print the shipped results table.
+    """Load the shipped run, answer `count` of its problems three ways, print the shipped results table.
 
     Co-LLM runs at ``threshold`` (default: the run's calibrated one). Where that threshold never defers
     (calibration found no threshold better than the base alone), it also runs at 0.5, so the colors show
@@ -228,7 +228,8 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
 
     with console.status("verifying and loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
         pair = load_pair(folder, device)
-    problems = json.loads((folder / "problems.json").read_text())["problems"][:count]
+    shipped = json.loads((folder / "problems.json").read_text())
+    problems = shipped["problems"][:count]
     prompts = [p["prompt"] for p in problems]
     threshold = pair.threshold if threshold is None else threshold
     systems = [("base alone", "base", None), ("expert alone", "expert", None),
@@ -237,11 +238,13 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
         systems.append(("Co-LLM at η = 0.5, uncalibrated (where the head defers)", "collm", 0.5))
     outputs = {}
     for label, mode, eta in systems:
-        with console.status(f"{label}: answering {len(prompts)} held-out problems"):
+        with console.status(f"{label}: answering {len(prompts)} problems"):
             outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta)
     console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"]))
+    console.print(f"[dim]Problems: {shipped.get('chosen', 'shipped with the run')}; none was in any training "
+                  "data.[/dim]")
     for i, problem in enumerate(problems):
-        console.rule(f"held-out problem {i + 1} (gold answer {problem['answer']})")
+        console.rule(f"problem {i + 1} (gold answer {problem['answer']})")
         console.print(f"[dim]> {problem['prompt']}[/dim]")
         for label, out in outputs.items():
             answer = extract_answer(out.texts[i])

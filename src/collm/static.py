@@ -54,6 +54,7 @@ class StaticModel:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.seen = self.calls = self.tokens = 0
         self.last_logits = None
+        self.pads = 0  # the request's left-padding positions, set by decode (no host sync to count tokens)
         self.reencode = False
 
     def reset(self, mask: torch.Tensor) -> None:
@@ -72,7 +73,7 @@ class StaticModel:
         start, length = self.seen, end - self.seen
         self.seen = end
         self.calls += 1
-        self.tokens += int(mask[:, :end].sum()) if start == 0 else length * self.batch
+        self.tokens += length * self.batch - (self.pads if start == 0 else 0)
         if start == 0 or length > self.max_bucket:  # prefill and long catch-ups: exact length, eagerly
             return self._eager(seq[:, start:end], positions[:, start:end], start, hidden)
         bucket = 1 << (length - 1).bit_length()
