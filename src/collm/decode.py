@@ -70,6 +70,7 @@ class _Model:
         self.last_logits = None
         self.calls = 0
         self.tokens = 0  # token positions fed to the model, summed over rows that are real (not padding)
+        self.prefill_tokens = 0  # the prompt's, where decode has the model read it up front
         self.pads = 0  # the request's left-padding positions (known on the host: counting them costs no sync)
 
     def advance(self, seq, mask, positions, end: int, hidden: bool = False):
@@ -314,7 +315,7 @@ def _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, 
         "defer_rate": deferred / new if new else 0.0,
         "expert_calls": expert_calls,
         "expert_tokens": writer.tokens if mode == "expert" else sum(h.tokens for h in helpers),
-        "expert_prefill_tokens": sum(getattr(h, "prefill_tokens", 0) for h in helpers),
+        "expert_prefill_tokens": sum(h.prefill_tokens for h in helpers),
         "steps": steps,
         "seconds": seconds,
         "tokens_per_s": new / seconds if seconds > 0 else 0.0,

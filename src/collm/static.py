@@ -52,7 +52,7 @@ class StaticModel:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._step = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.seen = self.calls = self.tokens = 0
+        self.seen = self.calls = self.tokens = self.prefill_tokens = 0
         self.last_logits = None
         self.pads = 0  # the request's left-padding positions, set by decode (no host sync to count tokens)
         self.reencode = False
@@ -141,5 +141,5 @@ def runner(model, vocab: int, batch: int, width: int, graphs: bool = True, compi
             or current.max_bucket != MAX_BUCKET or current.compiled != (compile and current.graphs_on):
         current = StaticModel(model, vocab, batch, width, max_bucket=MAX_BUCKET, graphs=graphs, compile=compile)
         model._collm_static = current
-    current.calls = current.tokens = 0
+    current.calls = current.tokens = current.prefill_tokens = 0
     return current
