@@ -71,7 +71,9 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     write_json(runs / "collm" / "collm.json", {"format": 1, "base": str(sft / "base_adapter"), "experts": ["m"],
                                                "base_weights": "original", "training": {"data_stats": {}}})
     (runs / "collm" / "head.safetensors").write_bytes(b"head")
-    write_json(runs / "eval-new-numbers.json", _results([(False, True), (True, True), (True, False)]))
+    results = _results([(False, True), (True, True), (True, False), (True, False)])
+    results["systems"][2]["examples"][2]["text"] = "so <<1+1=3>>3"  # right by luck: a false note
+    write_json(runs / "eval-new-numbers.json", results)
     with pytest.raises(CollmError, match="--sft"):
         demo.package(runs, tmp_path / "out")
     manifest = demo.package(runs, tmp_path / "out", sft=sft, expert=expert)
@@ -80,7 +82,7 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     config = json.loads((out / "collm.json").read_text())
     assert config["base"] == "sft_base" and config["experts"] == ["expert"] and "data_stats" not in config["training"]
     prompts = [p["prompt"] for p in json.loads((out / "problems.json").read_text())["problems"]]
-    assert prompts == ["p2", "p0", "p1"]  # Co-LLM right and base wrong, then a disagreement, then the rest
+    assert prompts == ["p3", "p2", "p0"]  # Co-LLM right, base wrong, true notes; then with a false note; then others
     assert "Co-LLM − max(SFT base, expert)" in (out / "results.md").read_text()
     demo.verify(out)
 

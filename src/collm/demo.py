@@ -90,15 +90,21 @@ def _system(results: dict, name: str) -> dict:
 
 
 def table(results: dict) -> str:
-    """Markdown rows: accuracy with its 95% Wilson interval, deferral rate, and the note."""
-    lines = ["| System | Accuracy | 95% CI | Deferral rate | Note |", "| --- | --- | --- | --- | --- |"]
+    """Markdown rows: accuracy with its 95% Wilson interval and the deferral rate; each system's note follows
+    the table as a numbered footnote (long notes do not fit a terminal's table)."""
+    lines = ["| System | Accuracy | 95% CI | Deferral rate |", "| --- | --- | --- | --- |"]
+    notes = []
     for s in results["systems"]:
+        name = s["name"]
+        if s["note"]:
+            notes.append(s["note"])
+            name += f" ({len(notes)})"
         if s["accuracy"] is None:
-            lines.append(f"| {s['name']} | – | – | – | {s['note']} |")
+            lines.append(f"| {name} | – | – | – |")
         else:
-            lines.append(f"| {s['name']} | {s['accuracy']:.3f} ({s['correct']}/{s['total']}) | "
-                         f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} | {s['note']} |")
-    return "\n".join(lines)
+            lines.append(f"| {name} | {s['accuracy']:.3f} ({s['correct']}/{s['total']}) | "
+                         f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} |")
+    return "\n".join(lines + [""] + [f"({n}) {note}  " for n, note in enumerate(notes, 1)])
 
 
 def summarise(results: dict) -> dict:
@@ -112,13 +118,17 @@ def summarise(results: dict) -> dict:
 
 
 def pick_examples(results: dict, count: int = 3) -> list[int]:
-    """Illustrative rows: first where Co-LLM is right and its base alone wrong, then other disagreements,
-    then the first rows."""
+    """Illustrative rows: first where Co-LLM is right, its base alone wrong and every ``<<a=b>>`` note of
+    Co-LLM's answer true; then the other rows where Co-LLM is right and the base wrong; then other
+    disagreements; then the first rows."""
+    from collm.expert import notes_correct
+
     collm, base = _system(results, "Co-LLM")["examples"], _system(results, "base alone")["examples"]
     fixed = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] and not b["correct"]]
-    differ = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] != b["correct"] and i not in fixed]
-    rest = [i for i in range(len(collm)) if i not in fixed and i not in differ]
-    return (fixed + differ + rest)[:count]
+    clean = [i for i in fixed if notes_correct(collm[i]["text"])]
+    differ = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] != b["correct"]]
+    order = clean + fixed + differ + list(range(len(collm)))
+    return list(dict.fromkeys(order))[:count]
 
 
 # ---------------------------------------------------------------- packaging
@@ -167,7 +177,7 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     problems = [{"prompt": first["systems"][0]["examples"][i]["prompt"],
                  "answer": first["systems"][0]["examples"][i]["answer"]} for i in chosen]
     write_json(out / "problems.json", {"problems": problems, "chosen": f"{first_label}: rows where Co-LLM is "
-                                       "right and its base alone wrong first, then other disagreements"})
+                                       "right, its base alone wrong and Co-LLM's <<a=b>> notes all true"})
     trimmed = {label: {**{k: v for k, v in r.items() if k != "systems"}, "summary": summarise(r),
                        "systems": [{k: v for k, v in s.items() if k != "examples"} for s in r["systems"]]}
                for label, r in loaded.items()}

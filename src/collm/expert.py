@@ -102,6 +102,18 @@ def _evaluate(expression: str) -> Fraction:
     return Fraction(evaluate(compile_expression(exact), {"F": Fraction}))
 
 
+def notes_correct(text: str) -> bool:
+    """Whether every ``<<a=b>>`` note in `text` states the true value of its expression (False for a note
+    that does not parse)."""
+    for expression, result in _NOTE_RE.findall(text):
+        try:
+            if _evaluate(expression) != Fraction(result.strip().replace(",", "")):
+                return False
+        except (ValueError, ZeroDivisionError, SyntaxError, NameError, TypeError, CollmError):
+            return False
+    return True
+
+
 def calc_row(rng: random.Random, notes: list[tuple[str, str]], config: CalcConfig) -> dict:
     """A prompt/completion row of calculation lines ``a = <<a=b>>b``."""
     lines = []
