@@ -168,7 +168,7 @@ def run(config: BenchConfig, progress=None) -> list[Row]:
                                 generator=torch.Generator().manual_seed(config.seed)).tolist()
         cases = _cases(config, _Runner(config, base, expert, head, prompts, vocab))
         timings = _round_robin(config, cases)
-        batch_rows = [_row(key, batch, ms, out) for key, (ms, out) in timings.items()]
+        batch_rows = [_row(key, batch, ms, out, config.new_tokens) for key, (ms, out) in timings.items()]
         alone = {r.system: r.ms_per_token for r in batch_rows if r.system in ("base", "expert")}
         for row in batch_rows:
             if row.system in ("base", "expert"):
@@ -216,9 +216,10 @@ def _round_robin(config: BenchConfig, cases: dict) -> dict[tuple[str, float], tu
     return {key: (ms[key], outputs[key]) for key in cases}
 
 
-def _row(key: tuple[str, float], batch: int, ms: dict, out) -> Row:
+def _row(key: tuple[str, float], batch: int, ms: dict, out, n: int) -> Row:
+    """`ms`: median milliseconds for n tokens and for 1 token."""
     system, f = key
-    (n, full), (_, first) = sorted(ms.items(), reverse=True)
+    full, first = ms[n], ms[1]
     stats = out.stats if isinstance(out, Decoded) else {}
     calls = stats.get("expert_calls", 0)
     catch_up = stats["expert_tokens"] / (calls * batch) if calls and system in ("collm", "naive") else None

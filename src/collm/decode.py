@@ -132,8 +132,9 @@ def decode(
     seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
     rows = len(prompts)
     writer, helpers = _backbones(base, experts, mode, vocab, mask, static, compile, reencode_experts)
+    pads = rows * prompt_len - sum(len(p) for p in prompts)
     for backbone in (writer, *helpers):
-        backbone.pads = rows * prompt_len - sum(len(p) for p in prompts)
+        backbone.pads = pads
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
