@@ -205,8 +205,9 @@ def test_base_and_expert_modes_run_one_model_only(models):
     assert expert_counter.calls == []
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("max_bucket", [4, 64])
-def test_static_cache_path_changes_no_token(monkeypatch, max_bucket):
+def test_static_cache_path_changes_no_token(monkeypatch, max_bucket, fused):
     """The fast path's bucketed static caches, run eagerly on CPU, write exactly what the plain path writes;
     with max_bucket=4 long catch-ups take the eager branch and short ones the padded-bucket branch."""
     import collm.static
@@ -220,9 +221,53 @@ def test_static_cache_path_changes_no_token(monkeypatch, max_bucket):
     from collm.decode import Sampling, decode
 
     fast = decode(base, [expert], head, PROMPTS, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
-                  vocab=pair.vocab, static=True, **kwargs)
+                  vocab=pair.vocab, static=True, fused=fused, **kwargs)
     assert (fast.token_ids, fast.sources) == (plain.token_ids, plain.sources)
     assert fast.stats["expert_calls"] == plain.stats["expert_calls"] >= 3
+
+
+@pytest.mark.parametrize("mode", ["collm", "base", "expert"])
+@pytest.mark.parametrize("num_experts", [1, 2])
+def test_fused_step_writes_what_the_step_by_step_loop_writes(mode, num_experts):
+    """One device program per step (collm.fused, eager on CPU) against the step-by-step loop on the same
+    static caches: the same tokens, sources and defer probabilities to the bit, the same expert calls. A
+    second EOS id that the models write mid-answer ends rows at different steps, so finished rows, padding
+    and the all-done stop are exercised."""
+    from collm.decode import Sampling, decode
+
+    base, experts = make_llama(0), [make_llama(1), make_llama(2)][:num_experts]
+    head = random_head(base.config.hidden_size, num_experts, scale=2.0, seed=11)
+    args = dict(max_new_tokens=40, threshold=0.6, sampling=Sampling(), pad_id=PAD_ID, mode=mode,
+                vocab=base.config.vocab_size, static=True)
+    first = decode(base, experts, head, PROMPTS, eos_ids=(EOS_ID,), fused=False, **args)
+    stop = first.token_ids[0][12]  # a token row 0 writes; other rows meet it at other steps or never
+    loop = decode(base, experts, head, PROMPTS, eos_ids=(EOS_ID, stop), fused=False, **args)
+    fused = decode(base, experts, head, PROMPTS, eos_ids=(EOS_ID, stop), fused=True, **args)
+    assert (fused.token_ids, fused.sources, fused.defer_probs) == (loop.token_ids, loop.sources, loop.defer_probs)
+    assert len({len(t) for t in loop.token_ids}) > 1
+    for key in ("expert_calls", "expert_tokens", "expert_prefill_tokens", "deferred_tokens", "steps"):
+        assert fused.stats[key] == loop.stats[key], key
+    if mode == "collm":
+        assert 0 < loop.stats["deferred_tokens"] < loop.stats["new_tokens"]
+
+
+def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():
+    """The benchmark's per-row deferral pattern, read from its table on the device, routes exactly as the
+    router called step by step; asking for the fused step with sampling is an error, not a silent fallback."""
+    from collm.bench import pattern_router
+    from collm.decode import Sampling, decode
+
+    base, expert = make_llama(0), make_llama(1)
+    head = random_head(base.config.hidden_size)
+    router = pattern_router(0.3, 30, seed=3, rows=len(PROMPTS), per_row=True)
+    args = dict(max_new_tokens=30, threshold=0.5, pad_id=PAD_ID, eos_ids=(), vocab=base.config.vocab_size,
+                static=True, router=router)
+    loop = decode(base, [expert], head, PROMPTS, sampling=Sampling(), fused=False, **args)
+    fused = decode(base, [expert], head, PROMPTS, sampling=Sampling(), fused=True, **args)
+    assert (fused.token_ids, fused.sources) == (loop.token_ids, loop.sources)
+    assert [sum(s) for s in fused.sources] == [int(router.table[:, r].sum()) for r in range(len(PROMPTS))]
+    with pytest.raises(ValueError, match="greedy"):
+        decode(base, [expert], head, PROMPTS, sampling=Sampling(do_sample=True), fused=True, **args)
 
 
 def test_naive_reencoding_baseline_writes_the_same_tokens(models):
@@ -240,8 +285,9 @@ def test_naive_reencoding_baseline_writes_the_same_tokens(models):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_path_matches_plain_path(compile):
+def test_cuda_graph_path_matches_plain_path(compile, fused):
     base, expert = make_llama(0).cuda(), make_llama(1).cuda()
     head = random_head(base.config.hidden_size, scale=2.0, seed=11).cuda()
     from collm.decode import Sampling, decode
@@ -250,7 +296,7 @@ def test_cuda_graph_path_matches_plain_path(compile):
                 vocab=base.config.vocab_size)
     plain = decode(base, [expert], head, PROMPTS, static=False, **args)
     for _ in range(2):  # the second run replays graphs captured by the first
-        fast = decode(base, [expert], head, PROMPTS, static=True, compile=compile, **args)
+        fast = decode(base, [expert], head, PROMPTS, static=True, compile=compile, fused=fused, **args)
         assert (fast.token_ids, fast.sources) == (plain.token_ids, plain.sources)
 
 

@@ -71,6 +71,9 @@ class BenchConfig:
     """Each row of a batch defers on its own seeded phase (else all rows defer on the same steps)."""
     compile: bool = False
     """CUDA: torch.compile the static-cache steps of collm/base/expert (compile time is spent in warm-up)."""
+    fused: bool = True
+    """Static (CUDA) path: each step of collm/base/expert as one device program (collm.fused); False times
+    the step-by-step loop on the same static caches, for comparison."""
 
     def __post_init__(self):
         if (self.base is None) != (self.expert is None):
@@ -128,11 +131,12 @@ def pattern_router(fraction: float, steps: int, seed: int, rows: int = 1, per_ro
             on_device[log_pz.device] = marks.to(log_pz.device)
         return on_device[log_pz.device][step].expand(log_pz.shape[0])
 
+    route.table = marks  # the same choices as a table, which the fused step reads on the device
     return route
 
 
 def build_models(config: BenchConfig):
-    """(base, expert, vocab) from specs or random-weight shapes."""
+    """(base, expert) from specs or random-weight shapes."""
     if config.base is not None:
         base, _ = load_model(config.base, device=config.device, dtype=config.dtype)
         expert, _ = load_model(config.expert, device=config.device, dtype=config.dtype)
@@ -237,7 +241,8 @@ class _Runner:
     def decode(self, mode: str, new_tokens: int, router=None, naive: bool = False) -> Decoded:
         return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=new_tokens,
                       threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
-                      router=router, reencode_experts=naive, compile=self.config.compile)
+                      router=router, reencode_experts=naive, compile=self.config.compile,
+                      fused=None if self.config.fused else False)
 
     def collab(self, f: float, naive: bool) -> Callable[[int], Decoded]:
         router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)

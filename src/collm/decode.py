@@ -18,12 +18,15 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from collm.errors import CollmError
+from collm.fused import MAX_EOS, fused_step
 from collm.head import DeferralHead
-from collm.static import runner, supported
+from collm.static import StaticModel, runner, supported
 
 MODES = ("collm", "compose", "base", "expert", "proxy")
 
-# router(step, head_log_probs (B, M+1)) -> choice (B,) in 0..M; replaces the threshold rule (benchmarks, baselines)
+# router(step, head_log_probs (B, M+1)) -> choice (B,) in 0..M; replaces the threshold rule (benchmarks, baselines).
+# A router whose choices are fixed in advance may also carry them as `router.table` (steps, rows or 1), long:
+# the fused step (collm.fused) then reads them on the device instead of calling back into Python.
 Router = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -118,6 +121,7 @@ def decode(
     reencode_experts: bool = False,
     static: bool | None = None,
     compile: bool = False,
+    fused: bool | None = None,
 ) -> Decoded:
     """Generate up to ``max_new_tokens`` per prompt; see DESIGN.md "Decoding semantics".
 
@@ -127,6 +131,9 @@ def decode(
     ``reencode_experts`` makes every expert call re-encode the whole prefix: the naive baseline for benchmarks.
     ``static``: use static caches and, on CUDA, captured graphs (collm.static); None picks it where supported.
     ``compile``: on the static CUDA path, torch.compile each step before capturing it (slow first calls).
+    ``fused``: on the static path, run each step as one device program (collm.fused; one graph on CUDA).
+    None picks it where it applies: greedy, modes collm/base/expert, no stop strings or streaming, and a
+    router (if any) given as a fixed ``table``. True where it does not apply raises ValueError.
     """
     device = next(base.parameters()).device
     seq, mask, positions, prompt_len = _layout(prompts, max_new_tokens, pad_id, device)
@@ -135,6 +142,15 @@ def decode(
     pads = rows * prompt_len - sum(len(p) for p in prompts)
     for backbone in (writer, *helpers):
         backbone.pads = pads
+    fusable = (isinstance(writer, StaticModel) and mode in ("collm", "base", "expert") and not sampling.do_sample
+               and stop_check is None and on_token is None and not reencode_experts and len(eos_ids) <= MAX_EOS
+               and (router is None or getattr(router, "table", None) is not None))
+    if fused and not fusable:
+        raise ValueError("the fused step needs the static path, greedy decoding, mode collm/base/expert, no stop "
+                         "strings, no streaming, no re-encoding and a router given as a table")
+    if fusable if fused is None else fused:
+        return _decode_fused(writer, helpers, head, seq, mask, positions, prompt_len, max_new_tokens, threshold,
+                             mode, eos_ids, pad_id, vocab, router)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -187,6 +203,42 @@ def decode(
 
     seconds = time.perf_counter() - started
     return _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode)
+
+
+@torch.inference_mode()
+def _decode_fused(writer, helpers, head, seq, mask, positions, prompt_len, max_new_tokens, threshold, mode,
+                  eos_ids, pad_id, vocab, router) -> Decoded:
+    """The same loop with each step fused into one device program (collm.fused): per token the host reads one
+    small flags vector and launches an expert's catch-up only where a row chose it."""
+    started = time.perf_counter()
+    use_head = mode == "collm"
+    logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=use_head)
+    for helper in helpers:  # the experts read the prompt up front, as in `decode`
+        helper.advance(seq, mask, positions, prompt_len)
+        helper.calls, helper.prefill_tokens, helper.tokens = 0, helper.tokens, 0
+    state = fused_step(writer, vocab, len(helpers), head if use_head else None)
+    table = getattr(router, "table", None)
+    flags = state.start(seq, positions, prompt_len, logits, hidden, head=head if use_head else None,
+                        threshold=threshold, eos_ids=eos_ids, pad_id=pad_id,
+                        table=None if table is None else table.to(seq.device))
+    steps = 0
+    for step in range(max_new_tokens):
+        *counts, all_done = flags
+        if all_done:
+            break
+        for k, rows in enumerate(counts, 1):
+            if rows:
+                expert_logits, _ = helpers[k - 1].advance(state.seq, mask, state.positions, prompt_len + step)
+                state.set_expert_logits(k, expert_logits)
+        steps = step + 1
+        if steps < max_new_tokens:
+            flags = state.advance()
+        else:
+            state.finish()
+    seconds = time.perf_counter() - started
+    stopped = [None] * seq.shape[0]
+    return _collect(state.seq, state.chosen, state.defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers,
+                    seconds, mode)
 
 
 def _backbones(base, experts, mode: str, vocab: int, mask: torch.Tensor, static: bool | None, compile: bool,

@@ -1,0 +1,189 @@
+"""One decoding step as one device program: the rest of the GPU fast path.
+
+The static path (collm.static) replays a graph for each model forward, but a token still costs a dozen small
+launches between replays: the head, the threshold, the greedy pick, the writes into the token matrix, the EOS
+check. At batch 1 on a GPU those launches, not the weights, set the pace (the compiled 1B step took 2.0 ms where
+reading its weights takes 0.8). Here they join the writer's forward in one function over buffers this module
+owns, with the step index on the device, so on CUDA one graph replay does all of it:
+
+    finish step s:  token = argmax of the chosen model's logits; write it at column n; done |= EOS
+    begin step s+1: the writer reads that token; head; route (threshold, or a benchmark's override table);
+                    write defer_prob and source; flags = (rows per expert, all done)
+
+and the host reads ``flags``: the one sync per token, which it needs to know whether to launch an expert's
+catch-up (collm.static, its own graphs) or stop. Greedy decoding only; sampling, stop strings, streaming and the
+other modes keep the step-by-step loop in collm.decode. On CPU the same functions run eagerly, which is how the
+tests prove the fused step writes exactly what the loop writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from collm.head import DeferralHead, logits_to_log_probs
+from collm.static import StaticModel
+
+MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (-1 = unused) so a captured graph serves any set
+
+
+class FusedStep:
+    """Per-request state of greedy decoding on device buffers, and the step that advances it.
+
+    ``writer``: the static runner of the model that writes every step (the base; the expert in mode "expert").
+    ``num_experts``: how many expert logits buffers the pick chooses from (0 outside collm mode).
+    ``head_outputs``: the head's width (1 or M+1); 0 when no head is consulted.
+    """
+
+    def __init__(self, writer: StaticModel, vocab: int, num_experts: int, head_outputs: int, hidden_size: int):
+        self.writer, self.vocab, self.num_experts = writer, vocab, num_experts
+        batch, width = writer.batch, writer.capacity
+        device = writer.mask.device
+        self.seq = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.chosen = torch.zeros(batch, width, dtype=torch.long, device=device)  # indexed by step
+        self.defer_p = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.override = torch.full((width, batch), -1, dtype=torch.long, device=device)  # -1: the head decides
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.n = torch.zeros(1, dtype=torch.long, device=device)  # the column the next token goes to
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
+        self.pad = torch.zeros((), dtype=torch.long, device=device)
+        self.threshold = torch.zeros((), dtype=torch.float32, device=device)
+        self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
+        self.hidden = torch.zeros(batch, hidden_size, dtype=writer.lm_head.weight.dtype, device=device)
+        self.expert_logits = torch.zeros(max(num_experts, 1), batch, vocab, dtype=torch.float32, device=device)
+        self.head_outputs = head_outputs
+        self.head_weight = torch.zeros(max(head_outputs, 1), hidden_size, dtype=torch.float32, device=device)
+        self.head_bias = torch.zeros(max(head_outputs, 1), dtype=torch.float32, device=device)
+        self.experts_ids = torch.arange(1, num_experts + 1, device=device)
+        self.flags = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+        self.graph = None
+
+    def start(self, seq, positions, prompt_len: int, logits, hidden, *, head: DeferralHead | None,
+              threshold: float, eos_ids: tuple[int, ...], pad_id: int, table: torch.Tensor | None) -> list[int]:
+        """Load a request whose prompt the writer has read (``logits``, ``hidden`` from that prefill); route
+        step 0 and return its flags. ``table`` (steps, rows or 1): a router's fixed choices, -1 = the head's."""
+        if len(eos_ids) > MAX_EOS:
+            raise ValueError(f"at most {MAX_EOS} EOS ids on the fused path, got {len(eos_ids)}")
+        width = seq.shape[1]
+        self.seq.zero_()
+        self.seq[:, :width].copy_(seq)
+        self.positions[:, :width].copy_(positions)
+        self.chosen.zero_()
+        self.defer_p.zero_()
+        self.override.fill_(-1 if self.head_outputs else 0)
+        if table is not None:
+            self.override[: table.shape[0]].copy_(table.expand(-1, self.override.shape[1]))
+        self.done.zero_()
+        self.n.fill_(prompt_len)
+        self.step.zero_()
+        self.eos.fill_(-1)
+        if eos_ids:
+            self.eos[: len(eos_ids)].copy_(torch.tensor(eos_ids, dtype=torch.long))
+        self.pad.fill_(pad_id)
+        self.threshold.fill_(threshold)
+        if head is not None:
+            self.head_weight.copy_(head.linear.weight)
+            self.head_bias.copy_(head.linear.bias)
+        self.logits.copy_(logits)
+        if hidden is not None:
+            self.hidden.copy_(hidden)
+        self._route()
+        return self.flags.tolist()
+
+    def set_expert_logits(self, k: int, logits: torch.Tensor) -> None:
+        """Expert k's (1-based) next-token logits after its catch-up, for the rows that chose it."""
+        self.expert_logits[k - 1].copy_(logits)
+
+    def advance(self) -> list[int]:
+        """Finish this step and begin the next: the token is written, the writer reads it, the head routes.
+        Returns the next step's flags ``[rows per expert..., all done]``: the one host sync per token."""
+        if self.writer.graphs_on:
+            if self.graph is None:
+                self.graph = self._capture()
+            self.graph.replay()
+        else:
+            self._step()
+        self.writer.seen += 1
+        self.writer.calls += 1
+        self.writer.tokens += self.writer.batch
+        return self.flags.tolist()
+
+    def finish(self) -> None:
+        """The last step: write the token without reading it (nothing comes after)."""
+        self._finish()
+
+    def _step(self) -> None:
+        self._finish()
+        self._read()
+        self._route()
+
+    def _finish(self) -> None:
+        choice = self.chosen.index_select(1, self.step).squeeze(1)  # (B,)
+        logits = self.logits
+        for k in range(self.num_experts):
+            logits = torch.where((choice == k + 1)[:, None], self.expert_logits[k], logits)
+        token = torch.where(self.done, self.pad, logits.argmax(-1))  # (B,): finished rows write padding
+        self.seq.index_copy_(1, self.n, token[:, None])
+        self.done |= (token[:, None] == self.eos).any(-1)
+        self.n += 1
+        self.step += 1
+
+    def _read(self) -> None:
+        """The writer's forward over the column just written, at cache position n - 1."""
+        column = self.n - 1
+        writer = self.writer
+        writer.ids[:, :1].copy_(self.seq.index_select(1, column))
+        writer.pos[:, :1].copy_(self.positions.index_select(1, column))
+        writer.start.copy_(column.squeeze(0))
+        writer.last.zero_()
+        logits, hidden = writer._step(1)
+        self.logits.copy_(logits[:, : self.vocab])
+        self.hidden.copy_(hidden)
+
+    def _route(self) -> None:
+        override = self.override.index_select(0, self.step).squeeze(0)  # (B,)
+        if self.head_outputs:
+            log_pz = logits_to_log_probs(torch.nn.functional.linear(self.hidden.float(), self.head_weight,
+                                                                     self.head_bias))  # (B, M+1)
+            defer_p = -torch.expm1(log_pz[:, :1])
+            rule = torch.where(defer_p.squeeze(1) > self.threshold, log_pz[:, 1:].argmax(-1) + 1, 0)
+            choice = torch.where(override >= 0, override, rule)
+            self.defer_p.index_copy_(1, self.step, defer_p)
+        else:
+            choice = override
+        choice = choice.masked_fill(self.done, 0)
+        self.chosen.index_copy_(1, self.step, choice[:, None])
+        counts = (choice[:, None] == self.experts_ids).sum(0)  # (M,): no bincount, whose size needs a sync
+        self.flags.copy_(torch.cat([counts, self.done.all()[None].long()]))
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream, capture, then undo the warm-up: unlike a forward's (which writes only
+        cache slots the next call overwrites), this step moves the request on."""
+        state = [self.seq, self.chosen, self.defer_p, self.done, self.n, self.step, self.logits, self.hidden,
+                 self.flags]
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        for tensor, copy in zip(state, saved):
+            tensor.copy_(copy)
+        return graph
+
+
+def fused_step(writer: StaticModel, vocab: int, num_experts: int, head: DeferralHead | None) -> FusedStep:
+    """The writer runner's fused step for this layout, kept on the runner so its graph outlives one request."""
+    outputs = 0 if head is None else head.linear.out_features
+    hidden = writer.lm_head.weight.shape[1]
+    key = (vocab, num_experts, outputs)
+    cached = getattr(writer, "_collm_fused", None)
+    if cached is None or cached[0] != key:
+        cached = (key, FusedStep(writer, vocab, num_experts, outputs, hidden))
+        writer._collm_fused = cached
+    return cached[1]
