@@ -270,6 +270,43 @@ def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():
         decode(base, [expert], head, PROMPTS, sampling=Sampling(do_sample=True), fused=True, **args)
 
 
+def test_prepacked_cpu_layers_compute_the_same_and_follow_weight_changes():
+    """collm.prepack: the large layers switch to oneDNN inside the block and back after it (also after an
+    error); outputs match the default kernels to float32 rounding; a weight written in place is repacked."""
+    from collm.prepack import MIN_PARAMS, prepacked
+
+    model = make_llama(0, hidden=512)
+    big = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PARAMS]
+    ids = torch.tensor([PROMPTS[0]])
+    layer, x = big[0], torch.randn(3, 512)
+    with torch.inference_mode():
+        reference = model(ids).logits
+        with prepacked([model]) as switched:
+            assert switched == len(big) > 0
+            assert torch.allclose(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
+            assert torch.allclose(layer(x), F.linear(x, layer.weight), rtol=1e-4, atol=1e-5)
+            with torch.no_grad():
+                layer.weight.mul_(-2)
+            assert torch.allclose(layer(x), F.linear(x, layer.weight), rtol=1e-4, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m in big)
+    with pytest.raises(RuntimeError, match="boom"), prepacked([model]):
+        raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in big)
+
+
+def test_prepacked_decoding_writes_what_the_default_kernels_write():
+    from collm.decode import Sampling, decode
+
+    base, expert = make_llama(0, hidden=512), make_llama(1, hidden=512)
+    head = random_head(base.config.hidden_size, scale=0.3, seed=5)
+    args = dict(max_new_tokens=NEW, threshold=0.5, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
+                vocab=base.config.vocab_size)
+    default = decode(base, [expert], head, PROMPTS, prepack=False, **args)
+    packed = decode(base, [expert], head, PROMPTS, prepack=True, **args)
+    assert (packed.token_ids, packed.sources) == (default.token_ids, default.sources)
+    assert 0 < default.stats["deferred_tokens"] < default.stats["new_tokens"]
+
+
 def test_naive_reencoding_baseline_writes_the_same_tokens(models):
     from collm.decode import Sampling, decode
 

@@ -74,6 +74,9 @@ class BenchConfig:
     fused: bool = True
     """Static (CUDA) path: each step of collm/base/expert as one device program (collm.fused); False times
     the step-by-step loop on the same static caches, for comparison."""
+    prepack: bool = True
+    """CPU: collm/base/expert/naive run large linear layers on oneDNN with prepacked weights (collm.prepack);
+    False times PyTorch's default kernels. The `hf_*` systems always use the defaults."""
 
     def __post_init__(self):
         if (self.base is None) != (self.expert is None):
@@ -242,7 +245,8 @@ class _Runner:
         return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=new_tokens,
                       threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
                       router=router, reencode_experts=naive, compile=self.config.compile,
-                      fused=None if self.config.fused else False)
+                      fused=None if self.config.fused else False,
+                      prepack=None if self.config.prepack else False)
 
     def collab(self, f: float, naive: bool) -> Callable[[int], Decoded]:
         router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)

@@ -178,6 +178,7 @@ def bench(
     compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (warm-up takes minutes).")] = False,
     per_row: Annotated[bool, typer.Option(help="Each row defers on its own phase (else all rows on the same steps).")] = False,
     fused: Annotated[bool, typer.Option(help="CUDA: one device program per token; --no-fused times the step-by-step loop.")] = True,
+    prepack: Annotated[bool, typer.Option(help="CPU: oneDNN-prepacked weights for large layers; --no-prepack times PyTorch's defaults.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write rows and config as JSON here.")] = None,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as Markdown here.")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Write a plot of ms/token against f here.")] = None,
@@ -191,7 +192,7 @@ def bench(
                         fractions=_floats(fractions), batches=tuple(int(x) for x in _floats(batch)),
                         systems=tuple(s.strip() for s in systems.split(",") if s.strip()), prompt_len=prompt_len,
                         new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, seed=seed,
-                        compile=compile, per_row=per_row, fused=fused)
+                        compile=compile, per_row=per_row, fused=fused, prepack=prepack)
     rows = b.run(cfg, progress=lambda r: err.print(f"[dim]{r.system} f={r.f:g} batch={r.batch}: "
                                                    f"{r.ms_per_token:.2f} ms/token[/dim]"))
     b.save(rows, cfg, json_out, markdown_out, png)
