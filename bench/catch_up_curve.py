@@ -1,4 +1,5 @@
-"""Cost of one expert forward over k new tokens after a 64-token prefix (tiny expert shape, CPU).
+"""Cost of one expert forward over k new tokens after a 64-token prefix (tiny expert shape, CPU), with
+PyTorch's default linear kernels and with collm.prepack's oneDNN layers.
 
     python bench/catch_up_curve.py
 
@@ -7,11 +8,15 @@ step is bound by reading the weights); this measures how far that holds on the m
 """
 
 import time
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from collm.bench import SHAPES
+from collm.prepack import prepacked
+
+LENGTHS = (1, 2, 4, 8, 10, 16, 32)
 
 
 @torch.inference_mode()
@@ -32,8 +37,12 @@ def main() -> None:
     model = LlamaForCausalLM(LlamaConfig(**SHAPES["tiny-expert"], max_position_embeddings=4096)).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 200))
     print(f"threads {torch.get_num_threads()}")
-    for k in (1, 2, 4, 8, 10, 16, 32):
-        print(f"k={k}: {cost_ms(model, ids, k):.2f} ms")
+    print("| kernels | " + " | ".join(f"k={k}" for k in LENGTHS) + " | k=10 / k=1 |")
+    print("| --- |" + " --- |" * (len(LENGTHS) + 1))
+    for name, context in (("default", nullcontext), ("prepacked", lambda: prepacked([model]))):
+        with context():
+            ms = [cost_ms(model, ids, k) for k in LENGTHS]
+        print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in ms) + f" | {ms[4] / ms[0]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,12 @@
-"""CPU decoding with the large linear layers' weights prepacked for oneDNN.
+"""CPU decoding with the linear layers' weights prepacked for oneDNN.
 
 A decoding step on a CPU is a chain of matrix-vector products, and a catch-up a chain of products with a few
 rows. PyTorch's default float32 `linear` (MKL sgemm on the row-major weight) is slow at both on this project's
-2-core machine: it reads a 256 MB weight at 21 GB/s for one row and takes 3.4 times as long for ten rows,
-though the machine's roofline (184 GFLOP/s, 21 GB/s) puts the compute-bound crossover at ~17 rows. oneDNN
-with the weight reordered once into its blocked layout runs the same product 1.5x faster for one row and
-1.4x slower for ten than for one (bench/README.md has the table). Reordering costs one copy of the weight,
-kept beside the layer and redone only when the weight changes.
-
-Small layers stay as they are: converting the input and output for oneDNN costs ~20 us a call, more than a
-matrix of under ~200K parameters takes to read (measured break-even ~180K; MIN_PARAMS leaves a margin).
+2-core machine: a 1408x512 weight takes 189 us for one row and 355 for ten, though the machine's roofline
+(184 GFLOP/s, 21 GB/s) puts the compute-bound crossover at ~17 rows. oneDNN's linear on the weight reordered
+once into its blocked layout (what inductor's CPU freezing pass does) takes 45 and 77 us (bench/README.md has
+the table). Reordering costs one copy of the weight, kept beside the layer and redone only when the weight
+changes. Layers under 2^16 weights stay as they are: there the two kernels tie.
 """
 
 from __future__ import annotations
@@ -20,11 +17,14 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-MIN_PARAMS = 1 << 18  # weights below this stay on the default kernel (measured break-even ~180K)
+MIN_PARAMS = 1 << 16  # weights below this stay on the default kernel (a tie at one row)
+ROWS_HINT = 16  # the reorder's batch-size hint: any hint from 4 to 256 measured the same for 1 to 64 rows
 
 
 def available(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available()
+    ops = torch.ops.mkldnn
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
 
 
 @contextmanager
@@ -56,23 +56,19 @@ def _packed_forward(layer: nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or torch.is_grad_enabled():
             return nn.Linear.forward(layer, x)
-        weight, bias = _packed(layer)
-        rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
-        out = torch._C._nn.mkldnn_linear(rows, weight, bias).to_dense()
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _packed(layer), layer.bias, "none", [], "")
 
     return forward
 
 
-def _packed(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight (and bias) in oneDNN's layout, rebuilt if the weight was swapped or written since."""
-    weight, bias = layer.weight, layer.bias
-    key = (_stamp(weight), None if bias is None else _stamp(bias))
+def _packed(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight in oneDNN's layout, rebuilt if the weight was swapped or written since."""
+    key = _stamp(layer.weight)
     cached = layer.__dict__.get("_collm_packed")
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            packed = (weight.detach().to_mkldnn(), None if bias is None else bias.detach().to_mkldnn())
-        cached = layer.__dict__["_collm_packed"] = (key, packed)
+            cached = layer.__dict__["_collm_packed"] = (key, torch.ops.mkldnn._reorder_linear_weight(
+                layer.weight.detach(), ROWS_HINT))
     return cached[1]
 
 
