@@ -47,7 +47,8 @@ def main() -> None:
             default = median_us(lambda: [F.linear(x, w) for w in weights]) / copies
             onednn = median_us(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
                                         for p in packed]) / copies
-            print(f"| {out_features} x {in_features} | {rows} | {default:.0f} | {onednn:.0f} | {default / onednn:.1f}x |")
+            speed_up = default / onednn
+            print(f"| {out_features} x {in_features} | {rows} | {default:.0f} | {onednn:.0f} | {speed_up:.1f}x |")
 
 
 if __name__ == "__main__":
