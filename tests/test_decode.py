@@ -289,9 +289,23 @@ def test_prepacked_cpu_layers_compute_the_same_and_follow_weight_changes():
                 layer.weight.mul_(-2)
             assert torch.allclose(layer(x), F.linear(x, layer.weight), rtol=1e-4, atol=1e-5)
     assert all("forward" not in m.__dict__ for m in big)
-    with pytest.raises(RuntimeError, match="boom"), prepacked([model]):
+    with pytest.raises(RuntimeError, match="boom"), prepacked([model, model]):  # the same model twice, too
         raise RuntimeError("boom")
     assert all("forward" not in m.__dict__ for m in big)
+
+
+def test_prepacking_is_skipped_where_the_copies_would_not_fit(monkeypatch):
+    import collm.prepack
+
+    model = make_llama(0, hidden=512)
+    need = sum(m.weight.nbytes for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.numel() >= collm.prepack.MIN_PARAMS)
+    monkeypatch.setattr(collm.prepack, "_physical_memory", lambda: int(need / collm.prepack.MEMORY_SHARE) - 1)
+    with collm.prepack.prepacked([model]) as switched:
+        assert switched == 0
+    monkeypatch.setattr(collm.prepack, "_physical_memory", lambda: int(need / collm.prepack.MEMORY_SHARE) + 1)
+    with collm.prepack.prepacked([model]) as switched:
+        assert switched > 0
 
 
 def test_prepacked_decoding_writes_what_the_default_kernels_write():

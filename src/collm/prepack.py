@@ -6,7 +6,9 @@ rows. PyTorch's default float32 `linear` (MKL sgemm on the row-major weight) is 
 (184 GFLOP/s, 21 GB/s) puts the compute-bound crossover at ~17 rows. oneDNN's linear on the weight reordered
 once into its blocked layout (what inductor's CPU freezing pass does) takes 45 and 77 us (bench/README.md has
 the table). Reordering costs one copy of the weight, kept beside the layer and redone only when the weight
-changes. Layers under 2^16 weights stay as they are: there the two kernels tie.
+changes: memory for speed (the demo's peak goes from 1.6 to 2.7 GB), so copies that would take more than a
+quarter of the machine's memory are not made. Layers under 2^16 weights stay as they are: there the two
+kernels tie.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+import os
+
 import torch
 from torch import nn
 
 MIN_PARAMS = 1 << 16  # weights below this stay on the default kernel (a tie at one row)
 ROWS_HINT = 16  # the reorder's batch-size hint: any hint from 4 to 256 measured the same for 1 to 64 rows
+MEMORY_SHARE = 0.25  # packed copies may take at most this share of physical memory
 
 
 def available(device: torch.device) -> bool:
@@ -33,18 +38,27 @@ def prepacked(models: Iterable[nn.Module]) -> Iterator[int]:
     oneDNN with prepacked weights (inference only: the packed copy has no autograd). Yields how many layers
     were switched; every layer gets its own ``forward`` back on exit, also after an error. The packed copies
     stay cached on the layers (one copy of each weight) and are rebuilt when a weight is changed in place
-    or replaced."""
+    or replaced. Where the copies would take more than MEMORY_SHARE of physical memory, nothing switches."""
+    layers = list(dict.fromkeys(layer for model in models for layer in model.modules()  # a model may come twice
+                                if _eligible(layer) and "forward" not in layer.__dict__))
+    if sum(layer.weight.nbytes for layer in layers) > MEMORY_SHARE * _physical_memory():
+        layers = []
     switched: list[nn.Linear] = []
     try:
-        for model in models:
-            for layer in model.modules():
-                if _eligible(layer) and "forward" not in layer.__dict__:
-                    layer.forward = _packed_forward(layer)
-                    switched.append(layer)
+        for layer in layers:
+            layer.forward = _packed_forward(layer)
+            switched.append(layer)
         yield len(switched)
     finally:
         for layer in switched:
             del layer.forward
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no limit known
+        return 1 << 62
 
 
 def _eligible(layer: nn.Module) -> bool:
