@@ -3,7 +3,8 @@
     python bench/deferral_cost.py [--no-prepack]
 
 Times every backbone forward inside `collm.decode` and splits a deferral's cost into the expert's catch-up,
-the base step right after it (the expert's weights have pushed the base's out of the cache), and the rest.
+the excess of the base's next steps over its steps without deferrals (the expert's weights have pushed the
+base's out of the cache), and the rest.
 Prints medians over rounds, after a warm-up round.
 """
 
@@ -46,20 +47,25 @@ def main() -> None:
 
     rounds = []
     for index in range(ROUNDS + 1):
-        never, sometimes = run(0.0), run(0.1)
+        never = run(0.0)
+        base_steps_never = [(end, s) for is_expert, end, s in calls[2:] if not is_expert]
+        sometimes = run(0.1)
         catch_ups = [(end, s) for is_expert, end, s in calls[2:] if is_expert]  # [2:]: the prefills
         deferred = {end for end, _ in catch_ups}
         base_steps = [(end, s) for is_expert, end, s in calls[2:] if not is_expert]
-        after = [s for end, s in base_steps if end - 1 in deferred]
-        others = [s for end, s in base_steps if end - 1 not in deferred]
+        since = {end: min((end - 1 - d for d in deferred if d <= end - 1), default=None) for end, _ in base_steps}
+        by_distance = {k: statistics.median(s for end, s in base_steps if since[end] == k) for k in range(4)}
+        alone = [s for _, s in base_steps_never]
         if index:
-            rounds.append(dict(per_deferral=(sometimes - never) / len(catch_ups), catch_up=statistics.median(
-                s for _, s in catch_ups), base_after=statistics.median(after), base_other=statistics.median(others)))
+            rounds.append(dict(per_deferral=(sometimes - never) / len(catch_ups),
+                               catch_up=statistics.median(s for _, s in catch_ups),
+                               alone=statistics.median(alone), **{f"after{k}": v for k, v in by_distance.items()}))
     ms = {key: 1000 * statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    excess = sum(ms[f"after{k}"] - ms["alone"] for k in range(4))
     print(f"prepack {prepack}; per deferral {ms['per_deferral']:.2f} ms = expert catch-up {ms['catch_up']:.2f} "
-          f"+ base step after it {ms['base_after']:.2f} (others {ms['base_other']:.2f}: "
-          f"+{ms['base_after'] - ms['base_other']:.2f}) + the rest "
-          f"{ms['per_deferral'] - ms['catch_up'] - ms['base_after'] + ms['base_other']:.2f}")
+          f"+ the base's next 4 steps' excess over its steps at f = 0 ({ms['alone']:.2f} ms): "
+          + ", ".join(f"+{ms[f'after{k}'] - ms['alone']:.2f}" for k in range(4))
+          + f" = {excess:.2f} + the rest {ms['per_deferral'] - ms['catch_up'] - excess:.2f}")
 
 
 if __name__ == "__main__":
