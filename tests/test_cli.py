@@ -90,6 +90,25 @@ def test_bench_json_rows(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+def test_bench_per_row_batches_get_the_any_row_ideal(tmp_path):
+    """With rows deferring on their own phases the expert runs whenever any row defers: the bench counts those
+    steps from the router's table, and the measured expert calls agree with that count."""
+    from collm.bench import any_row_share, pattern_router
+
+    out = tmp_path / "bench.json"
+    result = invoke("bench", "--fractions", "0.25", "--new-tokens", 9, "--prompt-len", 4, "--repeats", 1,
+                    "--batch", 4, "--per-row", "--systems", "base,expert,collm", "--json", out)
+    assert result.exit_code == 0, result.output
+    rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    share = any_row_share(0.25, 9, 0, 4)
+    assert 0.25 < share < 1
+    assert rows["collm"]["ideal_any_row_ms_per_token"] == pytest.approx(
+        rows["base"]["ms_per_token"] + share * rows["expert"]["ms_per_token"])
+    table = pattern_router(0.25, 9, 0, 4, per_row=True).table  # a deferral at step 0 reads the up-front prefill
+    assert rows["collm"]["expert_calls"] == int(table[1:].any(-1).sum()) == round(share * 8)
+    assert "any-row τ" in result.stdout
+
+
 def test_benchmark_router_defers_at_exactly_the_asked_rate():
     import torch
 
