@@ -251,6 +251,36 @@ def test_fused_step_writes_what_the_step_by_step_loop_writes(mode, num_experts):
         assert 0 < loop.stats["deferred_tokens"] < loop.stats["new_tokens"]
 
 
+@pytest.mark.parametrize("mode", ["collm", "expert"])
+def test_fused_step_stops_on_strings_and_streams_like_the_loop(mode):
+    """Stop strings and streaming are host work on the token that comes with the fused step's one flags read:
+    the same rows stop at the same steps (later steps routed as if they had), and the streaming callback
+    sees the same tokens, sources and done flags, step by step."""
+    from collm.decode import Sampling, decode
+
+    base, expert = make_llama(0), make_llama(1)
+    head = random_head(base.config.hidden_size, scale=2.0, seed=11)
+    args = dict(max_new_tokens=40, threshold=0.6, sampling=Sampling(), pad_id=PAD_ID, eos_ids=(EOS_ID,),
+                vocab=base.config.vocab_size, static=True, mode=mode)
+    first = decode(base, [expert], head, PROMPTS, fused=False, **args)
+    # a token row 1 writes after a few steps that some other row never writes: rows stop at different steps or not
+    marker = next(t for t in first.token_ids[1][4:] if any(t not in ids for ids in first.token_ids))
+
+    def stop_check(row, ids):
+        return "stop" if marker in ids else None
+
+    runs = {}
+    for fused in (False, True):
+        seen = []
+        out = decode(base, [expert], head, PROMPTS, fused=fused, stop_check=stop_check,
+                     on_token=lambda *step: seen.append(step), **args)
+        runs[fused] = (out.token_ids, out.sources, out.defer_probs, out.stopped_by, seen,
+                       out.stats["expert_calls"], out.stats["steps"])
+    assert runs[True] == runs[False]
+    stopped_by = runs[False][3]
+    assert "stop" in stopped_by and None in stopped_by
+
+
 def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():
     """The benchmark's per-row deferral pattern, read from its table on the device, routes exactly as the
     router called step by step; asking for the fused step with sampling is an error, not a silent fallback."""

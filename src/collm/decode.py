@@ -135,8 +135,8 @@ def decode(
     ``static``: use static caches and, on CUDA, captured graphs (collm.static); None picks it where supported.
     ``compile``: on the static CUDA path, torch.compile each step before capturing it (slow first calls).
     ``fused``: on the static path, run each step as one device program (collm.fused; one graph on CUDA).
-    None picks it where it applies: greedy, modes collm/base/expert, no stop strings or streaming, and a
-    router (if any) given as a fixed ``table``. True where it does not apply raises ValueError.
+    None picks it where it applies: greedy, modes collm/base/expert, and a router (if any) given as a fixed
+    ``table``. True where it does not apply raises ValueError.
     ``prepack``: on CPU, run the large float32 linear layers on oneDNN with prepacked weights (collm.prepack;
     2x faster decoding of SmolLM2 here); None picks it on CPU outside the static path.
     """
@@ -150,14 +150,14 @@ def decode(
         for backbone in (writer, *helpers):
             backbone.pads = pads
         fusable = (isinstance(writer, StaticModel) and mode in ("collm", "base", "expert") and not sampling.do_sample
-                   and stop_check is None and on_token is None and not reencode_experts and len(eos_ids) <= MAX_EOS
+                   and not reencode_experts and len(eos_ids) <= MAX_EOS
                    and (router is None or getattr(router, "table", None) is not None))
         if fused and not fusable:
-            raise ValueError("the fused step needs the static path, greedy decoding, mode collm/base/expert, no stop "
-                             "strings, no streaming, no re-encoding and a router given as a table")
+            raise ValueError("the fused step needs the static path, greedy decoding, mode collm/base/expert, no "
+                             f"re-encoding, at most {MAX_EOS} EOS ids and a router given as a table")
         if fusable if fused is None else fused:
             return _decode_fused(writer, helpers, head, seq, mask, positions, prompt_len, max_new_tokens, threshold,
-                                 mode, eos_ids, pad_id, vocab, router)
+                                 mode, eos_ids, pad_id, vocab, router, stop_check, on_token)
         return _decode_loop(writer, helpers, head, seq, mask, positions, prompt_len, max_new_tokens, threshold,
                             sampling, mode, eos_ids, pad_id, stop_check, on_token, router, reencode_experts)
 
@@ -221,36 +221,42 @@ def _decode_loop(writer, helpers, head, seq, mask, positions, prompt_len, max_ne
 
 
 def _decode_fused(writer, helpers, head, seq, mask, positions, prompt_len, max_new_tokens, threshold, mode,
-                  eos_ids, pad_id, vocab, router) -> Decoded:
+                  eos_ids, pad_id, vocab, router, stop_check, on_token) -> Decoded:
     """The same loop with each step fused into one device program (collm.fused): per token the host reads one
-    small flags vector and launches an expert's catch-up only where a row chose it."""
+    small flags vector, launches an expert's catch-up only where a row chose it, and does the host work (stop
+    strings, streaming) on the token that came with the flags."""
     started = time.perf_counter()
     use_head = mode == "collm"
+    rows, experts = seq.shape[0], len(helpers)
     logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=use_head)
     for helper in helpers:  # the experts read the prompt up front, as in `_decode_loop`
         helper.advance(seq, mask, positions, prompt_len)
         helper.calls, helper.prefill_tokens, helper.tokens = 0, helper.tokens, 0
-    state = fused_step(writer, vocab, len(helpers), head if use_head else None)
+    state = fused_step(writer, vocab, experts, head if use_head else None)
     table = getattr(router, "table", None)
     flags = state.start(seq, positions, prompt_len, logits, hidden, head=head if use_head else None,
                         threshold=threshold, eos_ids=eos_ids, pad_id=pad_id,
                         table=None if table is None else table.to(seq.device))
+    stopped: list[tuple[str, int] | None] = [None] * rows
+    new_ids: list[list[int]] = [[] for _ in range(rows)]  # host copies of each row's tokens, for stop strings
     steps = 0
     for step in range(max_new_tokens):
-        *counts, all_done = flags
-        if all_done:
+        if flags[experts]:  # every row has finished
             break
-        for k, rows in enumerate(counts, 1):
-            if rows:
+        for k in range(1, experts + 1):
+            if flags[k - 1]:
                 expert_logits, _ = helpers[k - 1].advance(state.seq, mask, state.positions, prompt_len + step)
                 state.set_expert_logits(k, expert_logits)
         steps = step + 1
-        if steps < max_new_tokens:
-            flags = state.advance()
-        else:
-            state.finish()
+        flags = state.advance() if steps < max_new_tokens else state.finish()
+        token, choice, done_before = (flags[experts + 1 + i * rows : experts + 1 + (i + 1) * rows] for i in range(3))
+        if on_token is not None:
+            on_token(token, choice, [bool(d) for d in done_before])
+        if stop_check is not None:
+            hits = _stop_hits(token, done_before, new_ids, eos_ids, stopped, stop_check)
+            if hits and steps < max_new_tokens:
+                flags = state.stop_rows(hits)
     seconds = time.perf_counter() - started
-    stopped = [None] * seq.shape[0]
     return _collect(state.seq, state.chosen, state.defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers,
                     seconds, mode)
 
@@ -360,6 +366,18 @@ def _stop_strings(new_ids: torch.Tensor, done: torch.Tensor, stopped: list, stop
         if not finished[row] and (hit := stop_check(row, ids)) is not None:
             stopped[row] = (hit, len(ids))
             done[row] = True
+
+
+def _stop_hits(token: list[int], done_before: list[int], new_ids: list[list[int]], eos_ids, stopped: list,
+               stop_check) -> list[int]:
+    """`_stop_strings` for the fused loop, on host copies of the tokens: the rows a stop string ends now."""
+    hits = []
+    for row, ids in enumerate(new_ids):
+        ids.append(token[row])
+        if not done_before[row] and token[row] not in eos_ids and (hit := stop_check(row, ids)) is not None:
+            stopped[row] = (hit, len(ids))
+            hits.append(row)
+    return hits
 
 
 def _collect(seq, chosen, defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers, seconds, mode):

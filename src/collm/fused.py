@@ -11,9 +11,10 @@ owns, with the step index on the device, so on CUDA one graph replay does all of
                     write defer_prob and source; flags = (rows per expert, all done)
 
 and the host reads ``flags``: the one sync per token, which it needs to know whether to launch an expert's
-catch-up (collm.static, its own graphs) or stop. Greedy decoding only; sampling, stop strings, streaming and the
-other modes keep the step-by-step loop in collm.decode. On CPU the same functions run eagerly, which is how the
-tests prove the fused step writes exactly what the loop writes.
+catch-up (collm.static, its own graphs) or stop. The same read brings the step's token, source and done
+flags, for stop strings and streaming, which are host work. Greedy decoding only; sampling and the other modes
+keep the step-by-step loop in collm.decode. On CPU the same functions run eagerly, which is how the tests
+prove the fused step writes exactly what the loop writes.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class FusedStep:
         self.head_weight = torch.zeros(max(head_outputs, 1), hidden_size, dtype=torch.float32, device=device)
         self.head_bias = torch.zeros(max(head_outputs, 1), dtype=torch.float32, device=device)
         self.experts_ids = torch.arange(1, num_experts + 1, device=device)
-        self.flags = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+        # [rows per expert (M), all done, then the step just finished: token (B), source (B), done before it (B)]
+        self.flags = torch.zeros(num_experts + 1 + 3 * batch, dtype=torch.long, device=device)
         self.graph = None
 
     def start(self, seq, positions, prompt_len: int, logits, hidden, *, head: DeferralHead | None,
@@ -97,7 +99,7 @@ class FusedStep:
 
     def advance(self) -> list[int]:
         """Finish this step and begin the next: the token is written, the writer reads it, the head routes.
-        Returns the next step's flags ``[rows per expert..., all done]``: the one host sync per token."""
+        Returns ``flags`` (see __init__): the one host sync per token."""
         if self.writer.graphs_on:
             if self.graph is None:
                 self.graph = self._capture()
@@ -109,9 +111,17 @@ class FusedStep:
         self.writer.tokens += self.writer.batch
         return self.flags.tolist()
 
-    def finish(self) -> None:
-        """The last step: write the token without reading it (nothing comes after)."""
+    def finish(self) -> list[int]:
+        """The last step: write the token without reading it (nothing comes after); returns ``flags``."""
         self._finish()
+        return self.flags.tolist()
+
+    def stop_rows(self, rows: list[int]) -> list[int]:
+        """Rows that a stop string ended (host work) are done from now on: route the next step again, as the
+        step-by-step loop would have, and return the new flags."""
+        self.done[rows] = True
+        self._route()
+        return self.flags.tolist()
 
     def _step(self) -> None:
         self._finish()
@@ -125,6 +135,7 @@ class FusedStep:
             logits = torch.where((choice == k + 1)[:, None], self.expert_logits[k], logits)
         token = torch.where(self.done, self.pad, logits.argmax(-1))  # (B,): finished rows write padding
         self.seq.index_copy_(1, self.n, token[:, None])
+        self.flags[self.num_experts + 1 :].copy_(torch.cat([token, choice, self.done.long()]))
         self.done |= (token[:, None] == self.eos).any(-1)
         self.n += 1
         self.step += 1
@@ -155,7 +166,7 @@ class FusedStep:
         choice = choice.masked_fill(self.done, 0)
         self.chosen.index_copy_(1, self.step, choice[:, None])
         counts = (choice[:, None] == self.experts_ids).sum(0)  # (M,): no bincount, whose size needs a sync
-        self.flags.copy_(torch.cat([counts, self.done.all()[None].long()]))
+        self.flags[: self.num_experts + 1].copy_(torch.cat([counts, self.done.all()[None].long()]))
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, capture, then undo the warm-up: unlike a forward's (which writes only
