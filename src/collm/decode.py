@@ -177,14 +177,10 @@ def _decode_loop(writer, helpers, head, seq, mask, positions, prompt_len, max_ne
 
     use_head = mode in ("collm", "compose")
     base_writes = torch.zeros(rows, dtype=torch.long, device=device)  # the choice when no head is consulted
-    logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=use_head)
-    if mode == "collm" and not reencode_experts:
-        # The experts read the prompt now, with the base: a deferral then costs one catch-up over the tokens
-        # written since, not a prompt-length prefill in the middle of decoding. (The naive baseline re-reads
-        # the prefix at every call anyway.) Stats count the prefill apart from the deferrals' calls and tokens.
-        for helper in helpers:
-            helper.advance(seq, mask, positions, prompt_len)
-            helper.calls, helper.prefill_tokens, helper.tokens = 0, helper.tokens, 0
+    # compose and proxy run their helpers every step, the naive baseline re-reads the prefix at every call
+    up_front = helpers if mode == "collm" and not reencode_experts else []
+    logits, hidden = _read_prompt(writer, up_front, seq, mask, positions, prompt_len, use_head)
+    new_ids: list[list[int]] = [[] for _ in range(rows)]  # host copies of each row's tokens, for stop strings
     for step in range(max_new_tokens):
         n = prompt_len + step
         choice = base_writes
@@ -207,12 +203,15 @@ def _decode_loop(writer, helpers, head, seq, mask, positions, prompt_len, max_ne
         token = token.masked_fill(done, pad_id)
         seq[:, n] = token
         chosen[:, step] = choice
-        if on_token is not None:  # before `done` takes this step's EOS: rows that had already ended
-            on_token(token.tolist(), choice.tolist(), done.tolist())
+        if on_token is not None or stop_check is not None:  # one copy; `done` before it takes this step's EOS
+            token_host, choice_host, done_before = torch.stack([token, choice, done.long()]).tolist()
+            if on_token is not None:
+                on_token(token_host, choice_host, [bool(d) for d in done_before])
         done |= torch.isin(token, eos)
         steps = step + 1
-        if stop_check is not None:
-            _stop_strings(seq[:, prompt_len : n + 1], done, stopped, stop_check)
+        if stop_check is not None and (hits := _stop_hits(token_host, done_before, new_ids, eos_ids, stopped,
+                                                          stop_check)):
+            done[hits] = True
         if steps < max_new_tokens:
             logits, hidden = writer.advance(seq, mask, positions, n + 1, hidden=use_head)
 
@@ -228,13 +227,11 @@ def _decode_fused(writer, helpers, head, seq, mask, positions, prompt_len, max_n
     started = time.perf_counter()
     use_head = mode == "collm"
     rows, experts = seq.shape[0], len(helpers)
-    logits, hidden = writer.advance(seq, mask, positions, prompt_len, hidden=use_head)
-    for helper in helpers:  # the experts read the prompt up front, as in `_decode_loop`
-        helper.advance(seq, mask, positions, prompt_len)
-        helper.calls, helper.prefill_tokens, helper.tokens = 0, helper.tokens, 0
-    state = fused_step(writer, vocab, experts, head if use_head else None)
+    logits, hidden = _read_prompt(writer, helpers, seq, mask, positions, prompt_len, use_head)
+    head = head if use_head else None
+    state = fused_step(writer, vocab, experts, head)
     table = getattr(router, "table", None)
-    flags = state.start(seq, positions, prompt_len, logits, hidden, head=head if use_head else None,
+    flags = state.start(seq, positions, prompt_len, logits, hidden, head=head,
                         threshold=threshold, eos_ids=eos_ids, pad_id=pad_id,
                         table=None if table is None else table.to(seq.device))
     stopped: list[tuple[str, int] | None] = [None] * rows
@@ -259,6 +256,17 @@ def _decode_fused(writer, helpers, head, seq, mask, positions, prompt_len, max_n
     seconds = time.perf_counter() - started
     return _collect(state.seq, state.chosen, state.defer_p, prompt_len, steps, eos_ids, stopped, writer, helpers,
                     seconds, mode)
+
+
+def _read_prompt(writer, helpers, seq, mask, positions, prompt_len: int, hidden: bool):
+    """The writer reads the prompt, and so do ``helpers``, up front: a deferral then costs one catch-up over the
+    tokens written since, not a prompt-length prefill in the middle of decoding. Stats count the helpers'
+    prefill apart from the deferrals' calls and tokens. Returns the writer's next-token logits and h."""
+    logits, h = writer.advance(seq, mask, positions, prompt_len, hidden=hidden)
+    for helper in helpers:
+        helper.advance(seq, mask, positions, prompt_len)
+        helper.calls, helper.prefill_tokens, helper.tokens = 0, helper.tokens, 0
+    return logits, h
 
 
 def _backbones(base, experts, mode: str, vocab: int, mask: torch.Tensor, static: bool | None, compile: bool,
@@ -359,18 +367,10 @@ def _proxy_pick(logits, helpers, seq, mask, positions, n, sampling, generator):
     return log_probs.argmax(-1) if not sampling.do_sample else _sample(log_probs, sampling.top_p, generator)
 
 
-def _stop_strings(new_ids: torch.Tensor, done: torch.Tensor, stopped: list, stop_check) -> None:
-    """Mark rows whose text now contains a stop string (host work, done only when stop strings are given)."""
-    finished = done.tolist()
-    for row, ids in enumerate(new_ids.tolist()):
-        if not finished[row] and (hit := stop_check(row, ids)) is not None:
-            stopped[row] = (hit, len(ids))
-            done[row] = True
-
-
 def _stop_hits(token: list[int], done_before: list[int], new_ids: list[list[int]], eos_ids, stopped: list,
                stop_check) -> list[int]:
-    """`_stop_strings` for the fused loop, on host copies of the tokens: the rows a stop string ends now."""
+    """Append this step's tokens to the host copies of the rows and return the rows that a stop string ends
+    now (host work, done only when stop strings are given); rows already done or ending on EOS are skipped."""
     hits = []
     for row, ids in enumerate(new_ids):
         ids.append(token[row])
