@@ -338,15 +338,25 @@ def test_prepacking_is_skipped_where_the_copies_would_not_fit(monkeypatch):
         assert switched > 0
 
 
-def test_prepacked_decoding_writes_what_the_default_kernels_write():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_decoding_writes_what_the_default_kernels_write(dtype):
+    """float32 and (where the CPU has native bfloat16 kernels) bfloat16 layers are prepacked; either way the
+    tokens and their sources are the default kernels'."""
     from collm.decode import Sampling, decode
+    from collm.prepack import MIN_PARAMS
 
-    base, expert = make_llama(0, hidden=512), make_llama(1, hidden=512)
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bfloat16 kernels: bfloat16 layers are not prepacked")
+    base, expert = make_llama(0, hidden=512).to(dtype), make_llama(1, hidden=512).to(dtype)
     head = random_head(base.config.hidden_size, scale=0.3, seed=5)
     args = dict(max_new_tokens=NEW, threshold=0.5, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
                 vocab=base.config.vocab_size)
     default = decode(base, [expert], head, PROMPTS, prepack=False, **args)
+    big = [m for model in (base, expert) for m in model.modules()
+           if isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PARAMS]
+    assert big and not any("_collm_packed" in m.__dict__ for m in big)
     packed = decode(base, [expert], head, PROMPTS, prepack=True, **args)
+    assert all("_collm_packed" in m.__dict__ for m in big)  # every large layer ran on its packed weight
     assert (packed.token_ids, packed.sources) == (default.token_ids, default.sources)
     assert 0 < default.stats["deferred_tokens"] < default.stats["new_tokens"]
 

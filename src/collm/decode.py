@@ -137,8 +137,8 @@ def decode(
     ``fused``: on the static path, run each step as one device program (collm.fused; one graph on CUDA).
     None picks it where it applies: greedy, modes collm/base/expert, and a router (if any) given as a fixed
     ``table``. True where it does not apply raises ValueError.
-    ``prepack``: on CPU, run the large float32 linear layers on oneDNN with prepacked weights (collm.prepack;
-    2x faster decoding of SmolLM2 here); None picks it on CPU outside the static path.
+    ``prepack``: on CPU, run the large float32 (and bfloat16) linear layers on oneDNN with prepacked weights
+    (collm.prepack; 2x faster decoding of SmolLM2 here); None picks it on CPU outside the static path.
     """
     device = next(base.parameters()).device
     if prepack is None:

@@ -9,6 +9,9 @@ the table). Reordering costs one copy of the weight, kept beside the layer and r
 changes: memory for speed (the demo's peak goes from 1.6 to 2.7 GB), so copies that would take more than a
 quarter of the machine's memory are not made. Layers under 2^16 weights stay as they are: there the two
 kernels tie.
+
+bfloat16 layers are prepacked too where the CPU has native bfloat16 instructions (oneDNN reports them):
+SmolLM2-135M in bfloat16 decodes at 16.3 ms/token instead of 19.4 (float32 prepacked: 22.4).
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ def available(device: torch.device) -> bool:
 
 @contextmanager
 def prepacked(models: Iterable[nn.Module]) -> Iterator[int]:
-    """Within the block, float32 ``nn.Linear`` layers of ``models`` with at least MIN_PARAMS weights run on
-    oneDNN with prepacked weights (inference only: the packed copy has no autograd). Yields how many layers
-    were switched; every layer gets its own ``forward`` back on exit, also after an error. The packed copies
-    stay cached on the layers (one copy of each weight) and are rebuilt when a weight is changed in place
-    or replaced. Where the copies would take more than MEMORY_SHARE of physical memory, nothing switches."""
+    """Within the block, float32 (and, see above, bfloat16) ``nn.Linear`` layers of ``models`` with at least
+    MIN_PARAMS weights run on oneDNN with prepacked weights (inference only: the packed copy has no autograd;
+    an input of another dtype takes the default path). Yields how many layers were switched; every layer
+    gets its own ``forward`` back on exit, also after an error. The packed copies stay cached on the layers
+    (one copy of each weight) and are rebuilt when a weight is changed in place or replaced. Where the copies would take more than MEMORY_SHARE of physical memory, nothing switches."""
     layers = list(dict.fromkeys(layer for model in models for layer in model.modules()  # a model may come twice
                                 if _eligible(layer) and "forward" not in layer.__dict__))
     if sum(layer.weight.nbytes for layer in layers) > MEMORY_SHARE * _physical_memory():
@@ -62,13 +65,19 @@ def _physical_memory() -> int:
 
 
 def _eligible(layer: nn.Module) -> bool:
-    return (type(layer) is nn.Linear and layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
-            and layer.weight.numel() >= MIN_PARAMS)
+    return (type(layer) is nn.Linear and layer.weight.dtype in _packable_dtypes()
+            and layer.weight.device.type == "cpu" and layer.weight.numel() >= MIN_PARAMS)
+
+
+def _packable_dtypes() -> tuple[torch.dtype, ...]:
+    """float32 always; bfloat16 where oneDNN has native bfloat16 kernels on this CPU (else it would emulate)."""
+    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if native_bf16 is not None and native_bf16() else (torch.float32,)
 
 
 def _packed_forward(layer: nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or torch.is_grad_enabled():
+        if x.dtype != layer.weight.dtype or torch.is_grad_enabled():
             return nn.Linear.forward(layer, x)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _packed(layer), layer.bias, "none", [], "")
 
