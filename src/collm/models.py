@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,7 +104,9 @@ def _load_with_adapter(spec: str, base_spec: str, device, dtype: str):
 
     model, tokenizer = load_model(base_spec, device="cpu", dtype="float32")
     try:
-        model = PeftModel.from_pretrained(model, spec).merge_and_unload()
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x: not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, spec).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CollmError(f"cannot apply the adapter {spec!r} to {base_spec!r}: {_first_line(e)}") from None
     model.to(device=device, dtype=DTYPES[dtype]).eval()  # merged in float32, then cast: no bf16 rounding twice
