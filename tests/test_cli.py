@@ -66,6 +66,29 @@ def test_bad_input_is_one_line_and_exit_2(folders):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "1.5"], "threshold must be a number in [0, 1]"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--mode", "bogus"], "mode must be one of"),
+    (["--do-sample", "--temperature", "0"], "temperature must be > 0"),
+    (["--stop", ""], "stop strings must be non-empty"),
+])
+def test_generate_refuses_bad_settings_before_loading_any_model(monkeypatch, args, message):
+    """A typo in a setting costs no model load (minutes for a large model), and prints no prompt first."""
+    from collm.pair import CoLLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(CoLLM, "load", no_loading)
+    monkeypatch.setattr(CoLLM, "from_pretrained", no_loading)
+    from collm.errors import CollmError
+
+    result = runner.invoke(app, ["generate", *args, "hi"])  # `collm` turns a CollmError into one line, exit 2
+    assert isinstance(result.exception, CollmError) and message in str(result.exception)
+    assert "> hi" not in result.output
+
+
 def test_vocab_mismatch_refused(tmp_path, folders):
     base, _ = folders
     tok = make_tokenizer()

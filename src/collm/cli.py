@@ -85,9 +85,11 @@ def generate(
     config: ConfigOption = None,
 ):
     """Answer prompts with a base and expert(s); each token is colored by the model that wrote it."""
-    from collm.pair import CoLLM
+    from collm.pair import CoLLM, check_request
 
     texts = _read_prompts(prompts, prompt_file) or [EXAMPLE_QUESTION]
+    check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop, do_sample=do_sample,
+                  temperature=temperature, top_p=top_p, seed=seed)  # before minutes of loading, not after
     with err.status("loading models"):
         if run is not None:
             pair = CoLLM.from_pretrained(run, device=device, dtype=dtype)

@@ -135,11 +135,9 @@ class CoLLM:
         done)`` is called after each step with every row's new token and writer, for streaming.
         Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
         """
-        threshold = self.threshold if threshold is None else _check_threshold(threshold)
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise CollmError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if mode not in MODES:
-            raise CollmError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        sampling = check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        threshold = self.threshold if threshold is None else float(threshold)
         if mode != "base" and not self.experts:
             raise CollmError(f"mode {mode!r} needs at least one expert")
         if mode == "proxy" and len(self.experts) != 2:
@@ -147,11 +145,9 @@ class CoLLM:
         ids = self.encode(prompts, chat=chat)
         self._check_context(max(len(p) for p in ids) + max_new_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops):
-            raise CollmError("stop strings must be non-empty")
         raw = decode(
             self.base, self.experts, self.head, ids, max_new_tokens=max_new_tokens, threshold=threshold,
-            sampling=Sampling(do_sample, temperature, top_p, seed), mode=mode, eos_ids=self._eos_ids(),
+            sampling=sampling, mode=mode, eos_ids=self._eos_ids(),
             pad_id=self._pad_id(), vocab=self.vocab, stop_check=self._stop_check(stops) if stops else None,
             router=router, compile=compile, on_token=on_token,
         )
@@ -235,6 +231,21 @@ def proxy_tuning(expert, tuned, untuned, tokenizer=None) -> CoLLM:
     and ``untuned`` its original. Use ``generate(..., mode="proxy")``; all three models run every step."""
     hidden = tuned.config.get_text_config().hidden_size
     return CoLLM(tuned, [expert, untuned], DeferralHead(hidden, 2), tokenizer, info={"proxy": True})
+
+
+def check_request(*, max_new_tokens: int, threshold: float | None, mode: str, stop: list[str] | str | None,
+                  do_sample: bool, temperature: float, top_p: float, seed: int) -> Sampling:
+    """Check what :meth:`CoLLM.generate` is asked for, before any model is needed (the CLI calls it before
+    loading them); returns the sampling settings. Raises CollmError with what to fix."""
+    if threshold is not None:
+        _check_threshold(threshold)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise CollmError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if mode not in MODES:
+        raise CollmError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if any(not s for s in ([stop] if isinstance(stop, str) else list(stop or []))):
+        raise CollmError("stop strings must be non-empty")
+    return Sampling(do_sample, temperature, top_p, seed)
 
 
 def _check_threshold(threshold) -> float:
