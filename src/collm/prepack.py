@@ -11,15 +11,15 @@ quarter of the machine's memory are not made. Layers under 2^16 weights stay as 
 kernels tie.
 
 bfloat16 layers are prepacked too where the CPU has native bfloat16 instructions (oneDNN reports them):
-SmolLM2-135M in bfloat16 decodes at 16.3 ms/token instead of 19.4 (float32 prepacked: 22.4).
+SmolLM2-135M in bfloat16 decodes at 16.2 ms/token instead of 20.5 (float32 prepacked: 22.4; bench/README.md).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from contextlib import contextmanager
 from typing import Iterable, Iterator
-
-import os
 
 import torch
 from torch import nn
@@ -41,7 +41,8 @@ def prepacked(models: Iterable[nn.Module]) -> Iterator[int]:
     MIN_PARAMS weights run on oneDNN with prepacked weights (inference only: the packed copy has no autograd;
     an input of another dtype takes the default path). Yields how many layers were switched; every layer
     gets its own ``forward`` back on exit, also after an error. The packed copies stay cached on the layers
-    (one copy of each weight) and are rebuilt when a weight is changed in place or replaced. Where the copies would take more than MEMORY_SHARE of physical memory, nothing switches."""
+    (one copy of each weight) and are rebuilt when a weight is changed in place or replaced. Where the copies
+    would take more than MEMORY_SHARE of physical memory, nothing switches."""
     layers = list(dict.fromkeys(layer for model in models for layer in model.modules()  # a model may come twice
                                 if _eligible(layer) and "forward" not in layer.__dict__))
     if sum(layer.weight.nbytes for layer in layers) > MEMORY_SHARE * _physical_memory():
@@ -69,6 +70,7 @@ def _eligible(layer: nn.Module) -> bool:
             and layer.weight.device.type == "cpu" and layer.weight.numel() >= MIN_PARAMS)
 
 
+@functools.cache
 def _packable_dtypes() -> tuple[torch.dtype, ...]:
     """float32 always; bfloat16 where oneDNN has native bfloat16 kernels on this CPU (else it would emulate)."""
     native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
