@@ -1,6 +1,6 @@
 """How much slower the tiny base's next steps are after it was idle for one expert catch-up's time (CPU).
 
-    python bench/base_after_pause.py [--rounds 2]
+    python bench/base_after_pause.py [--rounds 2] [--threads N]
 
 The base decodes 400 tokens alone; every 20th step something else runs first:
   none    nothing (the base's steady state),
@@ -9,8 +9,8 @@ The base decodes 400 tokens alone; every 20th step something else runs first:
   expert  one step of the tiny expert (what a deferral does).
 Prints the base's median step time at each of the 10 distances after the perturbation and their summed
 excess over the same run's steps 10 to 19 after it (the steady state, measured in the same run). `bench/deferral_cost.py` charges this excess to a deferral; here it
-shows how much of it comes from merely being away (on a shared-cache virtual machine other tenants use the
-last-level cache meanwhile), which no decoder change can remove.
+shows how much of it comes from merely being away, which no decoder change can remove (most likely, on a
+virtual machine whose last-level cache is shared, others use it meanwhile).
 """
 
 import argparse
@@ -30,7 +30,10 @@ PAUSE_S = 0.006
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base, expert = build_models(BenchConfig())
     ids = torch.randint(0, base.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(0))
     sweep = torch.ones(110_000_000 // 4)
