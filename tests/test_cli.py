@@ -75,6 +75,7 @@ def test_bad_input_is_one_line_and_exit_2(folders):
 ])
 def test_generate_refuses_bad_settings_before_loading_any_model(monkeypatch, args, message):
     """A typo in a setting costs no model load (minutes for a large model), and prints no prompt first."""
+    from collm.errors import CollmError
     from collm.pair import CoLLM
 
     def no_loading(*args, **kwargs):
@@ -82,8 +83,6 @@ def test_generate_refuses_bad_settings_before_loading_any_model(monkeypatch, arg
 
     monkeypatch.setattr(CoLLM, "load", no_loading)
     monkeypatch.setattr(CoLLM, "from_pretrained", no_loading)
-    from collm.errors import CollmError
-
     result = runner.invoke(app, ["generate", *args, "hi"])  # `collm` turns a CollmError into one line, exit 2
     assert isinstance(result.exception, CollmError) and message in str(result.exception)
     assert "> hi" not in result.output

@@ -144,7 +144,7 @@ class CoLLM:
             raise CollmError("mode 'proxy' needs a pair made by collm.pair.proxy_tuning(expert, tuned, untuned, ...)")
         ids = self.encode(prompts, chat=chat)
         self._check_context(max(len(p) for p in ids) + max_new_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         raw = decode(
             self.base, self.experts, self.head, ids, max_new_tokens=max_new_tokens, threshold=threshold,
             sampling=sampling, mode=mode, eos_ids=self._eos_ids(),
@@ -243,9 +243,13 @@ def check_request(*, max_new_tokens: int, threshold: float | None, mode: str, st
         raise CollmError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if mode not in MODES:
         raise CollmError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if any(not s for s in ([stop] if isinstance(stop, str) else list(stop or []))):
+    if any(not s for s in _stop_list(stop)):
         raise CollmError("stop strings must be non-empty")
     return Sampling(do_sample, temperature, top_p, seed)
+
+
+def _stop_list(stop: list[str] | str | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 def _check_threshold(threshold) -> float:
