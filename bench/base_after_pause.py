@@ -20,8 +20,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from collm.bench import BenchConfig, build_models
-from collm.prepack import prepacked
+from collm.evaluation.bench import BenchConfig, build_models
+from collm.backends.prepack import prepacked
 
 PROMPT, STEPS, EVERY, SHOWN = 32, 400, 20, 10
 PAUSE_S = 0.006

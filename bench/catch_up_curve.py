@@ -1,5 +1,5 @@
 """Cost of one expert forward over k new tokens after a 64-token prefix (tiny expert shape, CPU), with
-PyTorch's default linear kernels and with collm.prepack's oneDNN layers.
+PyTorch's default linear kernels and with collm.backends.prepack's oneDNN layers.
 
     python bench/catch_up_curve.py
 
@@ -13,8 +13,8 @@ from contextlib import nullcontext
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from collm.bench import SHAPES
-from collm.prepack import prepacked
+from collm.evaluation.bench import SHAPES
+from collm.backends.prepack import prepacked
 
 LENGTHS = (1, 2, 4, 8, 10, 16, 32)
 

@@ -2,7 +2,7 @@
 
     python bench/deferral_cost.py [--no-prepack]
 
-Times every backbone forward inside `collm.decode` and splits a deferral's cost into the expert's catch-up,
+Times every backbone forward inside `collm.decoding.decode` and splits a deferral's cost into the expert's catch-up,
 the excess of the base's next steps over its steps without deferrals (the expert's weights have pushed the
 base's out of the cache), and the rest.
 Prints medians over rounds, after a warm-up round.
@@ -14,9 +14,9 @@ import time
 
 import torch
 
-import collm.decode as decoding
-from collm.bench import BenchConfig, build_models, pattern_router
-from collm.head import DeferralHead
+import collm.decoding.decode as decoding
+from collm.evaluation.bench import BenchConfig, build_models, pattern_router
+from collm.core.head import DeferralHead
 
 NEW, ROUNDS = 128, 7
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fused step (collm.fused) on a lent GPU, in two device calls of under 10 minutes each (carry .whl):
+# The fused step (collm.decoding.fused) on a lent GPU, in two device calls of under 10 minutes each (carry .whl):
 #   bash bench/gpu_fused.sh 1   # the GPU exactness tests, then compiled batch 1 with the step fused
 #   bash bench/gpu_fused.sh 2   # compiled batch 1 step by step (--no-fused), then batch 1 vs 16, fused
 # Same shapes and router as bench/gpu_compile.sh; outputs land in $OUT.

@@ -1,5 +1,5 @@
 """One float32 linear layer on this CPU: PyTorch's default kernel against oneDNN on a prepacked weight
-(collm.prepack), for 1, 10 and 64 rows, and the machine's roofline (peak GEMM rate, streaming bandwidth).
+(collm.backends.prepack), for 1, 10 and 64 rows, and the machine's roofline (peak GEMM rate, streaming bandwidth).
 
     python bench/linear_kernels.py
 
@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from collm.prepack import ROWS_HINT
+from collm.backends.prepack import ROWS_HINT
 
 SHAPES = ((256, 256), (1408, 512), (512, 1408), (1536, 576), (4096, 512))
 

@@ -60,8 +60,8 @@ if [[ ! -f $RUNS/expert/merged/config.json ]]; then
   collm train --objective sft --base $BASE --data "$D/calc/train.jsonl" --out "$RUNS/expert" \
     --base-mode lora --lora-r 32 --lora-alpha 64 --lr 1e-3 --warmup-steps 30 --max-len 256 \
     --precision $PRECISION --save-every 500 "${EXPERT[@]}"
-  python3 -m collm.expert bf16 "$RUNS/expert/base_adapter"   # what ships; everything below uses it
-  python3 -m collm.expert merge "$RUNS/expert/base_adapter" "$RUNS/expert/merged"
+  python3 -m collm.training.expert bf16 "$RUNS/expert/base_adapter"   # what ships; everything below uses it
+  python3 -m collm.training.expert merge "$RUNS/expert/base_adapter" "$RUNS/expert/merged"
 fi
 
 log "expert scores on GSM train"
@@ -76,7 +76,7 @@ for spec in "collm:--objective marginal --scores $RUNS/scores" "sft:--objective 
             "weak:--objective weak --scores $RUNS/scores"; do
   name=${spec%%:*}
   [[ -f $RUNS/$name/collm.json ]] || todo+=("collm train $COMMON ${spec#*:} --out $RUNS/$name && \
-    python3 -m collm.expert bf16 $RUNS/$name/base_adapter")
+    python3 -m collm.training.expert bf16 $RUNS/$name/base_adapter")
 done
 (( ${#todo[@]} == 0 )) || par "${todo[@]}"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from collm.answer import extract_answer, is_correct, normalize_number
+from collm.data.answer import extract_answer, is_correct, normalize_number
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("mathematics_dataset")
 pytest.importorskip("absl")
 
-from collm.answer import is_correct  # noqa: E402
-from collm.arithmetic import ArithmeticConfig, write_dataset  # noqa: E402
+from collm.data.answer import is_correct  # noqa: E402
+from collm.data.arithmetic import ArithmeticConfig, write_dataset  # noqa: E402
 from collm.errors import CollmError  # noqa: E402
 
 SMALL = ArithmeticConfig(seed=3, train_per_module=20, validation_per_module=5, test_per_module=10)

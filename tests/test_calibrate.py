@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from collm.calibrate import CalibrateConfig, Point, calibrate, choose_threshold
+from collm.evaluation.calibrate import CalibrateConfig, Point, calibrate, choose_threshold
 from collm.errors import CollmError
 from collm.pair import CoLLM
 from conftest import make_llama, make_tokenizer

@@ -115,7 +115,7 @@ def test_bench_json_rows(tmp_path):
 def test_bench_per_row_batches_get_the_any_row_ideal(tmp_path):
     """With rows deferring on their own phases the expert runs whenever any row defers: the bench counts those
     steps from the router's table, and the measured expert calls agree with that count."""
-    from collm.bench import any_row_share, pattern_router
+    from collm.evaluation.bench import any_row_share, pattern_router
 
     out = tmp_path / "bench.json"
     result = invoke("bench", "--fractions", "0.25", "--new-tokens", 9, "--prompt-len", 4, "--repeats", 1,
@@ -134,7 +134,7 @@ def test_bench_per_row_batches_get_the_any_row_ideal(tmp_path):
 def test_benchmark_router_defers_at_exactly_the_asked_rate():
     import torch
 
-    from collm.bench import pattern_router
+    from collm.evaluation.bench import pattern_router
 
     for f in (0.0, 0.05, 0.1, 0.5, 1.0):
         route = pattern_router(f, 40, seed=3, rows=4, per_row=True)

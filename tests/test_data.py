@@ -4,7 +4,7 @@ import json
 import logging
 import pytest
 
-from collm.data import DataConfig, encode_file, length_order, read_rows
+from collm.data.rows import DataConfig, encode_file, length_order, read_rows
 from collm.errors import CollmError
 from conftest import CHAT_TEMPLATE, make_tokenizer
 

@@ -210,15 +210,15 @@ def test_base_and_expert_modes_run_one_model_only(models):
 def test_static_cache_path_changes_no_token(monkeypatch, max_bucket, fused):
     """The fast path's bucketed static caches, run eagerly on CPU, write exactly what the plain path writes;
     with max_bucket=4 long catch-ups take the eager branch and short ones the padded-bucket branch."""
-    import collm.static
+    import collm.backends.static
 
-    monkeypatch.setattr(collm.static, "MAX_BUCKET", max_bucket)
+    monkeypatch.setattr(collm.backends.static, "MAX_BUCKET", max_bucket)
     base, expert = make_llama(0), make_llama(1)
     head = random_head(base.config.hidden_size, scale=2.0, seed=11)
     pair = CoLLM(base, [expert], head)
     kwargs = dict(max_new_tokens=40, threshold=0.6)
     plain = pair.generate(PROMPTS, **kwargs)
-    from collm.decode import Sampling, decode
+    from collm.decoding.decode import Sampling, decode
 
     fast = decode(base, [expert], head, PROMPTS, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
                   vocab=pair.vocab, static=True, fused=fused, **kwargs)
@@ -229,11 +229,11 @@ def test_static_cache_path_changes_no_token(monkeypatch, max_bucket, fused):
 @pytest.mark.parametrize("mode", ["collm", "base", "expert"])
 @pytest.mark.parametrize("num_experts", [1, 2])
 def test_fused_step_writes_what_the_step_by_step_loop_writes(mode, num_experts):
-    """One device program per step (collm.fused, eager on CPU) against the step-by-step loop on the same
+    """One device program per step (collm.decoding.fused, eager on CPU) against the step-by-step loop on the same
     static caches: the same tokens, sources and defer probabilities to the bit, the same expert calls. A
     second EOS id that the models write mid-answer ends rows at different steps, so finished rows, padding
     and the all-done stop are exercised."""
-    from collm.decode import Sampling, decode
+    from collm.decoding.decode import Sampling, decode
 
     base, experts = make_llama(0), [make_llama(1), make_llama(2)][:num_experts]
     head = random_head(base.config.hidden_size, num_experts, scale=2.0, seed=11)
@@ -256,7 +256,7 @@ def test_fused_step_stops_on_strings_and_streams_like_the_loop(mode):
     """Stop strings and streaming are host work on the token that comes with the fused step's one flags read:
     the same rows stop at the same steps (later steps routed as if they had), and the streaming callback
     sees the same tokens, sources and done flags, step by step."""
-    from collm.decode import Sampling, decode
+    from collm.decoding.decode import Sampling, decode
 
     base, expert = make_llama(0), make_llama(1)
     head = random_head(base.config.hidden_size, scale=2.0, seed=11)
@@ -284,8 +284,8 @@ def test_fused_step_stops_on_strings_and_streams_like_the_loop(mode):
 def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():
     """The benchmark's per-row deferral pattern, read from its table on the device, routes exactly as the
     router called step by step; asking for the fused step with sampling is an error, not a silent fallback."""
-    from collm.bench import pattern_router
-    from collm.decode import Sampling, decode
+    from collm.evaluation.bench import pattern_router
+    from collm.decoding.decode import Sampling, decode
 
     base, expert = make_llama(0), make_llama(1)
     head = random_head(base.config.hidden_size)
@@ -301,9 +301,9 @@ def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():
 
 
 def test_prepacked_cpu_layers_compute_the_same_and_follow_weight_changes():
-    """collm.prepack: the large layers switch to oneDNN inside the block and back after it (also after an
+    """collm.backends.prepack: the large layers switch to oneDNN inside the block and back after it (also after an
     error); outputs match the default kernels to float32 rounding; a weight written in place is repacked."""
-    from collm.prepack import MIN_PARAMS, prepacked
+    from collm.backends.prepack import MIN_PARAMS, prepacked
 
     model = make_llama(0, hidden=512)
     big = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PARAMS]
@@ -325,16 +325,16 @@ def test_prepacked_cpu_layers_compute_the_same_and_follow_weight_changes():
 
 
 def test_prepacking_is_skipped_where_the_copies_would_not_fit(monkeypatch):
-    import collm.prepack
+    import collm.backends.prepack
 
     model = make_llama(0, hidden=512)
     need = sum(m.weight.nbytes for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and m.weight.numel() >= collm.prepack.MIN_PARAMS)
-    monkeypatch.setattr(collm.prepack, "_physical_memory", lambda: int(need / collm.prepack.MEMORY_SHARE) - 1)
-    with collm.prepack.prepacked([model]) as switched:
+               if isinstance(m, torch.nn.Linear) and m.weight.numel() >= collm.backends.prepack.MIN_PARAMS)
+    monkeypatch.setattr(collm.backends.prepack, "_physical_memory", lambda: int(need / collm.backends.prepack.MEMORY_SHARE) - 1)
+    with collm.backends.prepack.prepacked([model]) as switched:
         assert switched == 0
-    monkeypatch.setattr(collm.prepack, "_physical_memory", lambda: int(need / collm.prepack.MEMORY_SHARE) + 1)
-    with collm.prepack.prepacked([model]) as switched:
+    monkeypatch.setattr(collm.backends.prepack, "_physical_memory", lambda: int(need / collm.backends.prepack.MEMORY_SHARE) + 1)
+    with collm.backends.prepack.prepacked([model]) as switched:
         assert switched > 0
 
 
@@ -342,8 +342,8 @@ def test_prepacking_is_skipped_where_the_copies_would_not_fit(monkeypatch):
 def test_prepacked_decoding_writes_what_the_default_kernels_write(dtype):
     """float32 and (where the CPU has native bfloat16 kernels) bfloat16 layers are prepacked; either way the
     tokens and their sources are the default kernels'."""
-    from collm.decode import Sampling, decode
-    from collm.prepack import MIN_PARAMS
+    from collm.decoding.decode import Sampling, decode
+    from collm.backends.prepack import MIN_PARAMS
 
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no native bfloat16 kernels: bfloat16 layers are not prepacked")
@@ -362,7 +362,7 @@ def test_prepacked_decoding_writes_what_the_default_kernels_write(dtype):
 
 
 def test_naive_reencoding_baseline_writes_the_same_tokens(models):
-    from collm.decode import Sampling, decode
+    from collm.decoding.decode import Sampling, decode
 
     base, expert = models
     head = random_head(base.config.hidden_size)
@@ -381,7 +381,7 @@ def test_naive_reencoding_baseline_writes_the_same_tokens(models):
 def test_cuda_graph_path_matches_plain_path(compile, fused):
     base, expert = make_llama(0).cuda(), make_llama(1).cuda()
     head = random_head(base.config.hidden_size, scale=2.0, seed=11).cuda()
-    from collm.decode import Sampling, decode
+    from collm.decoding.decode import Sampling, decode
 
     args = dict(max_new_tokens=48, threshold=0.6, sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID,
                 vocab=base.config.vocab_size)

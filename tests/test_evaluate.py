@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from collm.errors import CollmError
-from collm.evaluate import (
+from collm.evaluation.evaluate import (
     EvalConfig,
     evaluate,
     markdown_table,

@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 
 from collm.errors import CollmError
-from collm.gsm import (
+from collm.data.gsm import (
     GsmConfig,
     Generator,
     TemplateError,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collm import CoLLM, CollmError, DeferralHead
-from collm.models import check_vocab, load_model
+from collm.backends.models import check_vocab, load_model
 from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
 
 
@@ -155,7 +155,7 @@ def test_lora_adapter_folder_is_a_model_spec(tmp_path):
     x = torch.tensor([[1, 40, 41, 42]])
     assert torch.allclose(loaded(x).logits, merged(x).logits, atol=1e-5)
     assert loaded_tok.get_vocab() == tok.get_vocab()
-    from collm.models import load_tokenizer
+    from collm.backends.models import load_tokenizer
 
     assert load_tokenizer(str(tmp_path / "adapter")).get_vocab() == tok.get_vocab()
     assert not torch.allclose(loaded(x).logits, load_model(base_dir)[0](x).logits, atol=1e-3)

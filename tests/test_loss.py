@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from collm.errors import CollmError
-from collm.loss import (
+from collm.training.loss import (
     class_weights,
     defer_prob,
     gold_log_probs,

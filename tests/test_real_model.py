@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from collm import CoLLM
-from collm.models import EMBEDDED_DEFAULT, load_model
+from collm.backends.models import EMBEDDED_DEFAULT, load_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -7,8 +7,8 @@ import tempfile
 
 import pytest
 
-from collm.evaluate import wilson_interval
-from collm.report import render_html, write_html
+from collm.evaluation.evaluate import wilson_interval
+from collm.evaluation.report import render_html, write_html
 
 # A 1x1 PNG stands in for the calibration plot.
 PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")

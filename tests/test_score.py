@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from collm.data import DataConfig, encode_file
+from collm.data.rows import DataConfig, encode_file
 from collm.errors import CollmError
-from collm.score import ScoreConfig, load_scores, score
+from collm.training.score import ScoreConfig, load_scores, score
 from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
 
 
@@ -53,7 +53,7 @@ def test_scores_equal_a_plain_forward(tmp_path, make):
 
 KILL_AFTER_FIRST_SHARD = """
 import os, signal, sys
-import collm.score as s
+import collm.training.score as s
 calls = []
 real_save = s.save_file
 def save_then_die(tensors, path, metadata=None):

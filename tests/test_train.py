@@ -16,12 +16,12 @@ import textwrap
 import pytest
 import torch
 
-from collm.data import encode_file
+from collm.data.rows import encode_file
 from collm.errors import CollmError
-from collm.head import DeferralHead
-from collm.loss import defer_prob
-from collm.score import ScoreConfig, pad_batch, score, target_outputs
-from collm.train import TrainConfig, train
+from collm.core.head import DeferralHead
+from collm.training.loss import defer_prob
+from collm.training.score import ScoreConfig, pad_batch, score, target_outputs
+from collm.training.train import TrainConfig, train
 from conftest import make_llama, make_tokenizer, save_tiny
 
 DIGITS = set("0123456789")
@@ -119,7 +119,7 @@ def _losses(run):
 
 
 def test_resumed_training_follows_the_uninterrupted_run(known_case, monkeypatch):
-    import collm.train as t
+    import collm.training.train as t
 
     common = dict(base_mode="lora", lora_dropout=0.1, max_steps=8, save_every=3, weak_steps=20)
     whole = train(config(known_case, "whole", **common))
@@ -220,7 +220,7 @@ def test_scores_for_other_data_are_refused(known_case, tmp_path):
 
 TWO_PROCESS = """
 import json, sys
-from collm.train import TrainConfig, train
+from collm.training.train import TrainConfig, train
 train(TrainConfig(**json.loads(sys.argv[1])))
 """
 

@@ -1,7 +1,7 @@
 """Collaborative decoding of a base and expert language models (Co-LLM, Shen et al., ACL 2024)."""
 
 from collm.errors import CollmError
-from collm.head import DeferralHead
+from collm.core.head import DeferralHead
 from collm.pair import CoLLM, GenerateOutput
 
 __all__ = ["CoLLM", "CollmError", "DeferralHead", "GenerateOutput"]

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from collm.errors import CollmError
-from collm.models import EMBEDDED_DEFAULT
+from collm.backends.models import EMBEDDED_DEFAULT
 
 app = typer.Typer(
     help="Collaborative decoding: a cheap base model writes, and defers single tokens to an expert.",
@@ -97,7 +97,7 @@ def generate(
             pair = CoLLM.load(base, expert or [EMBEDDED_DEFAULT], head, device=device, dtype=dtype or "float32")
     stream = None
     if not as_json and len(texts) == 1 and not stop:  # one answer, no text to trim: show it as it is written
-        from collm.provenance import Stream, legend
+        from collm.decoding.provenance import Stream, legend
 
         console.print(legend(_expert_names(pair)))
         console.rule(style="dim")
@@ -127,7 +127,7 @@ def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> 
 
 
 def _print_answers(pair, prompts: list[str], out) -> None:
-    from collm.provenance import colored, legend
+    from collm.decoding.provenance import colored, legend
 
     console.print(legend(_expert_names(pair)))
     for prompt, ids, sources in zip(prompts, out.token_ids, out.sources):
@@ -188,7 +188,7 @@ def bench(
 ):
     """Time ms/token (decoding, after the first token; prefill apart) for base, expert, Co-LLM at deferral
     fractions f, a naive re-encoding loop and transformers."""
-    from collm import bench as b
+    from collm.evaluation import bench as b
 
     cfg = b.BenchConfig(base=base, expert=expert, shapes=None if base else shapes,
                         fractions=_floats(fractions), batches=tuple(int(x) for x in _floats(batch)),
@@ -216,7 +216,7 @@ def data_gsm(
     originals: Annotated[bool, typer.Option(help="Include each template's original GSM8K problem in its split.")] = True,
 ):
     """GSM8K problems and checked new variants from the GSM-Symbolic templates, split by template."""
-    from collm import gsm
+    from collm.data import gsm
 
     manifest = gsm.write_dataset(out, gsm.GsmConfig(seed, _floats(fractions), train_variants, new_numbers_variants,
                                                     eval_variants, originals))
@@ -235,7 +235,7 @@ def data_arithmetic(
     test: Annotated[int, typer.Option(help="Test rows per module.")] = 200,
 ):
     """Arithmetic problems from mathematics_dataset; no question appears in two splits."""
-    from collm import arithmetic
+    from collm.data import arithmetic
 
     names = tuple(m.strip() for m in modules.split(",") if m.strip())
     manifest = arithmetic.write_dataset(out, arithmetic.ArithmeticConfig(seed, names, train, validation, test))
@@ -252,7 +252,7 @@ def data_calc(
     seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same file.")] = 0,
 ):
     """Training rows for the math expert: calculations written as GSM8K notes, plus arithmetic (no word problems)."""
-    from collm import expert
+    from collm.training import expert
 
     manifest = expert.write_calc_dataset(out, expert.CalcConfig(seed, rows, gsm_share=gsm_share,
                                                                gsm=str(gsm) if gsm else None,
@@ -277,7 +277,7 @@ def score(
     config: ConfigOption = None,
 ):
     """Run the expert once over the data: per completion token, log P(gold) and whether its argmax is gold."""
-    from collm import score as sc
+    from collm.training import score as sc
 
     sc.score(sc.ScoreConfig(expert=expert, data=str(data), out=str(out), tokenizer=tokenizer, max_len=max_len,
                             chat=chat, add_eos=add_eos, batch_tokens=batch_tokens, shard_rows=shard_rows,
@@ -325,7 +325,7 @@ def train(
     config: ConfigOption = None,
 ):
     """Train the deferral head (and base) by marginal likelihood; runs under `accelerate launch` too."""
-    from collm import train as tr
+    from collm.training import train as tr
 
     values = {k: v for k, v in locals().items() if k not in ("config", "tr")}
     values.update(data=str(data), out=str(out), scores=[str(p) for p in scores or []])
@@ -352,7 +352,7 @@ def eval_(
     config: ConfigOption = None,
 ):
     """Exact-match accuracy of base, expert, Co-LLM and random deferral (and given runs), with 95% intervals."""
-    from collm import evaluate as ev
+    from collm.evaluation import evaluate as ev
 
     cfg = ev.EvalConfig(max_new_tokens, batch_size, threshold, limit, seed, tuple(stop or ()))
     results = ev.evaluate_run(run, data, cfg, weak_run=weak_run, sft_run=sft_run, json_path=json_out,
@@ -376,7 +376,7 @@ def calibrate(
     config: ConfigOption = None,
 ):
     """Pick the threshold with the best validation accuracy (within --max-defer) and save it in the run."""
-    from collm import calibrate as cal
+    from collm.evaluation import calibrate as cal
 
     cfg = cal.CalibrateConfig(_floats(thresholds), max_defer, max_new_tokens, batch_size, limit, baselines)
     record = cal.calibrate_run(run, data, cfg, png, device, dtype, progress=lambda t, p: err.print(

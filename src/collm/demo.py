@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from collm.errors import CollmError
-from collm.evaluate import deferral_summary, in_number  # noqa: F401 - re-exported for the package step
+from collm.evaluation.evaluate import deferral_summary, in_number  # noqa: F401 - re-exported for the package step
 
 ASSETS = Path(__file__).parent / "assets" / "gsm"
 MANIFEST = "manifest.json"
@@ -121,7 +121,7 @@ def pick_examples(results: dict, count: int = 3) -> list[int]:
     """Illustrative rows: first where Co-LLM is right, its base alone wrong and every ``<<a=b>>`` note of
     Co-LLM's answer true; then the other rows where Co-LLM is right and the base wrong; then other
     disagreements; then the first rows."""
-    from collm.expert import notes_correct
+    from collm.training.expert import notes_correct
 
     collm, base = _system(results, "Co-LLM")["examples"], _system(results, "base alone")["examples"]
     fixed = [i for i, (a, b) in enumerate(zip(collm, base)) if a["correct"] and not b["correct"]]
@@ -233,8 +233,8 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     where the head would hand tokens to the expert."""
     from rich.markdown import Markdown
 
-    from collm.answer import extract_answer
-    from collm.provenance import colored, legend
+    from collm.data.answer import extract_answer
+    from collm.decoding.provenance import colored, legend
 
     with console.status("verifying and loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
         pair = load_pair(folder, device)

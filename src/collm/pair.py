@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from collm.atomic import write_json
-from collm.decode import MODES, Router, Sampling, decode
+from collm.decoding.decode import MODES, Router, Sampling, decode
 from collm.errors import CollmError
-from collm.head import DeferralHead
-from collm.models import check_shapes, check_vocab, load_model
+from collm.core.head import DeferralHead
+from collm.backends.models import check_shapes, check_vocab, load_model
 
 RUN_FORMAT = 1
 RUN_CONFIG = "collm.json"

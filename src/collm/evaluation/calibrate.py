@@ -12,7 +12,7 @@ from pathlib import Path
 
 from collm.atomic import write_json
 from collm.errors import CollmError
-from collm.evaluate import EvalConfig, run_system
+from collm.evaluation.evaluate import EvalConfig, run_system
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -176,7 +176,7 @@ def calibration_png(record: dict | None) -> bytes | None:
 def calibrate_run(run: str | Path, data: str | Path, config: CalibrateConfig, png: str | Path | None = None,
                   device: str = "cpu", dtype: str | None = None, progress=None) -> dict:
     """Load a run, calibrate it on a validation JSONL file, and write the threshold into its collm.json."""
-    from collm.evaluate import read_rows
+    from collm.evaluation.evaluate import read_rows
     from collm.pair import CoLLM
 
     rows = read_rows(data, config.limit)

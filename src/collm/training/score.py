@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from collm.atomic import atomic_write, write_json
-from collm.data import DataConfig, EncodedData, Example, encode_file, length_order
+from collm.data.rows import DataConfig, EncodedData, Example, encode_file, length_order
 from collm.errors import CollmError
-from collm.loss import argmax_is_gold, gold_log_probs
-from collm.models import DTYPES, check_vocab, load_model, load_tokenizer, weight_files
+from collm.training.loss import argmax_is_gold, gold_log_probs
+from collm.backends.models import DTYPES, check_vocab, load_model, load_tokenizer, weight_files
 
 MANIFEST = "manifest.json"
 SCORES_FORMAT = 1

@@ -24,7 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
-from collm.answer import normalize_number
+from collm.data.answer import normalize_number
 from collm.atomic import atomic_write, write_json
 from collm.errors import CollmError
 

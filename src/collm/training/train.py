@@ -23,15 +23,15 @@ from accelerate.utils import broadcast, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from collm.atomic import atomic_folder, atomic_write, write_json
-from collm.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from collm.data import DataConfig, EncodedData, encode_file
+from collm.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from collm.data.rows import DataConfig, EncodedData, encode_file
 from collm.errors import CollmError
-from collm.head import DeferralHead
-from collm.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
-from collm.models import load_model
+from collm.core.head import DeferralHead
+from collm.training.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
+from collm.backends.models import load_model
 from collm.pair import HEAD_FILE, write_run_config
-from collm.score import Scores, load_scores, pad_batch, target_outputs
-from collm.weak import RowOutputs, base_pass, fit_weak_start
+from collm.training.score import Scores, load_scores, pad_batch, target_outputs
+from collm.training.weak import RowOutputs, base_pass, fit_weak_start
 
 OBJECTIVES = ("marginal", "sft", "weak")
 BASE_MODES = ("full", "lora", "frozen")

@@ -1,6 +1,6 @@
 """One decoding step as one device program: the rest of the GPU fast path.
 
-The static path (collm.static) replays a graph for each model forward, but a token still costs a dozen small
+The static path (collm.backends.static) replays a graph for each model forward, but a token still costs a dozen small
 launches between replays: the head, the threshold, the greedy pick, the writes into the token matrix, the EOS
 check. At batch 1 on a GPU those launches, not the weights, set the pace (the compiled 1B step took 2.0 ms where
 reading its weights takes 0.8). Here they join the writer's forward in one function over buffers this module
@@ -11,9 +11,9 @@ owns, with the step index on the device, so on CUDA one graph replay does all of
                     write defer_prob and source; flags = (rows per expert, all done)
 
 and the host reads ``flags``: the one sync per token, which it needs to know whether to launch an expert's
-catch-up (collm.static, its own graphs) or stop. The same read brings the step's token, source and done
+catch-up (collm.backends.static, its own graphs) or stop. The same read brings the step's token, source and done
 flags, for stop strings and streaming, which are host work. Greedy decoding only; sampling and the other modes
-keep the step-by-step loop in collm.decode. On CPU the same functions run eagerly, which is how the tests
+keep the step-by-step loop in collm.decoding.decode. On CPU the same functions run eagerly, which is how the tests
 prove the fused step writes exactly what the loop writes.
 """
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from collm.head import DeferralHead, logits_to_log_probs
-from collm.static import StaticModel
+from collm.core.head import DeferralHead, logits_to_log_probs
+from collm.backends.static import StaticModel
 
 MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (-1 = unused) so a captured graph serves any set
 

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from collm.errors import CollmError
-from collm.fused import MAX_EOS, fused_step
-from collm.head import DeferralHead
-from collm.prepack import available, prepacked
-from collm.static import StaticModel, runner, supported
+from collm.decoding.fused import MAX_EOS, fused_step
+from collm.core.head import DeferralHead
+from collm.backends.prepack import available, prepacked
+from collm.backends.static import StaticModel, runner, supported
 
 MODES = ("collm", "compose", "base", "expert", "proxy")
 
 # router(step, head_log_probs (B, M+1)) -> choice (B,) in 0..M; replaces the threshold rule (benchmarks, baselines).
 # A router whose choices are fixed in advance may also carry them as `router.table` (steps, rows or 1), long:
-# the fused step (collm.fused) then reads them on the device instead of calling back into Python.
+# the fused step (collm.decoding.fused) then reads them on the device instead of calling back into Python.
 Router = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -132,13 +132,13 @@ def decode(
     ``on_token(tokens, sources, done)`` is called after every step with each row's new token (for streaming;
     it costs a host copy per token, so only pass it when someone is watching).
     ``reencode_experts`` makes every expert call re-encode the whole prefix: the naive baseline for benchmarks.
-    ``static``: use static caches and, on CUDA, captured graphs (collm.static); None picks it where supported.
+    ``static``: use static caches and, on CUDA, captured graphs (collm.backends.static); None picks it where supported.
     ``compile``: on the static CUDA path, torch.compile each step before capturing it (slow first calls).
-    ``fused``: on the static path, run each step as one device program (collm.fused; one graph on CUDA).
+    ``fused``: on the static path, run each step as one device program (collm.decoding.fused; one graph on CUDA).
     None picks it where it applies: greedy, modes collm/base/expert, and a router (if any) given as a fixed
     ``table``. True where it does not apply raises ValueError.
     ``prepack``: on CPU, run the large float32 (and bfloat16) linear layers on oneDNN with prepacked weights
-    (collm.prepack; 2x faster decoding of SmolLM2 here); None picks it on CPU outside the static path.
+    (collm.backends.prepack; 2x faster decoding of SmolLM2 here); None picks it on CPU outside the static path.
     """
     device = next(base.parameters()).device
     if prepack is None:
@@ -221,7 +221,7 @@ def _decode_loop(writer, helpers, head, seq, mask, positions, prompt_len, max_ne
 
 def _decode_fused(writer, helpers, head, seq, mask, positions, prompt_len, max_new_tokens, threshold, mode,
                   eos_ids, pad_id, vocab, router, stop_check, on_token) -> Decoded:
-    """The same loop with each step fused into one device program (collm.fused): per token the host reads one
+    """The same loop with each step fused into one device program (collm.decoding.fused): per token the host reads one
     small flags vector, launches an expert's catch-up only where a row chose it, and does the host work (stop
     strings, streaming) on the token that came with the flags."""
     started = time.perf_counter()

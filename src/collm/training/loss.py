@@ -1,7 +1,7 @@
 """Training losses as pure functions: the Co-LLM marginal likelihood and the weak-supervision terms.
 
 Shapes use ``...`` for any leading dims (``(B, T)`` for padded sequences, ``(N,)`` for cached tokens).
-Head logits follow :class:`collm.head.DeferralHead`: ``(..., 1)`` with one expert (a sigmoid),
+Head logits follow :class:`collm.core.head.DeferralHead`: ``(..., 1)`` with one expert (a sigmoid),
 ``(..., M+1)`` with M experts (a softmax ordered [base, expert1, ...]).
 Everything stays in log space: probabilities of gold tokens are often far below float32's resolution.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from collm.errors import CollmError
-from collm.head import logits_to_log_probs
+from collm.core.head import logits_to_log_probs
 
 
 def defer_log_probs(head_logits: torch.Tensor) -> torch.Tensor:

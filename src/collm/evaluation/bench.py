@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 
 from collm.atomic import atomic_write, write_json
-from collm.decode import Decoded, Sampling, decode
+from collm.decoding.decode import Decoded, Sampling, decode
 from collm.errors import CollmError
-from collm.head import DeferralHead
-from collm.models import DTYPES, load_model, vocab_size
+from collm.core.head import DeferralHead
+from collm.backends.models import DTYPES, load_model, vocab_size
 
 SYSTEMS = ("base", "expert", "collm", "naive", "hf_base", "hf_expert", "hf_base_static", "hf_expert_static")
 
@@ -72,10 +72,10 @@ class BenchConfig:
     compile: bool = False
     """CUDA: torch.compile the static-cache steps of collm/base/expert (compile time is spent in warm-up)."""
     fused: bool = True
-    """Static (CUDA) path: each step of collm/base/expert as one device program (collm.fused); False times
+    """Static (CUDA) path: each step of collm/base/expert as one device program (collm.decoding.fused); False times
     the step-by-step loop on the same static caches, for comparison."""
     prepack: bool = True
-    """CPU: collm/base/expert/naive run large linear layers on oneDNN with prepacked weights (collm.prepack);
+    """CPU: collm/base/expert/naive run large linear layers on oneDNN with prepacked weights (collm.backends.prepack);
     False times PyTorch's default kernels. The `hf_*` systems always use the defaults."""
 
     def __post_init__(self):

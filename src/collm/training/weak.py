@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from collm.data import Example
-from collm.head import DeferralHead
-from collm.loss import class_weights, defer_prob, weak_bce
-from collm.score import pad_batch, target_outputs, token_batches
+from collm.data.rows import Example
+from collm.core.head import DeferralHead
+from collm.training.loss import class_weights, defer_prob, weak_bce
+from collm.training.score import pad_batch, target_outputs, token_batches
 
 
 @dataclass

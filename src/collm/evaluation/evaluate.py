@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import torch
 
-from collm.answer import is_correct, normalize_number
+from collm.data.answer import is_correct, normalize_number
 from collm.atomic import atomic_write, write_json
 from collm.errors import CollmError
-from collm.provenance import token_pieces
+from collm.decoding.provenance import token_pieces
 
 _NUMBER_PUNCT = {".", ","}
 PROXY_TUNING_NOTE = "not run: needs an SFT run (--sft-run) for the tuned small model"
@@ -41,7 +41,7 @@ class EvalConfig:
     stop: tuple[str, ...] = ()
     """Stop strings: an answer ends before the first of them."""
     chat: bool = True
-    """Wrap prompts in the base's chat template, as `collm.data` does for training."""
+    """Wrap prompts in the base's chat template, as `collm.data.rows` does for training."""
 
     def __post_init__(self):
         self.stop = tuple(self.stop)
@@ -78,7 +78,7 @@ class SystemResult:
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     """JSONL rows with at least "prompt" and "answer"; CollmError naming the line otherwise."""
-    from collm.data import read_jsonl
+    from collm.data.rows import read_jsonl
 
     rows = read_jsonl(path, _check_row)
     return rows[:limit] if limit else rows
@@ -100,7 +100,7 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 def random_router(rate: float, seed: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """A router (see `collm.decode.Router`) that defers each token with probability `rate`, seeded."""
+    """A router (see `collm.decoding.decode.Router`) that defers each token with probability `rate`, seeded."""
     generator: dict[str, torch.Generator] = {}
 
     def route(step: int, log_pz: torch.Tensor) -> torch.Tensor:
@@ -184,7 +184,7 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
 
     `weak_run`: a run whose head was trained on weak (pseudo-label) supervision, decoded as Co-LLM at its own
     threshold. `sft_run`: a run with a fine-tuned base, decoded as the base alone. `load_run` loads a run
-    folder (default `CoLLM.from_pretrained`). Returns the dict `save_results` writes and `collm.report` shows.
+    folder (default `CoLLM.from_pretrained`). Returns the dict `save_results` writes and `collm.evaluation.report` shows.
     """
     threshold = pair.threshold if config.threshold is None else config.threshold
     systems = [run_system(pair, rows, "base alone", config, mode="base"),
@@ -230,7 +230,7 @@ def _proxy_system(pair, sft_pair, rows: list[dict], config: EvalConfig) -> Syste
     """Proxy tuning, as the paper compares: the expert + (SFT base - the untuned base it started from)."""
     if sft_pair is None:
         return missing("proxy tuning", PROXY_TUNING_NOTE)
-    from collm.models import load_model
+    from collm.backends.models import load_model
     from collm.pair import proxy_tuning
 
     original = sft_pair.info.get("base")
@@ -292,8 +292,8 @@ def evaluate_run(run: str | Path, data: str | Path, config: EvalConfig, *, weak_
     results["run"], results["data"] = str(run), str(data)
     save_results(results, json_path, markdown_path)
     if html_path is not None:
-        from collm.calibrate import calibration_png
-        from collm.report import write_html
+        from collm.evaluation.calibrate import calibration_png
+        from collm.evaluation.report import write_html
 
         write_html(html_path, results, calibration_png(pair.info.get("calibration")))
     return results

@@ -35,7 +35,7 @@ table.summary th { background: #f3f4f6; }
 
 def render_html(results: dict, png: str | Path | bytes | None = None, system: str = "Co-LLM",
                 title: str = "Co-LLM evaluation") -> str:
-    """The page for `results` (from `collm.evaluate.evaluate`); examples are those of `system`.
+    """The page for `results` (from `collm.evaluation.evaluate.evaluate`); examples are those of `system`.
 
     `png`: the calibration plot (a path or the bytes), embedded when given. Falls back to the first system
     with examples when `system` has none.

@@ -96,7 +96,7 @@ def random_note(rng: random.Random) -> tuple[str, str]:
 
 
 def _evaluate(expression: str) -> Fraction:
-    from collm.gsm import compile_expression, evaluate
+    from collm.data.gsm import compile_expression, evaluate
 
     exact = re.sub(r"\d*\.?\d+", lambda m: f"F('{m.group(0)}')", expression)
     return Fraction(evaluate(compile_expression(exact), {"F": Fraction}))
@@ -141,7 +141,7 @@ def build_calc_dataset(config: CalcConfig) -> list[dict]:
 def write_calc_dataset(out_dir: str | Path, config: CalcConfig) -> dict:
     """Write train.jsonl and manifest.json under `out_dir`; returns the manifest."""
     from collm.atomic import write_json
-    from collm.gsm import write_jsonl
+    from collm.data.gsm import write_jsonl
 
     rows = build_calc_dataset(config)
     write_jsonl(Path(out_dir) / "train.jsonl", rows)
@@ -157,7 +157,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None)
     """
     from peft import PeftModel
 
-    from collm.models import load_model
+    from collm.backends.models import load_model
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
@@ -192,7 +192,7 @@ def adapter_to_bf16(adapter: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m collm.expert merge ADAPTER OUT`` | ``bf16 ADAPTER``: the steps the reproduction script needs."""
+    """``python -m collm.training.expert merge ADAPTER OUT`` | ``bf16 ADAPTER``: the steps the reproduction script needs."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args[:1] == ["bf16"] and len(args) == 2:
         adapter_to_bf16(args[1])
     else:
-        raise SystemExit("usage: python -m collm.expert merge ADAPTER OUT | bf16 ADAPTER")
+        raise SystemExit("usage: python -m collm.training.expert merge ADAPTER OUT | bf16 ADAPTER")
 
 
 if __name__ == "__main__":
