@@ -1,0 +1,87 @@
+"""The one seam between the decoding loop and a model: a backbone reads columns of the shared token matrix.
+
+Layout (see collm.decoding.engine): one token matrix ``Columns.seq`` (rows, width) is shared by every model;
+prompts are left-padded, so a column means the same thing to every model and every row. A backbone has
+consumed ``seen`` columns; ``read(cols, end)`` consumes ``[seen, end)`` in one call and returns what the model
+says about the next token. A new kind of backbone (in-process, static-cache, remote engine, ...) implements
+this protocol and nothing in the loop changes. Counters live with the loop (``collm.decoding.engine.Stats``):
+a backbone reports what it consumed in ``Next.consumed`` and keeps no counters of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from collm.core.request import Sampling
+
+
+@dataclass
+class Columns:
+    """The shared token matrix and what every model needs to read it."""
+
+    seq: torch.Tensor
+    """(rows, width) long: token ids; padding columns hold the pad id."""
+    mask: torch.Tensor
+    """(rows, width) long: 1 for a real token, 0 for left padding (columns not yet written count as 1)."""
+    positions: torch.Tensor
+    """(rows, width) long: each token's position in its own row (``transformers``' left-padding positions)."""
+
+    @property
+    def rows(self) -> int:
+        return self.seq.shape[0]
+
+    def row_ids(self, row: int, end: int) -> list[int]:
+        """Row ``row``'s real tokens in columns [0, end) (padding dropped): what a stateless backbone sends."""
+        ids = self.seq[row, :end]
+        return ids[self.mask[row, :end].bool()].tolist()
+
+
+@dataclass
+class Next:
+    """What a backbone says about the next token of every row after a read."""
+
+    logits: torch.Tensor | None = None
+    """(rows, vocab) float32 next-token logits; None from a backbone that picks tokens itself (``picks``)."""
+    hidden: torch.Tensor | None = None
+    """(rows, hidden) last hidden state at the last column read, where ``hidden=True`` was asked."""
+    tokens: torch.Tensor | None = None
+    """(rows,) long: the tokens a picking backbone chose (-1 for rows it was not asked about)."""
+    consumed: int = 0
+    """Real (non-padding) token positions this call read, summed over rows: for the loop's stats."""
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A model the loop can read from. ``picks``: True where the backbone returns chosen tokens (a remote
+    engine samples on its side) instead of logits; such a backbone cannot serve modes that need the full
+    distribution (compose, proxy)."""
+
+    seen: int
+    picks: bool
+
+    def read(self, cols: Columns, end: int, *, hidden: bool = False, rows: Sequence[int] | None = None,
+             sampling: Sequence[Sampling] | None = None, step: int = 0) -> Next:
+        """Consume columns ``[seen, end)`` (every row, in one call; ``end == seen`` repeats the last answer) and
+        set ``seen = end``. ``rows``: the rows whose next token is needed (a remote backbone sends only these;
+        None = all). ``sampling``: each row's settings, for a backbone that picks; ``step`` the row's new-token
+        index, for seeding. Raises CollmError when the model cannot be reached or refuses the input."""
+        ...
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (a 1-D long tensor of row indices, in order): the others finished or left."""
+        ...
+
+    def pad_left(self, columns: int) -> None:
+        """Prepend ``columns`` padding columns to every row (the token matrix grew on the left)."""
+        ...
+
+    def fresh(self) -> "Backbone":
+        """An empty backbone over the same model, to read the prompts of rows about to join."""
+        ...
+
+    def extend(self, other: "Backbone") -> None:
+        """Append ``other``'s rows (read to the same ``seen``, in the same column layout) after this one's."""
+        ...

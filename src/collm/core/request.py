@@ -1,0 +1,98 @@
+"""What a caller asks of the decoding engine, and what it gets back per step: plain types, no models, no I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from collm.errors import CollmError
+
+MODES = ("collm", "compose", "base", "expert", "proxy")
+"""collm: the head routes each token; compose: sample the mixture (1-pi) P_base + pi P_expert (every expert
+runs every step); base / expert: one model alone (baselines); proxy: proxy tuning (see collm.pair.proxy_tuning)."""
+
+# router(step, head_log_probs (B, M+1)) -> choice (B,) in 0..M; replaces the threshold rule (benchmarks, baselines).
+# A router whose choices are fixed in advance may also carry them as `router.table` (steps, rows or 1), long:
+# the fused step (collm.decoding.fused) then reads them on the device instead of calling back into Python.
+Router = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the writing model's distribution becomes a token."""
+
+    do_sample: bool = False
+    """False: greedy argmax. True: sample with ``temperature`` and ``top_p``."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; must be > 0."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (0 < top_p <= 1)."""
+    seed: int = 0
+    """Seeds the row's sampler: the same seed, prompt and models give the same tokens, whatever else is batched."""
+
+    def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0 or math.isinf(self.temperature):
+            raise CollmError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise CollmError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise CollmError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One row's decoding settings. Rows of one batch may differ in everything but ``mode`` and ``router``."""
+
+    max_new_tokens: int = 128
+    """Most new tokens to write (> 0)."""
+    threshold: float = 0.5
+    """Defer where P(Z != base) > threshold, in [0, 1]: 1 never defers, 0 defers wherever P > 0."""
+    sampling: Sampling = field(default_factory=Sampling)
+    mode: str = "collm"
+    """One of MODES."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the row; the text returned stops before the first one."""
+
+    def __post_init__(self):
+        check_threshold(self.threshold)
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise CollmError(f"max_new_tokens must be a positive integer, got {n!r}")
+        if self.mode not in MODES:
+            raise CollmError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise CollmError("stop must be a list of non-empty strings")
+
+
+def check_threshold(threshold) -> float:
+    """The threshold as a float; raises CollmError unless it is a number in [0, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) \
+            or not 0 <= threshold <= 1:
+        raise CollmError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of one row, as the engine writes it."""
+
+    row: int
+    """The row's handle: its index in the prompts given to ``stream``/``generate``, or what ``Engine.add`` gave."""
+    token_id: int
+    text: str
+    """What this token adds to the row's text ("" while it holds only part of a character, or after a stop
+    string); the pieces of a row join to exactly its final text."""
+    source: int
+    """Who wrote it: 0 = base, k = expert k (1-based)."""
+    defer_prob: float
+    """The head's P(Z != base) at this position (0 where no head was consulted)."""
+    finished: bool
+    """True on the row's last event."""
+    finish_reason: str | None = None
+    """On the last event: "stop" (EOS or a stop string) or "length" (max_new_tokens reached)."""
+    stopped_by: str | None = None
+    """The stop string that ended the row, if one did."""
