@@ -14,6 +14,7 @@ from collm.core.request import MODES, Request, Router, Sampling, check_threshold
 from collm.decoding.decode import Options, decode, run
 from collm.backends.prepack import available
 from collm.decoding.engine import Engine
+from collm.data.rows import pad_id
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
@@ -246,10 +247,7 @@ class CoLLM:
         return tuple(sorted(ids))
 
     def _pad_id(self) -> int:
-        for value in (getattr(self.tokenizer, "pad_token_id", None), *self._eos_ids()):
-            if value is not None:
-                return int(value)
-        return 0
+        return pad_id(self.tokenizer, self._eos_ids())
 
 
 def proxy_tuning(expert, tuned, untuned, tokenizer=None) -> CoLLM:
