@@ -13,14 +13,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from collm.backends.prepack import available, prepacked
 from collm.backends.static import runner, supported
 from collm.core.head import DeferralHead
-from collm.core.request import MODES, Request, Router, Sampling, TokenEvent  # noqa: F401 - re-exported
-from collm.decoding.engine import Engine, Stats, _Row, layout
-from collm.decoding.detok import Detokenizer
+from collm.core.request import Request, Router, Sampling, TokenEvent
+from collm.decoding.engine import Engine, Stats, layout
 from collm.decoding.fused import MAX_EOS, fused_step
 
 

@@ -32,7 +32,7 @@ from collm.backends.base import Backbone, Columns
 from collm.backends.hf import HFBackbone
 from collm.backends.prepack import prepacked
 from collm.core.head import DeferralHead
-from collm.core.request import Request, Router, Sampling, TokenEvent
+from collm.core.request import Request, Router, TokenEvent
 from collm.core.routing import defer_prob, route
 from collm.decoding.detok import Detokenizer
 from collm.decoding.sampling import generator_for, pick, pick_log_probs
