@@ -149,24 +149,28 @@ class Engine:
     def _step(self) -> list[TokenEvent]:
         n, rows = self.n, self.rows
         choice, p_defer = self._route()
-        host = torch.cat([choice, self.done.long()]).tolist()  # sync 1: who writes, for control flow
-        choice_host = host[: len(rows)]
+        choice_host = choice.tolist()  # the one sync before the pick: which experts must run is control flow
         token, choice = self._write(choice, choice_host)
-        token = token.masked_fill(self.done, self.pad_id)
+        if self._finished_rows:
+            token = token.masked_fill(self.done, self.pad_id)
         self._ensure_width(n + 1)
         self.cols.seq[:, n] = token
-        self.cols.positions[:, n] = self.cols.positions[:, n - 1] + 1
-        token_host, choice_host, p_host = torch.stack([token.float(), choice.float(), p_defer]).tolist()  # sync 2
+        # the step's tokens for the host's work (text pieces, stop strings, events); on CPU a copy, not a stall
+        token_host, p_host = token.tolist(), p_defer.tolist()
+        if self.mode == "compose":
+            choice_host = choice.tolist()
         self.n = n + 1
         self.stats.steps += 1
         self.step_index += 1
-        events = [self._event(row, int(token_host[i]), int(choice_host[i]), p_host[i])
+        events = [self._event(row, token_host[i], choice_host[i], p_host[i])
                   for i, row in enumerate(rows) if not row.done]
         alive = [i for i, row in enumerate(rows) if not row.done]
-        if self.elastic and len(alive) < len(rows):
-            self._keep(alive)  # finished rows leave now, so the writer reads only what goes on
-        else:
-            self.done = torch.tensor([row.done for row in rows], dtype=torch.bool, device=self.device)
+        if len(alive) < len(rows):
+            if self.elastic:
+                self._keep(alive)  # finished rows leave now, so the writer reads only what goes on
+            else:
+                self.done = torch.tensor([row.done for row in rows], dtype=torch.bool, device=self.device)
+                self._finished_rows = True
         if alive:
             self._read_writer()
         return events
@@ -181,8 +185,11 @@ class Engine:
         p_defer = defer_prob(log_pz)
         rule = self.router(self.step_index, log_pz) if self.router is not None else \
             route(log_pz, self.thresholds, p_defer)
-        choice = torch.where(self.override >= 0, self.override, rule).masked_fill(self.done, 0)
-        return choice, p_defer.float()
+        if self._overrides:
+            rule = torch.where(self.override >= 0, self.override, rule)
+        if self._finished_rows:
+            rule = rule.masked_fill(self.done, 0)
+        return rule, p_defer
 
     def _write(self, choice: torch.Tensor, choice_host: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick each row's token from the model that writes it; experts catch up only where chosen."""
@@ -313,6 +320,8 @@ class Engine:
         self.hidden = None if self.hidden is None else self.hidden.index_select(0, index)
         for name in ("done", "thresholds", "override"):
             setattr(self, name, getattr(self, name).index_select(0, index))
+        self._overrides = any(r.override >= 0 for r in self.rows)
+        self._finished_rows = False
         self._trim()
 
     def _trim(self) -> None:
@@ -386,6 +395,9 @@ class Engine:
         self.done = torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=self.device)
         self.thresholds = torch.tensor([r.request.threshold for r in self.rows], device=self.device)
         self.override = torch.tensor([r.override for r in self.rows], dtype=torch.long, device=self.device)
+        # host flags that let a step skip work no row needs
+        self._overrides = any(r.override >= 0 for r in self.rows)
+        self._finished_rows = any(r.done for r in self.rows)
 
     def _read_prompts(self, writer, expert_backbones, cols: Columns, end: int):
         """The writer reads the prompts, and in mode collm so do the experts, up front: a deferral then costs
@@ -449,12 +461,13 @@ def _pad_columns(cols: Columns, columns: int, pad_id: int) -> Columns:
 
 
 def _widen(cols: Columns, width: int, pad_id: int) -> Columns:
-    """Append columns (not yet written) up to ``width``."""
+    """Append columns (not yet written) up to ``width``, their positions laid out ahead (each row's counts on)."""
     extra = width - cols.seq.shape[1]
     if extra <= 0:
         return cols
+    ahead = cols.positions[:, -1:] + torch.arange(1, extra + 1, device=cols.positions.device)
     return Columns(F.pad(cols.seq, (0, extra), value=pad_id), F.pad(cols.mask, (0, extra), value=1),
-                   F.pad(cols.positions, (0, extra), value=0))
+                   torch.cat([cols.positions, ahead], 1))
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
