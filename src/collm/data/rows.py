@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from collm.errors import CollmError
+from collm.hashing import update_with_file
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,7 @@ def tokenizer_identity(tokenizer) -> str:
 def data_fingerprint(path: str | Path, tokenizer_id: str, config: DataConfig) -> str:
     """sha256 of the file's bytes, the tokenizer identity and the encoding config: the scores' key."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    update_with_file(h, path)
     h.update(tokenizer_id.encode())
     h.update(json.dumps({**asdict(config), "version": ENCODING_VERSION}, sort_keys=True).encode())
     return h.hexdigest()
