@@ -62,6 +62,7 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     import json
 
     from collm.atomic import write_json
+    from collm.run import seal
 
     runs, sft, expert = tmp_path / "runs", tmp_path / "sft", tmp_path / "expert"
     for adapter in (sft / "base_adapter", expert / "base_adapter"):
@@ -71,6 +72,7 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     write_json(runs / "collm" / "collm.json", {"format": 1, "base": str(sft / "base_adapter"), "experts": ["m"],
                                                "base_weights": "original", "training": {"data_stats": {}}})
     (runs / "collm" / "head.safetensors").write_bytes(b"head")
+    seal(runs / "collm")  # as collm train does
     results = _results([(False, True), (True, True), (True, False), (True, False)])
     results["systems"][2]["examples"][2]["text"] = "so <<1+1=3>>3"  # right by luck: a false note
     write_json(runs / "eval-new-numbers.json", results)

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import torch
 
-from collm.atomic import write_json
 from collm.decoding.decode import MODES, Router, Sampling, decode
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
-
-RUN_FORMAT = 1
-RUN_CONFIG = "collm.json"
-HEAD_FILE = "head.safetensors"
+from collm.run import (HEAD_FILE, RUN_CONFIG, RUN_FORMAT, check_head, read_run_config, seal,  # noqa: F401
+                       spec_in, write_run_config)
 
 
 @dataclass
@@ -89,22 +86,25 @@ class CoLLM:
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, *, device: str = "cpu", dtype: str | None = None) -> "CoLLM":
-        """Load a run folder written by :meth:`save_pretrained` or by ``collm train``."""
+        """Load a run folder written by :meth:`save_pretrained` or by ``collm train``, after checking every
+        file against the run's manifest (see :mod:`collm.run`)."""
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
         dtype = dtype or config.get("dtype", "float32")
         weights = config.get("base_weights", "original")
-        base_spec = str(run_dir / "base") if weights == "full" else _spec_in(run_dir, config["base"])
-        experts = [_spec_in(run_dir, spec) for spec in config["experts"]]
+        base_spec = str(run_dir / "base") if weights == "full" else spec_in(run_dir, config["base"])
+        experts = [spec_in(run_dir, spec) for spec in config["experts"]]
         pair = cls.load(base_spec, experts, str(run_dir / HEAD_FILE), threshold=config.get("threshold", 0.5),
                         device=device, dtype=dtype)
+        check_head(pair.head, config, run_dir)
         if weights == "lora":
             pair.base = _merge_adapter(pair.base, run_dir / "base_adapter")
         pair.info = config
         return pair
 
     def save_pretrained(self, run_dir: str | Path, **extra) -> None:
-        """Write ``collm.json`` and the head; a LoRA-wrapped base saves its adapter to ``base_adapter/``."""
+        """Write ``collm.json`` and the head; a LoRA-wrapped base saves its adapter to ``base_adapter/``;
+        then ``manifest.json``, the sha256 of each file, which every load checks."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.head.save(run_dir / HEAD_FILE)
@@ -117,6 +117,7 @@ class CoLLM:
         config.setdefault("experts", [getattr(e, "name_or_path", "") for e in self.experts])
         write_run_config(run_dir, config | {"num_experts": self.head.num_experts,
                                             "hidden_size": self.head.hidden_size})
+        seal(run_dir)
 
     # ---------------------------------------------------------------- generation
 
@@ -259,38 +260,9 @@ def _check_threshold(threshold) -> float:
     return float(threshold)
 
 
-def _spec_in(run_dir: Path, spec: str) -> str:
-    """A spec saved as a path relative to the run folder resolves against it; names and absolute paths stay."""
-    candidate = run_dir / spec
-    return str(candidate) if not Path(spec).is_absolute() and candidate.exists() else spec
-
-
 def _merge_adapter(base, adapter_dir: Path):
     from peft import PeftModel
 
     if not adapter_dir.is_dir():
         raise CollmError(f"run says the base is LoRA-tuned but {adapter_dir} is missing")
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """Read and check ``collm.json``; raises CollmError if the folder is not a collm run."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise CollmError(f"{run_dir} is not a collm run: {RUN_CONFIG} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CollmError(f"{path} is not valid JSON: {e}") from None
-    missing = [k for k in ("base", "experts") if k not in config]
-    if missing:
-        raise CollmError(f"{path} lacks {', '.join(missing)}")
-    if config.get("format", RUN_FORMAT) > RUN_FORMAT:
-        raise CollmError(f"{path} has format {config['format']}; this collm reads up to {RUN_FORMAT}: upgrade")
-    return config
-
-
-def write_run_config(run_dir: str | Path, config: dict) -> None:
-    """Write ``collm.json`` atomically (keys: base, experts, num_experts, hidden_size, threshold, dtype,
-    base_weights = original | lora | full, training)."""
-    write_json(Path(run_dir) / RUN_CONFIG, {"format": RUN_FORMAT, **config})

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from collm.atomic import write_json
 from collm.errors import CollmError
 from collm.evaluation.evaluate import EvalConfig, run_system
 
@@ -92,12 +91,12 @@ def baseline_levels(pair, rows: list[dict], config: CalibrateConfig) -> dict[str
 
 def write_threshold(run_dir: str | Path, threshold: float, calibration: dict) -> None:
     """Set "threshold" (and a "calibration" record) in the run's collm.json; atomic, other keys kept."""
-    from collm.pair import read_run_config
+    from collm.run import read_run_config, write_run_config
 
-    config = read_run_config(run_dir)
+    config = read_run_config(run_dir, verify=False)  # checked when the pair was loaded
     config["threshold"] = threshold
     config["calibration"] = calibration
-    write_json(Path(run_dir) / "collm.json", config)
+    write_run_config(run_dir, config)  # and re-records collm.json in the run's manifest
 
 
 def plot(points: list[Point], levels: dict[str, float], path: str | Path, chosen: Point | None = None) -> None:

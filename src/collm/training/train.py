@@ -29,7 +29,7 @@ from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.training.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
 from collm.backends.models import load_model
-from collm.pair import HEAD_FILE, write_run_config
+from collm.run import HEAD_FILE, seal, write_run_config
 from collm.training.score import Scores, load_scores, pad_batch, target_outputs
 from collm.training.weak import RowOutputs, base_pass, fit_weak_start
 
@@ -528,6 +528,7 @@ def finish(s: Setup) -> Path:
                            "num_experts": head.num_experts, "hidden_size": head.hidden_size,
                            "threshold": c.threshold, "dtype": "float32", "base_weights": weights,
                            "training": training})
+    seal(out)  # last: the sha256 of every file a load reads
     s.acc.wait_for_everyone()
     return out
 
