@@ -123,6 +123,42 @@ def test_unfinished_or_missing_scores_are_refused(tmp_path):
     with pytest.raises(CollmError, match="run collm score first"):
         load_scores(tmp_path / "none", data)
     (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"complete": False}))
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"key": {}, "shards": {}, "num_shards": 1,
+                                                             "complete": False}))
     with pytest.raises(CollmError, match="unfinished"):
         load_scores(tmp_path / "s", data)
+    (tmp_path / "s" / "manifest.json").write_text("{torn")
+    with pytest.raises(CollmError, match="was not written by collm score"):
+        load_scores(tmp_path / "s", data)
+
+
+def test_a_folder_collm_did_not_write_is_refused_and_left_alone(tmp_path):
+    """`collm score --out u` where u holds a user's files: refused, and every file is still there."""
+    model, tok = make_llama(1), make_tokenizer()
+    data_path = write_rows(tmp_path / "d.jsonl", n=4)
+    mine = tmp_path / "u"
+    mine.mkdir()
+    files = {".env": "x", ".gitignore": "y", "shard-plan.txt": "z", "shard-00000.safetensors": "w"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    with pytest.raises(CollmError, match="holds files collm score did not write"):
+        score(ScoreConfig(expert="tiny", data=str(data_path), out=str(mine)), model, tok)
+    assert {p.name: p.read_text() for p in mine.iterdir()} == files
+    (mine / "manifest.json").write_text(json.dumps({"files": {}}))  # someone else's manifest
+    with pytest.raises(CollmError, match="was not written by collm score"):
+        score(ScoreConfig(expert="tiny", data=str(data_path), out=str(mine), overwrite=True), model, tok)
+    assert (mine / "manifest.json").read_text() == json.dumps({"files": {}})
+
+
+def test_overwrite_removes_only_the_old_scores(tmp_path):
+    model, tok = make_llama(1), make_tokenizer()
+    out = tmp_path / "s"
+    score(ScoreConfig(expert="tiny", data=str(write_rows(tmp_path / "d.jsonl", n=6)), out=str(out), shard_rows=2),
+          model, tok)
+    (out / ".env").write_text("secret")
+    (out / "shard-notes.txt").write_text("mine")
+    (out / ".shard-00001.safetensors.abcd1234").write_text("left by a kill")  # our temp file
+    other = write_rows(tmp_path / "e.jsonl", n=2, seed=1)
+    score(ScoreConfig(expert="tiny", data=str(other), out=str(out), shard_rows=2, overwrite=True), model, tok)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".env", "manifest.json", "shard-00000.safetensors", "shard-notes.txt"]
