@@ -23,7 +23,7 @@ _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # safetensors (Rust) reports a full disk as SafetensorError with the OS message inside.
 _DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
 # mkstemp / mkdtemp add 8 characters from this alphabet to the prefix.
-_TEMP_SUFFIX = r"[a-z0-9_]{8}"
+TEMP_SUFFIX = r"[a-z0-9_]{8}"
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -64,7 +64,7 @@ def temp_siblings(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TEMP_SUFFIX}")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{TEMP_SUFFIX}")
     return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
 
 
