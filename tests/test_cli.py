@@ -55,6 +55,22 @@ def test_config_file_sets_options(folders, tmp_path):
     assert out["stats"]["new_tokens"] <= 3 and out["stats"]["defer_rate"] == 1.0
 
 
+@pytest.mark.parametrize("text, key, closest", [
+    ("thresold: 0.3\n", "thresold", "threshold"),
+    ('{"max-new-token": 3}', "max-new-token", "max_new_tokens"),
+    ("temprature: 0.5\n", "temprature", "temperature"),
+])
+def test_config_file_with_an_unknown_key_is_refused_naming_the_closest(tmp_path, text, key, closest):
+    config = tmp_path / ("gen.json" if text.startswith("{") else "gen.yaml")
+    config.write_text(text)
+    result = runner.invoke(app, ["generate", "--config", str(config), "hi"])
+    message = str(result.exception)
+    assert f"{key!r} is not an option of collm generate; did you mean {closest!r}?" in message
+    (tmp_path / "bad.yaml").write_bytes(b"threshold: 0.3 \xff\n")
+    result = runner.invoke(app, ["generate", "--config", str(tmp_path / "bad.yaml"), "hi"])
+    assert "is not UTF-8 text" in str(result.exception)
+
+
 def test_bad_input_is_one_line_and_exit_2(folders):
     base, expert = folders
     proc = subprocess.run([sys.executable, "-m", "collm.cli", "generate", "--base", base, "--expert", expert,

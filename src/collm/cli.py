@@ -29,20 +29,37 @@ EXAMPLE_QUESTION = (
 
 
 def load_config(ctx: typer.Context, param, value: Optional[Path]):
-    """`--config FILE`: a JSON (or YAML) object of option defaults; options given on the line still win."""
+    """`--config FILE`: a JSON (or YAML) object of option defaults; options given on the line still win.
+
+    A key that names no option of the command is refused with the closest one (a misspelt `thresold`
+    would otherwise be ignored and the run made with the default)."""
     if value is None:
         return value
     if not value.is_file():
         raise CollmError(f"config file {str(value)!r} does not exist")
-    text = value.read_text()
+    try:
+        text = value.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CollmError(f"config file {value} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     try:
         data = json.loads(text) if value.suffix == ".json" else _yaml(text)
     except ValueError as e:
         raise CollmError(f"config file {value} is not valid: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CollmError(f"config file {value} must hold an object of option names to values")
+    options = {p.name for p in ctx.command.params if p.name != "config"}
+    for key in data:
+        if str(key).replace("-", "_") not in options:
+            raise CollmError(f"config file {value}: {key!r} is not an option of collm {ctx.info_name}; "
+                             f"did you mean {_closest(str(key).replace('-', '_'), options)!r}?")
     ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
     return value
+
+
+def _closest(word: str, choices: set[str]) -> str:
+    import difflib
+
+    return max(sorted(choices), key=lambda c: difflib.SequenceMatcher(None, word, c).ratio())
 
 
 def _yaml(text: str):
