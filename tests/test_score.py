@@ -162,3 +162,19 @@ def test_overwrite_removes_only_the_old_scores(tmp_path):
     score(ScoreConfig(expert="tiny", data=str(other), out=str(out), shard_rows=2, overwrite=True), model, tok)
     names = sorted(p.name for p in out.iterdir())
     assert names == [".env", "manifest.json", "shard-00000.safetensors", "shard-notes.txt"]
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_rows_longer_than_the_expert_s_context_are_refused_or_cut_visibly(tmp_path, make, capsys):
+    """512-position models, a 700-token row: refused (GPT-2 crashed with IndexError, Llama said
+    "0 truncated"); with --max-len 512 the row is cut and counted."""
+    model, tok = make(1), make_tokenizer()
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "p", "completion": "x" * 700},
+                                                            {"prompt": "q", "completion": "short"}]))
+    with pytest.raises(CollmError, match=r"1 of 2 rows are longer than the expert's context of 512 tokens"):
+        score(ScoreConfig(expert="tiny", data=str(path), out=str(tmp_path / "s")), model, tok)
+    assert not (tmp_path / "s").exists()
+    score(ScoreConfig(expert="tiny", data=str(path), out=str(tmp_path / "t"), max_len=512), model, tok)
+    reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")][-1]
+    assert reported.startswith("data: 2 rows, 522 tokens") and "; 1 truncated" in reported  # 512 + 10

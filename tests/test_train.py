@@ -207,6 +207,15 @@ def test_disk_full_mid_log_line_then_the_same_command_resumes_or_restarts(known_
     assert (run / "checkpoints" / "latest").is_file()  # refused before anything was removed
 
 
+def test_rows_longer_than_the_base_s_context_are_refused(tmp_path):
+    tok = make_tokenizer()
+    base = save_tiny(make_llama(0), tok, tmp_path / "base")  # 512 positions
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "go", "completion": "x" * 700}] * 4)
+    with pytest.raises(CollmError, match="4 of 4 rows are longer than the base's context of 512 tokens"):
+        train(TrainConfig(base=base, data=data, out=str(tmp_path / "run"), objective="sft", max_steps=1,
+                          batch_size=2))
+
+
 def test_run_folder_loads_with_from_pretrained_and_generates(tmp_path):
     from collm import CoLLM
 

@@ -147,6 +147,16 @@ def _dequantised(gguf: Path) -> Path:
     return target
 
 
+def context_length(model) -> int | None:
+    """The most positions ``model`` was built for (learned position tables end there: GPT-2 fails with an
+    index error past it), or None where the config does not say (or ``model`` is not a transformers model)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
 def vocab_size(model: PreTrainedModel) -> int:
     """Rows of the output embedding: the length of the logits the model produces."""
     return model.get_output_embeddings().weight.shape[0]

@@ -225,6 +225,21 @@ def encode_file(path: str | Path, tokenizer, config: DataConfig | None = None) -
     return EncodedData(examples, fingerprint, stats, tokenizer_id, config)
 
 
+def check_fits(data: EncodedData, context: int | None, who: str) -> None:
+    """Refuse rows longer than a model's context, counted, before any model runs on them.
+
+    ``max_len`` cuts rows visibly (counted as truncated); rows that fit max_len but not the model would
+    otherwise run past its positions (wrong outputs, or an IndexError for learned positions).
+    """
+    if not context:
+        return
+    long = [len(e.input_ids) for e in data.examples if len(e.input_ids) > context]
+    if long:
+        raise CollmError(f"{len(long)} of {len(data.examples)} rows are longer than the {who}'s context of "
+                         f"{context} tokens (longest {max(long)} at max_len {data.config.max_len}): pass "
+                         f"--max-len {context} to cut them (counted and reported as truncated)")
+
+
 def length_order(examples: list[Example]) -> list[int]:
     """Indices longest first (ties by index): batches of similar lengths pad little, and a batch that does
     not fit in memory fails at once rather than at the end."""

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from collm.errors import CollmError
-from collm.evaluation.evaluate import EvalConfig, run_system
+from collm.evaluation.evaluate import EvalConfig, check_prompts_fit, run_system
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -147,6 +147,7 @@ def _save_figure(fig, path: Path) -> None:
 def calibrate(pair, run_dir: str | Path, rows: list[dict], config: CalibrateConfig,
               png: str | Path | None = None, progress=None) -> dict:
     """Sweep, choose, write the threshold into `run_dir`/collm.json, and plot; returns the record written."""
+    check_prompts_fit(pair, rows, config.eval_config())
     points = sweep(pair, rows, config, progress)
     chosen = choose_threshold(points, config.max_defer)
     levels = baseline_levels(pair, rows, config) if config.baselines else {}

@@ -112,6 +112,25 @@ def random_router(rate: float, seed: int) -> Callable[[int, torch.Tensor], torch
     return route
 
 
+def check_prompts_fit(pair, rows: list[dict], config: EvalConfig) -> None:
+    """Refuse, before decoding anything, rows whose prompt plus max_new_tokens exceed a model's context
+    (counted), as collm score and train refuse rows longer than the context."""
+    from collm.backends.models import context_length
+
+    limits = [(context_length(m), name) for m, name in
+              [(pair.base, "base"), *((e, f"expert {k}") for k, e in enumerate(pair.experts, 1))]]
+    limits = [(limit, name) for limit, name in limits if limit]
+    if not limits:
+        return
+    limit, who = min(limits)
+    lengths = [len(ids) for ids in pair.encode([row["prompt"] for row in rows], chat=config.chat)]
+    long = [n for n in lengths if n + config.max_new_tokens > limit]
+    if long:
+        raise CollmError(f"{len(long)} of {len(rows)} rows have a prompt that with --max-new-tokens "
+                         f"{config.max_new_tokens} exceeds the {who}'s context of {limit} tokens (longest prompt "
+                         f"{max(long)}): lower --max-new-tokens or remove those rows")
+
+
 def run_system(pair, rows: list[dict], name: str, config: EvalConfig, *, mode: str = "collm",
                threshold: float | None = None, router=None) -> SystemResult:
     """Decode every row with one system and score it by exact match of the final answer."""
@@ -186,6 +205,7 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
     threshold. `sft_run`: a run with a fine-tuned base, decoded as the base alone. `load_run` loads a run
     folder (default `CoLLM.from_pretrained`). Returns the dict `save_results` writes and `collm.evaluation.report` shows.
     """
+    check_prompts_fit(pair, rows, config)
     threshold = pair.threshold if config.threshold is None else config.threshold
     systems = [run_system(pair, rows, "base alone", config, mode="base"),
                run_system(pair, rows, "expert alone", config, mode="expert"),

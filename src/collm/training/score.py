@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from collm.atomic import atomic_write, remove, temp_siblings, write_json
-from collm.data.rows import DataConfig, EncodedData, Example, encode_file, length_order
+from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order
 from collm.errors import CollmError
 from collm.training.loss import argmax_is_gold, gold_log_probs
-from collm.backends.models import DTYPES, check_vocab, load_model, load_tokenizer, weight_files
+from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, weight_files
 
 MANIFEST = "manifest.json"
 SCORES_FORMAT = 1
@@ -190,6 +190,7 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
         check_vocab(data_tokenizer, tokenizer, ("data tokenizer", "expert"))
     data = encode_file(config.data, data_tokenizer, config.data_config())
     print(f"data: {data.stats.describe()}")
+    check_fits(data, context_length(model), "expert")
     out = Path(config.out)
     manifest = _start(out, config, data, expert_id)
     _run_shards(model, data, manifest, out, config, _pad_id(data_tokenizer), forward)

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from collm.atomic import append_line, atomic_folder, atomic_write, temp_siblings, write_json
 from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from collm.data.rows import DataConfig, EncodedData, encode_file
+from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.training.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
-from collm.backends.models import load_model
+from collm.backends.models import context_length, load_model
 from collm.run import HEAD_FILE, seal, write_run_config
 from collm.training.score import Scores, load_scores, pad_batch, target_outputs
 from collm.training.weak import RowOutputs, base_pass, fit_weak_start
@@ -197,6 +197,7 @@ def setup(config: TrainConfig, acc: Accelerator | None = None) -> Setup:
     base, tokenizer = load_model(config.base, device=acc.device)
     data = encode_file(config.data, tokenizer, config.data_config())
     acc.print(f"data: {data.stats.describe()}")
+    check_fits(data, context_length(base), "base")
     scores = [load_scores(folder, data) for folder in config.scores] if config.objective != "sft" else []
     hidden = base.config.get_text_config().hidden_size
     head = DeferralHead(hidden, max(len(scores), 1)).to(acc.device) if config.trains_head else None
