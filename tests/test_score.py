@@ -48,7 +48,8 @@ def test_scores_equal_a_plain_forward(tmp_path, make):
         got = scores.gold_logp[scores.offsets[i] : scores.offsets[i + 1]]
         assert torch.allclose(got, want, atol=1e-5)
         hit = scores.argmax_gold[scores.offsets[i] : scores.offsets[i + 1]]
-        assert torch.equal(hit, logp[targets].argmax(-1) == gold)
+        best = logp[targets].max(-1).values  # the tie rule: gold counts when it ties the maximum
+        assert torch.equal(hit, torch.isclose(want, best, rtol=1e-5))
 
 
 KILL_AFTER_FIRST_SHARD = """
@@ -178,3 +179,18 @@ def test_rows_longer_than_the_expert_s_context_are_refused_or_cut_visibly(tmp_pa
     score(ScoreConfig(expert="tiny", data=str(path), out=str(tmp_path / "t"), max_len=512), model, tok)
     reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")][-1]
     assert reported.startswith("data: 2 rows, 522 tokens") and "; 1 truncated" in reported  # 512 + 10
+
+
+def test_scores_of_the_older_argmax_rule_are_refused_not_mixed(tmp_path):
+    model, tok = make_llama(1), make_tokenizer()
+    data_path = write_rows(tmp_path / "d.jsonl", n=4)
+    config = ScoreConfig(expert="tiny", data=str(data_path), out=str(tmp_path / "s"))
+    score(config, model, tok)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest | {"format": 1}))
+    with pytest.raises(CollmError, match="format 1 .*run collm score again with --overwrite"):
+        load_scores(tmp_path / "s", encode_file(data_path, tok))
+    with pytest.raises(CollmError, match="older format"):
+        score(config, model, tok)
+    score(ScoreConfig(**{**config.__dict__, "overwrite": True}), model, tok)
+    assert load_scores(tmp_path / "s", encode_file(data_path, tok)).gold_logp.numel() > 0

@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 from collm.atomic import atomic_write, remove, temp_siblings, write_json
 from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order
 from collm.errors import CollmError
-from collm.training.loss import argmax_is_gold, gold_log_probs
+from collm.training.loss import gold_outputs
 from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, weight_files
 
 MANIFEST = "manifest.json"
-SCORES_FORMAT = 1
+# 2: a target counts as the expert's greedy choice when it ties the maximum (loss.argmax_is_gold); format 1
+# needed the lowest-index argmax. Scores of another format are refused, never mixed.
+SCORES_FORMAT = 2
 KIND = "collm scores"
 
 
@@ -121,15 +123,14 @@ def target_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     gold = input_ids[:, 1:][pred]
     if _post_processes_logits(hf.config):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        logits = out.logits[:, :-1][pred]
-        return gold_log_probs(logits, gold), argmax_is_gold(logits, gold), out.hidden_states[-1][:, :-1][pred]
+        return (*gold_outputs(out.logits[:, :-1][pred], gold), out.hidden_states[-1][:, :-1][pred])
     hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][pred]
     lm_head = hf.get_output_embeddings()
     logp, hit = [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[start : start + chunk])
-        logp.append(gold_log_probs(logits, gold[start : start + chunk]))
-        hit.append(argmax_is_gold(logits, gold[start : start + chunk]))
+        chunk_logp, chunk_hit = gold_outputs(lm_head(hidden[start : start + chunk]), gold[start : start + chunk])
+        logp.append(chunk_logp)
+        hit.append(chunk_hit)
     if not logp:
         return hidden.new_zeros(0), torch.zeros(0, dtype=torch.bool), hidden
     return torch.cat(logp), torch.cat(hit), hidden
@@ -359,6 +360,9 @@ def load_scores(folder: str | Path, data: EncodedData) -> Scores:
     if not path.is_file():
         raise CollmError(f"{folder} holds no scores ({MANIFEST} missing): run collm score first")
     manifest = _read_own_manifest(folder, "give the folder collm score wrote")
+    if manifest.get("format") != SCORES_FORMAT:
+        raise CollmError(f"scores in {folder} have format {manifest.get('format')} (another argmax rule); this collm "
+                         f"reads {SCORES_FORMAT}: run collm score again with --overwrite")
     if not manifest.get("complete"):
         raise CollmError(f"scores in {folder} are unfinished: re-run the same collm score command to resume")
     key = manifest["key"]
