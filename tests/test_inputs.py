@@ -167,3 +167,70 @@ def test_request_longer_than_the_context_is_refused():
         pair.generate([[1] * 500], max_new_tokens=20)
     assert "context is 512" in one_line(e)
     assert len(pair.generate([[1] * 500], max_new_tokens=12).token_ids[0]) <= 12
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"garbage" * 10])
+def test_truncated_or_garbage_weights_are_a_one_line_error(tmp_path, damage):
+    folder = save_tiny(make_llama(0), make_tokenizer(), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(CollmError) as e:
+        load_model(folder)
+    assert "damaged or truncated" in one_line(e) and "model again" in one_line(e)
+
+
+def _stand_in_gguf(tmp_path, monkeypatch, model_factory=lambda: make_llama(0)):
+    """A .gguf path whose dequantisation gives a tiny model (no real GGUF needed)."""
+    from collm.backends import models
+
+    monkeypatch.setenv("COLLM_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"stand-in")
+    monkeypatch.setattr(models, "_read_gguf", lambda path: (model_factory(), make_tokenizer()))
+    return str(gguf)
+
+
+def test_a_truncated_file_in_the_dequantised_cache_is_rebuilt(tmp_path, monkeypatch):
+    gguf = _stand_in_gguf(tmp_path, monkeypatch)
+    load_model(gguf)
+    (cached,) = (tmp_path / "cache").iterdir()
+    weights = cached / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    again, _ = load_model(gguf)
+    x = torch.tensor([[1, 40, 41]])
+    assert torch.equal(again(x).logits, make_llama(0)(x).logits)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
+                 'device" })'),  # how safetensors reports it
+])
+def test_disk_full_while_dequantising_is_one_line_and_leaves_no_temp_folder(tmp_path, monkeypatch, error):
+    def model_that_fills_the_disk():
+        model = make_llama(0)
+
+        def save_pretrained(folder, **kwargs):
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise error
+
+        model.save_pretrained = save_pretrained
+        return model
+
+    from pathlib import Path
+
+    gguf = _stand_in_gguf(tmp_path, monkeypatch, model_that_fills_the_disk)
+    with pytest.raises(CollmError) as e:
+        load_model(gguf)
+    assert "no space left on the device" in one_line(e)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_device_that_this_machine_lacks_is_a_one_line_error(monkeypatch, tmp_path):
+    folder = save_tiny(make_llama(0), make_tokenizer(), tmp_path / "m")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CollmError) as e:
+        load_model(folder, device="cuda")
+    assert "CUDA is not available here: use --device cpu" in one_line(e)
+    with pytest.raises(CollmError, match="is not a torch device"):
+        load_model(folder, device="gpu0")
