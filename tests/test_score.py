@@ -194,3 +194,30 @@ def test_scores_of_the_older_argmax_rule_are_refused_not_mixed(tmp_path):
         score(config, model, tok)
     score(ScoreConfig(**{**config.__dict__, "overwrite": True}), model, tok)
     assert load_scores(tmp_path / "s", encode_file(data_path, tok)).gold_logp.numel() > 0
+
+
+def test_disk_full_mid_shard_is_one_line_then_the_same_command_resumes(tmp_path, monkeypatch):
+    import errno
+
+    import collm.training.score as s
+
+    model, tok = make_llama(1), make_tokenizer()
+    data_path = write_rows(tmp_path / "d.jsonl", n=12)
+    config = lambda out: ScoreConfig(expert="tiny", data=str(data_path), out=str(tmp_path / out), shard_rows=4)
+    real_save, calls = s.save_file, []
+
+    def fill_the_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            open(path, "wb").write(b"half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(s, "save_file", fill_the_disk)
+    with pytest.raises(CollmError) as e:
+        score(config("a"), model, tok)
+    assert "no space left on the device while writing" in str(e.value) and "shard-00001" in str(e.value)
+    monkeypatch.undo()
+    score(config("a"), model, tok)
+    score(config("b"), model, tok)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")

@@ -231,13 +231,23 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     where the head would hand tokens to the expert."""
     from rich.markdown import Markdown
 
+    from collm.backends.models import check_device
     from collm.data.answer import extract_answer
     from collm.decoding.provenance import colored, legend
+    from collm.pair import CoLLM, check_request
 
-    with console.status("verifying and loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
-        pair = load_pair(folder, device)
-    shipped = json.loads((folder / "problems.json").read_text())
+    # Every setting is checked before the model loads and decodes (~20 s), not after.
+    check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode="collm", stop=None, do_sample=False,
+                  temperature=1.0, top_p=1.0, seed=0)
+    check_device(device)
+    verify(folder)
+    shipped = json.loads((folder / "problems.json").read_text(encoding="utf-8"))
+    available = len(shipped["problems"])
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= available:
+        raise CollmError(f"--count must be between 1 and {available} (the held-out problems shipped), got {count}")
     problems = shipped["problems"][:count]
+    with console.status("loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
+        pair = CoLLM.from_pretrained(folder, device=device)  # checks every file against the manifest again
     prompts = [p["prompt"] for p in problems]
     threshold = pair.threshold if threshold is None else threshold
     systems = [("base alone", "base", None), ("expert alone", "expert", None),

@@ -96,8 +96,14 @@ def read_jsonl(path: str | Path, check: Callable[[object, str], None]) -> list[d
     path = Path(path)
     if not path.is_file():
         raise CollmError(f"data file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise CollmError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

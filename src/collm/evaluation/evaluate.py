@@ -17,6 +17,7 @@ import torch
 
 from collm.data.answer import is_correct, normalize_number
 from collm.atomic import atomic_write, write_json
+from collm.core.seed import check_seed
 from collm.errors import CollmError
 from collm.decoding.provenance import token_pieces
 
@@ -51,6 +52,7 @@ class EvalConfig:
             raise CollmError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.limit is not None and self.limit <= 0:
             raise CollmError(f"limit must be positive, got {self.limit}")
+        check_seed(self.seed)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load
 from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
+from collm.core.seed import check_seed
 from collm.training.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
 from collm.backends.models import context_length, load_model
 from collm.run import HEAD_FILE, seal, write_run_config
@@ -140,6 +141,7 @@ class TrainConfig:
             raise CollmError("min_lr_ratio and threshold must be in [0, 1], lora_dropout in [0, 1)")
         if self.warmup_steps < 0 or self.weak_steps < 0 or self.weak_max_tokens < 1:
             raise CollmError("warmup_steps and weak_steps must be >= 0, weak_max_tokens >= 1")
+        check_seed(self.seed)
 
     def data_config(self) -> DataConfig:
         return DataConfig(max_len=self.max_len, chat=self.chat, add_eos=self.add_eos)
