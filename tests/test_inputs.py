@@ -234,3 +234,26 @@ def test_device_that_this_machine_lacks_is_a_one_line_error(monkeypatch, tmp_pat
     assert "CUDA is not available here: use --device cpu" in one_line(e)
     with pytest.raises(CollmError, match="is not a torch device"):
         load_model(folder, device="gpu0")
+
+
+# For the lead, who rewrites CoLLM.generate (issue 16): remove each mark when the change lands.
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="input_ids= goes into the rewritten CoLLM.generate")
+def test_generate_accepts_the_input_ids_keyword(pair):
+    ids = torch.tensor([[1, 40, 41]])
+    out = pair.generate(input_ids=ids, max_new_tokens=3)
+    assert out.token_ids == pair.generate(ids, max_new_tokens=3).token_ids
+    with pytest.raises(CollmError, match="not both"):
+        pair.generate(["hi"], input_ids=ids)
+
+
+@pytest.mark.xfail(strict=True, reason="the default-head notice goes into the rewritten CoLLM.generate")
+def test_the_default_head_says_once_that_it_never_defers():
+    pair = CoLLM(make_llama(0), [make_llama(1)], None, make_tokenizer())
+    with pytest.warns(UserWarning, match=r"zero head .* never exceeds threshold 0.5"):
+        pair.generate([[1, 40]], max_new_tokens=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pair.generate([[1, 40]], max_new_tokens=2)  # once per pair
+        pair.generate([[1, 40]], max_new_tokens=2, threshold=0.4)  # defers: nothing to say
