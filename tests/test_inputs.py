@@ -257,3 +257,22 @@ def test_the_default_head_says_once_that_it_never_defers():
         warnings.simplefilter("error", UserWarning)
         pair.generate([[1, 40]], max_new_tokens=2)  # once per pair
         pair.generate([[1, 40]], max_new_tokens=2, threshold=0.4)  # defers: nothing to say
+
+
+def test_merge_adapter_replaces_only_a_folder_it_wrote(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from collm.training.expert import merge_adapter
+
+    tok = make_tokenizer()
+    base_dir = save_tiny(make_llama(0), tok, tmp_path / "base")
+    get_peft_model(load_model(base_dir)[0], LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(CollmError, match="was not written by merge"):
+        merge_adapter(tmp_path / "adapter", tmp_path / "mine", base=base_dir)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=base_dir)
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=base_dir)  # its own folder: replaced
+    assert load_model(str(tmp_path / "merged"))[1].get_vocab() == tok.get_vocab()
