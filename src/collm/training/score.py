@@ -180,6 +180,9 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     that is not a transformers model (an oracle, a remote API). Raises CollmError for bad data, a vocabulary
     mismatch, or a folder holding scores for another key (unless ``overwrite``).
     """
+    out = Path(config.out)
+    if _read_own_manifest(out) is None:  # before minutes of loading: a folder holding others' files is refused
+        _check_empty(out)
     if model is None:
         model, tokenizer = load_model(config.expert, device=config.device, dtype=config.dtype)
         expert_id = expert_identity(config.expert, config.dtype)
@@ -192,7 +195,6 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     data = encode_file(config.data, data_tokenizer, config.data_config())
     print(f"data: {data.stats.describe()}")
     check_fits(data, context_length(model), "expert")
-    out = Path(config.out)
     manifest = _start(out, config, data, expert_id)
     _run_shards(model, data, manifest, out, config, _pad_id(data_tokenizer), forward)
     return out
