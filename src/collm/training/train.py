@@ -532,25 +532,30 @@ def _read_train_config(path: Path) -> dict | None:
 
 
 def _read_metrics(path: Path) -> list[tuple[int, str]]:
-    """(step, line) of each row of the log. A last line without its newline was cut short by a kill or a
+    """(step, line) of each row of the log. A last line that does not parse was cut short by a kill or a
     full disk and is dropped (its step is redone); a damaged line elsewhere is a CollmError naming it."""
     if not path.is_file():
         return []
     lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
-    lines.pop()  # "" after the final newline, or the torn tail
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            step = json.loads(line)["step"]
-            if isinstance(step, bool) or not isinstance(step, int):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise CollmError(f"{path}:{number} is not a metrics row: delete that line (or the file) and run "
-                             f"again") from None
+        step = _metrics_step(line)
+        if step is None and number == len(lines):
+            break  # the torn tail
+        if step is None:
+            raise CollmError(f"{path}:{number} is not a metrics row: delete that line (or the file) and run again")
         rows.append((step, line))
     return rows
+
+
+def _metrics_step(line: str) -> int | None:
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 # ---------------------------------------------------------------- the run folder
