@@ -55,6 +55,22 @@ def test_config_file_sets_options(folders, tmp_path):
     assert out["stats"]["new_tokens"] <= 3 and out["stats"]["defer_rate"] == 1.0
 
 
+@pytest.mark.parametrize("text, key, closest", [
+    ("thresold: 0.3\n", "thresold", "threshold"),
+    ('{"max-new-token": 3}', "max-new-token", "max_new_tokens"),
+    ("temprature: 0.5\n", "temprature", "temperature"),
+])
+def test_config_file_with_an_unknown_key_is_refused_naming_the_closest(tmp_path, text, key, closest):
+    config = tmp_path / ("gen.json" if text.startswith("{") else "gen.yaml")
+    config.write_text(text)
+    result = runner.invoke(app, ["generate", "--config", str(config), "hi"])
+    message = str(result.exception)
+    assert f"{key!r} is not an option of collm generate; did you mean {closest!r}?" in message
+    (tmp_path / "bad.yaml").write_bytes(b"threshold: 0.3 \xff\n")
+    result = runner.invoke(app, ["generate", "--config", str(tmp_path / "bad.yaml"), "hi"])
+    assert "is not UTF-8 text" in str(result.exception)
+
+
 def test_bad_input_is_one_line_and_exit_2(folders):
     base, expert = folders
     proc = subprocess.run([sys.executable, "-m", "collm.cli", "generate", "--base", base, "--expert", expert,
@@ -86,6 +102,66 @@ def test_generate_refuses_bad_settings_before_loading_any_model(monkeypatch, arg
     result = runner.invoke(app, ["generate", *args, "hi"])  # `collm` turns a CollmError into one line, exit 2
     assert isinstance(result.exception, CollmError) and message in str(result.exception)
     assert "> hi" not in result.output
+
+
+def _no_loading(monkeypatch):
+    from collm.pair import CoLLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(CoLLM, "load", no_loading)
+    monkeypatch.setattr(CoLLM, "from_pretrained", no_loading)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "99999999999999999999", "hi"], "seed must be an integer in [0, 4294967295]"),
+    (["--seed", "-1", "hi"], "seed must be an integer"),
+    (["--device", "cuda", "hi"], "CUDA is not available here: use --device cpu"),
+    (["--device", "gpu0", "hi"], "is not a torch device"),
+    ([""], "prompt 1 is empty"),
+    (["ok", "  "], "prompt 2 is empty"),
+    (["caf\udce9"], "prompt 1 is not valid UTF-8 text"),  # how Python passes argv bytes that are not UTF-8
+])
+def test_generate_refuses_bad_input_before_loading_any_model(monkeypatch, args, message):
+    import torch
+
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["generate", *args])
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_prompt_file_that_is_not_utf8_is_a_one_line_error(monkeypatch, tmp_path):
+    _no_loading(monkeypatch)
+    (tmp_path / "p.txt").write_bytes(b"What is 2+3?\nCaf\xe9 prices?\n")  # latin-1
+    result = runner.invoke(app, ["generate", "--prompt-file", str(tmp_path / "p.txt")])
+    assert "p.txt:2: not UTF-8 text" in str(result.exception)
+
+
+def test_train_and_eval_refuse_a_seed_out_of_range(tmp_path):
+    result = runner.invoke(app, ["train", "--base", "b", "--data", "d", "--out", str(tmp_path / "r"), "--scores", "s",
+                                 "--seed", "99999999999999999999"])
+    assert "seed must be an integer" in str(result.exception)
+    from collm.errors import CollmError
+    from collm.evaluation.evaluate import EvalConfig
+    from collm.training.train import TrainConfig
+
+    with pytest.raises(CollmError, match="seed must be"):
+        TrainConfig(base="b", data="d", out="o", scores=["s"], seed=2**64)
+    with pytest.raises(CollmError, match="seed must be"):
+        EvalConfig(seed=-5)
+
+
+def test_default_head_says_it_never_defers(monkeypatch, folders):
+    base, expert = folders
+    result = runner.invoke(app, ["generate", "--base", base, "--expert", expert, "--max-new-tokens", 2, "--json", "hi"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["stats"]["defer_rate"] == 0.0
+    assert "no --head: the zero head gives P(defer) = 0.5, which never exceeds threshold 0.5" in result.stderr
+    quiet = runner.invoke(app, ["generate", "--base", base, "--expert", expert, "--max-new-tokens", 2, "--json",
+                                "--threshold", "0.4", "hi"])
+    assert quiet.exit_code == 0 and "note:" not in quiet.stderr
+    assert json.loads(quiet.stdout)["stats"]["defer_rate"] == 1.0
 
 
 def test_vocab_mismatch_refused(tmp_path, folders):

@@ -106,3 +106,12 @@ def test_length_order_is_longest_first_and_stable(tmp_path):
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "abc", "completion": "d"}, {"prompt": "a", "completion": "c"}]
     data = encode_file(write_jsonl(tmp_path / "d.jsonl", rows), char_tokenizer())
     assert length_order(data.examples) == [1, 0, 2]
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    from collm.data.rows import read_rows
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(CollmError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 50\): save the file as UTF-8"):
+        read_rows(path)

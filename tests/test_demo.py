@@ -62,6 +62,7 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     import json
 
     from collm.atomic import write_json
+    from collm.run import seal
 
     runs, sft, expert = tmp_path / "runs", tmp_path / "sft", tmp_path / "expert"
     for adapter in (sft / "base_adapter", expert / "base_adapter"):
@@ -71,6 +72,7 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     write_json(runs / "collm" / "collm.json", {"format": 1, "base": str(sft / "base_adapter"), "experts": ["m"],
                                                "base_weights": "original", "training": {"data_stats": {}}})
     (runs / "collm" / "head.safetensors").write_bytes(b"head")
+    seal(runs / "collm")  # as collm train does
     results = _results([(False, True), (True, True), (True, False), (True, False)])
     results["systems"][2]["examples"][2]["text"] = "so <<1+1=3>>3"  # right by luck: a false note
     write_json(runs / "eval-new-numbers.json", results)
@@ -85,6 +87,25 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     assert prompts == ["p3", "p2", "p0"]  # Co-LLM right, base wrong, true notes; then with a false note; then others
     assert "Co-LLM − max(SFT base, expert)" in (out / "results.md").read_text()
     demo.verify(out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "2"], "threshold must be a number in [0, 1], got 2.0"),
+    (["--count", "0"], "--count must be between 1 and 3 (the held-out problems shipped), got 0"),
+    (["--count", "-1"], "--count must be between 1 and 3"),
+    (["--count", "100"], "--count must be between 1 and 3"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+])
+def test_demo_refuses_bad_settings_before_loading(monkeypatch, args, message):
+    from collm.cli import app
+    from collm.pair import CoLLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(CoLLM, "from_pretrained", no_loading)
+    result = CliRunner().invoke(app, ["demo", *args])
+    assert isinstance(result.exception, CollmError) and message in str(result.exception)
 
 
 @pytest.mark.slow

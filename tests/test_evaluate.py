@@ -128,3 +128,16 @@ def test_sft_row_reuses_base_alone_when_the_run_decodes_the_sft_base_frozen(tiny
     tiny_pair.specs = {"base": str(tmp_path / "elsewhere")}
     results = evaluate(tiny_pair, rows, EvalConfig(max_new_tokens=4), sft_run=sft_run, load_run=lambda f: sft)
     assert "same model" not in {s["name"]: s for s in results["systems"]}["SFT base alone"]["note"]
+
+
+def test_prompts_longer_than_the_context_are_refused_before_decoding():
+    from conftest import make_gpt2, make_tokenizer
+
+    pair = CoLLM(make_gpt2(0), [make_gpt2(1)], None, make_tokenizer())  # 512 positions
+    calls = []
+    pair.generate = lambda *a, **k: calls.append(1)
+    rows = [{"prompt": "2+3?", "answer": "5"}, {"prompt": "x" * 500, "answer": "1"}]
+    with pytest.raises(CollmError, match=r"1 of 2 rows have a prompt that with --max-new-tokens 20 exceeds the "
+                                         r"base's context of 512 tokens"):
+        evaluate(pair, rows, EvalConfig(max_new_tokens=20, batch_size=1))
+    assert calls == []

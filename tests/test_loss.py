@@ -133,3 +133,32 @@ def test_gold_log_probs_matches_log_softmax():
     targets = torch.randint(0, 13, (2, 5))
     want = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     assert torch.allclose(gold_log_probs(logits, targets), want, atol=1e-6)
+
+
+def test_gold_that_ties_the_maximum_counts_as_the_argmax():
+    """The reference rule (isclose to the maximum log-prob, rtol 1e-5): a gold token tied with a lower index
+    is the model's choice too; the lowest-index argmax alone said it was not."""
+    from collm.training.loss import argmax_is_gold
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0],  # exact tie, gold at the higher index
+                           [1.0, 3.0, 3.0, 0.0],  # exact tie, gold at the lower index
+                           [1.0, 3.0, 2.9, 0.0],  # a clear loser
+                           [1.0, 3.0, 3.0 - 1e-6, 0.0],  # equal to float32 rounding, within rtol
+                           [0.0, 0.0, 0.0, 0.0]])  # all tied
+    targets = torch.tensor([2, 1, 2, 2, 3])
+    assert argmax_is_gold(logits, targets).tolist() == [True, True, False, True, True]
+    # bf16 logits: distinct float32 values that round to one bf16 value tie exactly
+    bf16 = torch.tensor([[5.0, 5.01, -1.0]]).to(torch.bfloat16)
+    assert bf16[0, 0] == bf16[0, 1] and argmax_is_gold(bf16, torch.tensor([1])).tolist() == [True]
+
+
+def test_weak_labels_follow_the_tie_rule():
+    """Pseudo-labels made from scores: with gold tied at both models' maximum, both are right: no deferral;
+    with only the expert tied, defer."""
+    from collm.training.loss import argmax_is_gold
+
+    base = torch.tensor([[2.0, 2.0, 0.0], [2.0, 2.0, 0.0]])
+    expert = torch.tensor([[1.0, 4.0, 4.0], [1.0, 4.0, 4.0]])
+    gold = torch.tensor([1, 2])
+    labels = weak_labels(argmax_is_gold(base, gold), argmax_is_gold(expert, gold))
+    assert labels.tolist() == [0, 1]  # row 2: base's max is tokens 0/1, gold 2 is the expert's (tied) choice

@@ -143,6 +143,79 @@ def test_resumed_training_follows_the_uninterrupted_run(known_case, monkeypatch)
         train(config(known_case, "resumed", **common | {"lr": 1e-4}))
 
 
+def test_an_out_folder_holding_a_user_s_files_is_refused_and_left_alone(known_case, tmp_path):
+    """`collm train --out u2` where u2 holds files train did not write: nothing there is removed or trimmed."""
+    out = tmp_path / "u2"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "model-epoch9.pt").write_text("p")
+    (out / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    quick = dict(base_mode="frozen", max_steps=2, weak_start=False, save_every=1)
+    with pytest.raises(CollmError, match="holds files collm train did not write"):
+        train(config(known_case, out, **quick))
+    assert (out / "checkpoints" / "model-epoch9.pt").read_text() == "p"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 7, "loss": 1.0}\n'
+    # In a run folder train made, starting over removes its own checkpoints and nothing else.
+    run = train(config(known_case, "own", **quick))
+    (run / "checkpoints" / "notes.txt").write_text("mine")
+    train(config(known_case, "own", **quick, resume=False))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "notes.txt", "step-000001",
+                                                                        "step-000002"]
+
+
+def test_disk_full_mid_log_line_then_the_same_command_resumes_or_restarts(known_case, monkeypatch):
+    """A full disk cuts metrics.jsonl mid-line: a one-line error, then resuming and --no-resume both work."""
+    import errno
+
+    import collm.atomic
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            if '"step": 5' in text:
+                self.f.write(text[:12])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    common = dict(base_mode="frozen", max_steps=6, save_every=2, weak_start=False)
+    monkeypatch.setattr(collm.atomic, "open", lambda *a, **k: FullDisk(open(*a, **k)), raising=False)
+    with pytest.raises(CollmError) as e:
+        train(config(known_case, "disk-full", **common))
+    assert "no space left on the device while writing" in str(e.value) and "metrics.jsonl" in str(e.value)
+    run = known_case["root"] / "disk-full"
+    assert (run / "metrics.jsonl").read_text().endswith('\n{"step": 5, ')  # the torn line a full disk leaves
+    monkeypatch.undo()
+    train(config(known_case, "disk-full", **common))  # resumes at the step-4 checkpoint
+    whole = train(config(known_case, "disk-whole", **common))
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert _losses(run) == pytest.approx(_losses(whole), rel=1e-5)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # torn again; then start over
+    train(config(known_case, "disk-full", **common, resume=False))
+    assert _losses(run) == pytest.approx(_losses(whole), rel=1e-5)
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot a row\n{"step": 2}\n')
+    with pytest.raises(CollmError, match=r"metrics.jsonl:2 is not a metrics row"):
+        train(config(known_case, "disk-full", **common))
+    assert (run / "checkpoints" / "latest").is_file()  # refused before anything was removed
+
+
+def test_rows_longer_than_the_base_s_context_are_refused(tmp_path):
+    tok = make_tokenizer()
+    base = save_tiny(make_llama(0), tok, tmp_path / "base")  # 512 positions
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "go", "completion": "x" * 700}] * 4)
+    with pytest.raises(CollmError, match="4 of 4 rows are longer than the base's context of 512 tokens"):
+        train(TrainConfig(base=base, data=data, out=str(tmp_path / "run"), objective="sft", max_steps=1,
+                          batch_size=2))
+
+
 def test_run_folder_loads_with_from_pretrained_and_generates(tmp_path):
     from collm import CoLLM
 

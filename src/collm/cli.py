@@ -10,6 +10,7 @@ import sys
 import textwrap
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +18,7 @@ import typer
 from rich.console import Console
 
 from collm.errors import CollmError
-from collm.backends.models import EMBEDDED_DEFAULT
+from collm.backends.models import EMBEDDED_DEFAULT, check_device
 
 app = typer.Typer(
     help="Collaborative decoding: a cheap base model writes, and defers single tokens to an expert.",
@@ -35,20 +36,37 @@ EXAMPLE_QUESTION = (
 
 
 def load_config(ctx: typer.Context, param, value: Optional[Path]):
-    """`--config FILE`: a JSON (or YAML) object of option defaults; options given on the line still win."""
+    """`--config FILE`: a JSON (or YAML) object of option defaults; options given on the line still win.
+
+    A key that names no option of the command is refused with the closest one (a misspelt `thresold`
+    would otherwise be ignored and the run made with the default)."""
     if value is None:
         return value
     if not value.is_file():
         raise CollmError(f"config file {str(value)!r} does not exist")
-    text = value.read_text()
+    try:
+        text = value.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CollmError(f"config file {value} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     try:
         data = json.loads(text) if value.suffix == ".json" else _yaml(text)
     except ValueError as e:
         raise CollmError(f"config file {value} is not valid: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CollmError(f"config file {value} must hold an object of option names to values")
+    options = {p.name for p in ctx.command.params if p.name != "config"}
+    for key in data:
+        if str(key).replace("-", "_") not in options:
+            raise CollmError(f"config file {value}: {key!r} is not an option of collm {ctx.info_name}; "
+                             f"did you mean {_closest(str(key).replace('-', '_'), options)!r}?")
     ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
     return value
+
+
+def _closest(word: str, choices: set[str]) -> str:
+    import difflib
+
+    return max(sorted(choices), key=lambda c: difflib.SequenceMatcher(None, word, c).ratio())
 
 
 def _yaml(text: str):
@@ -58,6 +76,12 @@ def _yaml(text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(str(e)) from None
+
+
+def _seed(value: int) -> int:
+    from collm.core.seed import check_seed
+
+    return check_seed(value)
 
 
 ConfigOption = Annotated[
@@ -74,14 +98,14 @@ def generate(
     run: Annotated[Optional[Path], typer.Option(help="A trained run folder (collm.json); replaces --base/--expert/--head.")] = None,
     base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")] = EMBEDDED_DEFAULT,
     expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several). Default: the embedded model.")] = None,
-    head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: zero head (P=0.5).")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: a zero head, P(defer) = 0.5 everywhere, which with one expert never exceeds the default threshold 0.5: the expert writes nothing until you train a head (or pass --threshold below 0.5, or --head always).")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Defer where P(expert) exceeds this, in [0, 1]. Default: the run's, else 0.5.")] = None,
     mode: Annotated[str, typer.Option(help="collm (route by the head), compose (sample the mixture), base or expert (one model alone).")] = "collm",
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per prompt.")] = 256,
     do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same tokens.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same tokens.", callback=_seed)] = 0,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
     raw: Annotated[bool, typer.Option(help="Send prompts as raw text, without the base's chat template.")] = False,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
@@ -96,6 +120,13 @@ def generate(
     texts = _read_prompts(prompts, prompt_file) or [EXAMPLE_QUESTION]
     check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop, do_sample=do_sample,
                   temperature=temperature, top_p=top_p, seed=seed)  # before minutes of loading, not after
+    check_device(device)
+    if run is None and head is None and mode == "collm" and len(expert or [EMBEDDED_DEFAULT]) == 1 and \
+            (0.5 if threshold is None else threshold) >= 0.5:
+        err.print(f"[yellow]note:[/yellow] no --head: the zero head gives P(defer) = 0.5, which never exceeds "
+                  f"threshold {0.5 if threshold is None else threshold:g}, so the expert writes nothing; train a "
+                  f"head (collm train), or pass --threshold below 0.5 or --head always", highlight=False, soft_wrap=True)
+    warnings.filterwarnings("ignore", message="no head was given")  # the note above said it, before loading
     with err.status("loading models"):
         if run is not None:
             pair = CoLLM.from_pretrained(run, device=device, dtype=dtype)
@@ -124,11 +155,26 @@ def generate(
 
 
 def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:
+    """Prompts from the line and the file, each checked before any model loads: UTF-8 and not empty."""
     texts = list(prompts or [])
+    for number, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")  # undecodable argv bytes arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise CollmError(f"prompt {number} is not valid UTF-8 text: set a UTF-8 locale, or use --prompt-file "
+                             f"with a UTF-8 file") from None
+        if not text.strip():
+            raise CollmError(f"prompt {number} is empty: give a question")
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise CollmError(f"prompt file {str(prompt_file)!r} does not exist")
-        texts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+        data = prompt_file.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise CollmError(f"{prompt_file}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+        texts += [line for line in text.splitlines() if line.strip()]
     return texts
 
 
@@ -157,7 +203,7 @@ def _print_summary(stats: dict) -> None:
 
 @app.command()
 def demo(
-    count: Annotated[int, typer.Option(help="Held-out problems to answer (of the shipped ones).")] = 3,
+    count: Annotated[int, typer.Option(help="Held-out problems to answer, from 1 to the number shipped (3).")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     threshold: Annotated[Optional[float], typer.Option(help="Co-LLM's threshold in [0, 1]. Default: the shipped run's calibrated one.")] = None,
@@ -182,7 +228,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per row after a warm-up; the median is kept.")] = 3,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed for prompts, weights and the deferral pattern.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for prompts, weights and the deferral pattern.", callback=_seed)] = 0,
     compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (warm-up takes minutes).")] = False,
     per_row: Annotated[bool, typer.Option(help="Each row defers on its own phase (else all rows on the same steps).")] = False,
     fused: Annotated[bool, typer.Option(help="CUDA: one device program per token; --no-fused times the step-by-step loop.")] = True,
@@ -214,7 +260,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("gsm")
 def data_gsm(
     out: Annotated[Path, typer.Option(help="Output folder for train/new_numbers/validation/test JSONL, splits.json, manifest.json.")],
-    seed: Annotated[int, typer.Option(help="Seeds the template split and every draw; same seed, same files.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds the template split and every draw; same seed, same files.", callback=_seed)] = 0,
     fractions: Annotated[str, typer.Option(help="Shares of templates for train,validation,test.")] = "0.7,0.1,0.2",
     train_variants: Annotated[int, typer.Option(help="Variants per train template.")] = 50,
     new_numbers_variants: Annotated[int, typer.Option(help="Variants per train template with numbers unseen in train.")] = 10,
@@ -234,7 +280,7 @@ def data_gsm(
 @data_app.command("arithmetic")
 def data_arithmetic(
     out: Annotated[Path, typer.Option(help="Output folder for train/validation/test JSONL and manifest.json.")],
-    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same files.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same files.", callback=_seed)] = 0,
     modules: Annotated[str, typer.Option(help="Comma-separated mathematics_dataset arithmetic modules.")] = "add_or_sub,mul,div,mixed",
     train: Annotated[int, typer.Option(help="Training rows per module.")] = 1000,
     validation: Annotated[int, typer.Option(help="Validation rows per module.")] = 100,
@@ -255,7 +301,7 @@ def data_calc(
     arithmetic: Annotated[Optional[Path], typer.Option(help="Arithmetic train JSONL mixed in unchanged.")] = None,
     rows: Annotated[int, typer.Option(help="Calculation rows, each a few lines 'a = <<a=b>>b'.")] = 30_000,
     gsm_share: Annotated[float, typer.Option(help="Share of lines taken from the GSM notes; the rest are random.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same file.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same file.", callback=_seed)] = 0,
 ):
     """Training rows for the math expert: calculations written as GSM8K notes, plus arithmetic (no word problems)."""
     from collm.training import expert
@@ -363,7 +409,7 @@ def eval_(
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N rows.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random-deferral baseline.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random-deferral baseline.", callback=_seed)] = 0,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); an answer ends before it.")] = None,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's.")] = None,
@@ -411,10 +457,18 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def main() -> None:
     """Entry point: a CollmError becomes one line on stderr and exit status 2, not a traceback."""
+    from collm.atomic import is_disk_full
+
     try:
         app()
     except CollmError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:  # a write that no collm writer wraps
+        if not is_disk_full(e):
+            raise
+        err.print(f"[red]error:[/red] no space left on the device{f' while writing {e.filename}' if e.filename else ''}:"
+                  f" free some space, then run the same command again", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

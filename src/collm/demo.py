@@ -9,7 +9,6 @@ answers. ``manifest.json`` records every file's sha256; `verify` refuses to load
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,46 +17,28 @@ from collm.errors import CollmError
 from collm.evaluation.evaluate import deferral_summary, in_number  # noqa: F401 - re-exported for the package step
 from collm.evaluation.report import system_table
 
+from collm.run import MANIFEST
+
 ASSETS = Path(__file__).parent / "assets" / "gsm"
-MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------- integrity
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> dict:
     """Record the sha256 and size of every file under `folder` (but the manifest) in manifest.json."""
-    from collm.atomic import write_json
+    from collm.run import seal
 
-    files = {str(p.relative_to(folder)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {"files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
-    write_json(folder / MANIFEST, manifest)
-    return manifest
+    return seal(folder, [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST])
 
 
 def verify(folder: Path = ASSETS) -> dict:
     """Check every file recorded in the manifest is there with its sha256; CollmError naming the first that
     is missing or differs. Returns the manifest."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise CollmError(f"{folder} has no {MANIFEST}: the shipped run is missing; run scripts/reproduce.sh")
-    manifest = json.loads(path.read_text())
-    for name, record in manifest["files"].items():
-        file = folder / name
-        if not file.is_file():
-            raise CollmError(f"shipped file {file} is missing")
-        if sha256(file) != record["sha256"]:
-            raise CollmError(f"shipped file {file} does not match its recorded sha256 (changed or corrupt)")
-    return manifest
+    from collm.run import verify_manifest
+
+    return verify_manifest(folder, missing=f"{folder} has no {MANIFEST}: the shipped run is missing; "
+                                           "run scripts/reproduce.sh")
 
 
 # ---------------------------------------------------------------- loading
@@ -135,15 +116,14 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     run whose head was trained on a frozen SFT base ships that run's adapter (`sft`) as ``sft_base``.
     """
     from collm.atomic import atomic_write, write_json
-    from collm.pair import read_run_config
+    from collm.run import read_run_config
 
     evaluations = evaluations or {label: runs / name for label, name in EVALUATIONS.items()}
     config = read_run_config(runs / "collm")
     if config.get("base_weights") not in ("lora", "original") or (config.get("base_weights") == "original"
                                                                   and sft is None):
         raise CollmError("package ships a LoRA-tuned base, or a frozen SFT base given with --sft")
-    if out.exists():
-        shutil.rmtree(out)
+    _clear_shipped(out)
     out.mkdir(parents=True)
     if config["base_weights"] == "lora":
         shutil.copytree(runs / "collm" / "base_adapter", out / "base_adapter")
@@ -179,6 +159,24 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     markdown = results_markdown(trimmed)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
     return write_manifest(out)
+
+
+def _clear_shipped(out: Path) -> None:
+    """Remove a shipped folder made before, but only when its manifest lists every file in it."""
+    if not out.exists():
+        return
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    listed = set()
+    if (out / MANIFEST).is_file():
+        from collm.run import read_json
+
+        manifest = read_json(out / MANIFEST)
+        listed = set(manifest.get("files", {})) | {MANIFEST} if isinstance(manifest, dict) else set()
+    foreign = sorted(files - listed)
+    if foreign:
+        raise CollmError(f"{out} holds files that package did not write (e.g. {foreign[0]}): give another "
+                         f"output folder, or move them away")
+    shutil.rmtree(out)
 
 
 def results_markdown(trimmed: dict) -> str:
@@ -221,13 +219,23 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     where the head would hand tokens to the expert."""
     from rich.markdown import Markdown
 
+    from collm.backends.models import check_device
     from collm.data.answer import extract_answer
     from collm.decoding.provenance import colored, legend
+    from collm.pair import CoLLM, check_request
 
-    with console.status("verifying and loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
-        pair = load_pair(folder, device)
-    shipped = json.loads((folder / "problems.json").read_text())
+    # Every setting is checked before the model loads and decodes (~20 s), not after.
+    check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode="collm", stop=None, do_sample=False,
+                  temperature=1.0, top_p=1.0, seed=0)
+    check_device(device)
+    verify(folder)
+    shipped = json.loads((folder / "problems.json").read_text(encoding="utf-8"))
+    available = len(shipped["problems"])
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= available:
+        raise CollmError(f"--count must be between 1 and {available} (the held-out problems shipped), got {count}")
     problems = shipped["problems"][:count]
+    with console.status("loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
+        pair = CoLLM.from_pretrained(folder, device=device)  # checks every file against the manifest again
     prompts = [p["prompt"] for p in problems]
     threshold = pair.threshold if threshold is None else threshold
     systems = [("base alone", "base", None), ("expert alone", "expert", None),

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from collm.atomic import write_json
-from collm.core.request import MODES, Request, Router, Sampling, check_threshold
-from collm.decoding.decode import Options, decode, run
 from collm.backends.prepack import available
-from collm.decoding.engine import Engine
+from collm.core.request import MODES, Request, Router, Sampling, check_threshold
 from collm.data.rows import pad_id
+from collm.decoding.decode import Options, decode, run
+from collm.decoding.engine import Engine
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
-
-RUN_FORMAT = 1
-RUN_CONFIG = "collm.json"
-HEAD_FILE = "head.safetensors"
+from collm.run import (HEAD_FILE, RUN_CONFIG, RUN_FORMAT, check_head, read_run_config, seal,  # noqa: F401
+                       spec_in, write_run_config)
 
 
 @dataclass
@@ -52,6 +51,7 @@ class CoLLM:
         experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
         self.vocab = check_shapes(base, experts, tokenizer)
         hidden = base.config.get_text_config().hidden_size
+        self._default_head = head is None  # said once per pair: a zero head never defers at threshold >= 0.5
         if head is None:
             head = DeferralHead(hidden, max(len(experts), 1))
         if head.hidden_size != hidden:
@@ -93,22 +93,25 @@ class CoLLM:
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, *, device: str = "cpu", dtype: str | None = None) -> "CoLLM":
-        """Load a run folder written by :meth:`save_pretrained` or by ``collm train``."""
+        """Load a run folder written by :meth:`save_pretrained` or by ``collm train``, after checking every
+        file against the run's manifest (see :mod:`collm.run`)."""
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
         dtype = dtype or config.get("dtype", "float32")
         weights = config.get("base_weights", "original")
-        base_spec = str(run_dir / "base") if weights == "full" else _spec_in(run_dir, config["base"])
-        experts = [_spec_in(run_dir, spec) for spec in config["experts"]]
+        base_spec = str(run_dir / "base") if weights == "full" else spec_in(run_dir, config["base"])
+        experts = [spec_in(run_dir, spec) for spec in config["experts"]]
         pair = cls.load(base_spec, experts, str(run_dir / HEAD_FILE), threshold=config.get("threshold", 0.5),
                         device=device, dtype=dtype)
+        check_head(pair.head, config, run_dir)
         if weights == "lora":
             pair.base = _merge_adapter(pair.base, run_dir / "base_adapter")
         pair.info = config
         return pair
 
     def save_pretrained(self, run_dir: str | Path, **extra) -> None:
-        """Write ``collm.json`` and the head; a LoRA-wrapped base saves its adapter to ``base_adapter/``."""
+        """Write ``collm.json`` and the head; a LoRA-wrapped base saves its adapter to ``base_adapter/``;
+        then ``manifest.json``, the sha256 of each file, which every load checks."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.head.save(run_dir / HEAD_FILE)
@@ -121,6 +124,7 @@ class CoLLM:
         config.setdefault("experts", [getattr(e, "name_or_path", "") for e in self.experts])
         write_run_config(run_dir, config | {"num_experts": self.head.num_experts,
                                             "hidden_size": self.head.hidden_size})
+        seal(run_dir)
 
     # ---------------------------------------------------------------- generation
 
@@ -142,7 +146,7 @@ class CoLLM:
         [0, 1], an unknown mode.
         """
         prompts = _prompts_or_ids(prompts, input_ids)
-        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode)
+        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode, router)
         ids = self._prepare(prompts, chat, request)
         raw = decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
                      threshold=request.threshold, sampling=request.sampling, mode=mode, stop=request.stop,
@@ -157,7 +161,7 @@ class CoLLM:
         :class:`collm.core.request.TokenEvent` (row = the prompt's index; token id, text piece, source,
         defer_prob, finished). The text pieces of a row join to its ``generate`` text."""
         prompts = _prompts_or_ids(prompts, input_ids)
-        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode)
+        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode, router)
         ids = self._prepare(prompts, chat, request)
         yield from run(self.base, self.experts, self.head, ids, request, Options(**self._options(router, compile)))
 
@@ -175,7 +179,8 @@ class CoLLM:
         """A checked :class:`Request` with this pair's defaults (its threshold)."""
         return self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode)
 
-    def _request(self, max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode) -> Request:
+    def _request(self, max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode,
+                 router=None) -> Request:
         sampling = check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop,
                                  do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         if mode != "base" and not self.experts:
@@ -185,6 +190,12 @@ class CoLLM:
         if _stop_list(stop) and self.tokenizer is None:
             raise CollmError("stop strings need a tokenizer")
         threshold = self.threshold if threshold is None else float(threshold)
+        if self._default_head and mode == "collm" and router is None and len(self.experts) == 1 \
+                and threshold >= 0.5:
+            self._default_head = False
+            warnings.warn(f"no head was given: the zero head gives P(defer) = 0.5, which never exceeds threshold "
+                          f"{threshold:g}, so the expert writes nothing; train a head, or pass a threshold below "
+                          "0.5", UserWarning, stacklevel=3)
         return Request(max_new_tokens, threshold, sampling, mode, tuple(_stop_list(stop)))
 
     def _prepare(self, prompts, chat: bool, request: Request) -> list[list[int]]:
@@ -285,38 +296,9 @@ def _stop_list(stop: list[str] | str | None) -> list[str]:
 
 
 
-def _spec_in(run_dir: Path, spec: str) -> str:
-    """A spec saved as a path relative to the run folder resolves against it; names and absolute paths stay."""
-    candidate = run_dir / spec
-    return str(candidate) if not Path(spec).is_absolute() and candidate.exists() else spec
-
-
 def _merge_adapter(base, adapter_dir: Path):
     from peft import PeftModel
 
     if not adapter_dir.is_dir():
         raise CollmError(f"run says the base is LoRA-tuned but {adapter_dir} is missing")
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """Read and check ``collm.json``; raises CollmError if the folder is not a collm run."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise CollmError(f"{run_dir} is not a collm run: {RUN_CONFIG} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CollmError(f"{path} is not valid JSON: {e}") from None
-    missing = [k for k in ("base", "experts") if k not in config]
-    if missing:
-        raise CollmError(f"{path} lacks {', '.join(missing)}")
-    if config.get("format", RUN_FORMAT) > RUN_FORMAT:
-        raise CollmError(f"{path} has format {config['format']}; this collm reads up to {RUN_FORMAT}: upgrade")
-    return config
-
-
-def write_run_config(run_dir: str | Path, config: dict) -> None:
-    """Write ``collm.json`` atomically (keys: base, experts, num_experts, hidden_size, threshold, dtype,
-    base_weights = original | lora | full, training)."""
-    write_json(Path(run_dir) / RUN_CONFIG, {"format": RUN_FORMAT, **config})

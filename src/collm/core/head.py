@@ -60,14 +60,19 @@ class DeferralHead(nn.Module):
         return self.log_probs(hidden).exp()
 
     def save(self, path: str | Path) -> None:
-        """Write the head as safetensors (atomically), with its shape in the metadata."""
+        """Write the head as safetensors (atomically), with its shape in the metadata. Raises CollmError for
+        NaN or infinite weights (training diverged), which :meth:`load` would refuse."""
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
+            raise CollmError("the head's weights hold NaN or infinite values (training diverged): lower the "
+                             "learning rates (--head-lr, --lr) or enable --clip, and train again")
         meta = {"hidden_size": str(self.hidden_size), "num_experts": str(self.num_experts)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> "DeferralHead":
-        """Read a head written by :meth:`save`; raises CollmError if the file is missing or not a head."""
+        """Read a head written by :meth:`save`; raises CollmError if the file is missing, not a head, or holds
+        NaN or infinite weights (such a head never defers, or always does, without a sign)."""
         path = Path(path)
         if not path.is_file():
             raise CollmError(f"head file {str(path)!r} does not exist")
@@ -80,6 +85,10 @@ class DeferralHead(nn.Module):
             head.load_state_dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001 - any failure here means "not a head file"
             raise CollmError(f"{path} is not a deferral head written by collm ({type(e).__name__})") from None
+        bad = [name for name, value in head.state_dict().items() if not torch.isfinite(value).all()]
+        if bad:
+            raise CollmError(f"{path} holds NaN or infinite weights ({', '.join(bad)}): the head is damaged; "
+                             f"train it again or restore the file")
         return head
 
 

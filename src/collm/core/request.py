@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from collm.core.seed import check_seed
 from collm.errors import CollmError
 
 MODES = ("collm", "compose", "base", "expert", "proxy")
@@ -39,8 +40,7 @@ class Sampling:
             raise CollmError(f"temperature must be > 0 (and finite), got {self.temperature!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise CollmError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise CollmError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from collm.errors import CollmError
+from collm.hashing import update_with_file
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,14 @@ def read_jsonl(path: str | Path, check: Callable[[object, str], None]) -> list[d
     path = Path(path)
     if not path.is_file():
         raise CollmError(f"data file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise CollmError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -148,9 +155,7 @@ def tokenizer_identity(tokenizer) -> str:
 def data_fingerprint(path: str | Path, tokenizer_id: str, config: DataConfig) -> str:
     """sha256 of the file's bytes, the tokenizer identity and the encoding config: the scores' key."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    update_with_file(h, path)
     h.update(tokenizer_id.encode())
     h.update(json.dumps({**asdict(config), "version": ENCODING_VERSION}, sort_keys=True).encode())
     return h.hexdigest()
@@ -224,6 +229,21 @@ def encode_file(path: str | Path, tokenizer, config: DataConfig | None = None) -
                     config.max_len, stats.dropped)
     fingerprint = data_fingerprint(path, tokenizer_id, config)
     return EncodedData(examples, fingerprint, stats, tokenizer_id, config)
+
+
+def check_fits(data: EncodedData, context: int | None, who: str) -> None:
+    """Refuse rows longer than a model's context, counted, before any model runs on them.
+
+    ``max_len`` cuts rows visibly (counted as truncated); rows that fit max_len but not the model would
+    otherwise run past its positions (wrong outputs, or an IndexError for learned positions).
+    """
+    if not context:
+        return
+    long = [len(e.input_ids) for e in data.examples if len(e.input_ids) > context]
+    if long:
+        raise CollmError(f"{len(long)} of {len(data.examples)} rows are longer than the {who}'s context of "
+                         f"{context} tokens (longest {max(long)} at max_len {data.config.max_len}): pass "
+                         f"--max-len {context} to cut them (counted and reported as truncated)")
 
 
 def length_order(examples: list[Example]) -> list[int]:

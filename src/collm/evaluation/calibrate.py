@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from collm.atomic import write_json
 from collm.errors import CollmError
-from collm.evaluation.evaluate import EvalConfig, run_system
+from collm.evaluation.evaluate import EvalConfig, check_prompts_fit, run_system
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -92,12 +91,12 @@ def baseline_levels(pair, rows: list[dict], config: CalibrateConfig) -> dict[str
 
 def write_threshold(run_dir: str | Path, threshold: float, calibration: dict) -> None:
     """Set "threshold" (and a "calibration" record) in the run's collm.json; atomic, other keys kept."""
-    from collm.pair import read_run_config
+    from collm.run import read_run_config, write_run_config
 
-    config = read_run_config(run_dir)
+    config = read_run_config(run_dir, verify=False)  # checked when the pair was loaded
     config["threshold"] = threshold
     config["calibration"] = calibration
-    write_json(Path(run_dir) / "collm.json", config)
+    write_run_config(run_dir, config)  # and re-records collm.json in the run's manifest
 
 
 def plot(points: list[Point], levels: dict[str, float], path: str | Path, chosen: Point | None = None) -> None:
@@ -148,6 +147,7 @@ def _save_figure(fig, path: Path) -> None:
 def calibrate(pair, run_dir: str | Path, rows: list[dict], config: CalibrateConfig,
               png: str | Path | None = None, progress=None) -> dict:
     """Sweep, choose, write the threshold into `run_dir`/collm.json, and plot; returns the record written."""
+    check_prompts_fit(pair, rows, config.eval_config())
     points = sweep(pair, rows, config, progress)
     chosen = choose_threshold(points, config.max_defer)
     levels = baseline_levels(pair, rows, config) if config.baselines else {}

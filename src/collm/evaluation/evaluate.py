@@ -18,6 +18,7 @@ import torch
 from collm.data.answer import is_correct, normalize_number
 from collm.atomic import atomic_write, write_json
 from collm.core.routing import most_probable_expert
+from collm.core.seed import check_seed
 from collm.evaluation.report import system_table
 from collm.errors import CollmError
 from collm.decoding.provenance import token_pieces
@@ -53,6 +54,7 @@ class EvalConfig:
             raise CollmError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.limit is not None and self.limit <= 0:
             raise CollmError(f"limit must be positive, got {self.limit}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -112,6 +114,25 @@ def random_router(rate: float, seed: int) -> Callable[[int, torch.Tensor], torch
         return torch.where(defer, most_probable_expert(log_pz), 0)
 
     return route
+
+
+def check_prompts_fit(pair, rows: list[dict], config: EvalConfig) -> None:
+    """Refuse, before decoding anything, rows whose prompt plus max_new_tokens exceed a model's context
+    (counted), as collm score and train refuse rows longer than the context."""
+    from collm.backends.models import context_length
+
+    limits = [(context_length(m), name) for m, name in
+              [(pair.base, "base"), *((e, f"expert {k}") for k, e in enumerate(pair.experts, 1))]]
+    limits = [(limit, name) for limit, name in limits if limit]
+    if not limits:
+        return
+    limit, who = min(limits)
+    lengths = [len(ids) for ids in pair.encode([row["prompt"] for row in rows], chat=config.chat)]
+    long = [n for n in lengths if n + config.max_new_tokens > limit]
+    if long:
+        raise CollmError(f"{len(long)} of {len(rows)} rows have a prompt that with --max-new-tokens "
+                         f"{config.max_new_tokens} exceeds the {who}'s context of {limit} tokens (longest prompt "
+                         f"{max(long)}): lower --max-new-tokens or remove those rows")
 
 
 def run_system(pair, rows: list[dict], name: str, config: EvalConfig, *, mode: str = "collm",
@@ -188,6 +209,7 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
     threshold. `sft_run`: a run with a fine-tuned base, decoded as the base alone. `load_run` loads a run
     folder (default `CoLLM.from_pretrained`). Returns the dict `save_results` writes and `collm.evaluation.report` shows.
     """
+    check_prompts_fit(pair, rows, config)
     threshold = pair.threshold if config.threshold is None else config.threshold
     systems = [run_system(pair, rows, "base alone", config, mode="base"),
                run_system(pair, rows, "expert alone", config, mode="expert"),

@@ -10,16 +10,20 @@ sharded FSDP/DeepSpeed states would need ``Accelerator.save_state``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from collm.atomic import atomic_folder, atomic_write, write_json
+from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, write_json
 from collm.errors import CollmError
 
 LATEST = "latest"
+_STEP = re.compile(r"step-\d{6}")
+# What save_checkpoint writes into its folder, and the temporary names a kill can leave.
+_OWN = re.compile(rf"(?:step-\d{{6}}|{LATEST})|\.(?:step-\d{{6}}|{LATEST})\.{TEMP_SUFFIX}")
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,9 +76,21 @@ def save_checkpoint(folder: Path, step: int, module, optimizer, scheduler, extra
 
     atomic_folder(target, write)
     atomic_write(folder / LATEST, lambda p: Path(p).write_text(target.name + "\n"))
-    for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
+    for old in sorted(p for p in folder.iterdir() if p.is_dir() and _STEP.fullmatch(p.name))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def clear_checkpoints(folder: Path) -> None:
+    """Remove what :func:`save_checkpoint` wrote into ``folder`` (step-NNNNNN folders, ``latest``, their
+    temporary names); anything else there stays, and so does the folder if anything is left."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        if _OWN.fullmatch(path.name):
+            remove(path)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

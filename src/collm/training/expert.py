@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 from collm.data.gsm import NOTE_RE
 from collm.errors import CollmError
 
+_MERGED_MARKER = "collm_merged.json"  # in every folder merge_adapter writes: it may replace that folder
 _PROMPTS = ("Calculate.", "Work out these calculations.", "Compute each line.", "Do the arithmetic.")
 
 
@@ -159,23 +158,23 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None)
 
     from collm.backends.models import load_model
 
+    from collm.atomic import atomic_folder
+
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise CollmError(f"{adapter} is not a LoRA adapter folder (adapter_config.json is missing)")
+    if out.exists() and not (out / _MERGED_MARKER).is_file():  # replaced whole below: only one merge wrote
+        raise CollmError(f"{out} exists and was not written by merge: give another output folder")
     base = base or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     model, tokenizer = load_model(base)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / _MERGED_MARKER).write_text(json.dumps({"adapter": str(adapter.resolve()), "base": base}))
+
+    atomic_folder(out, write)
     return out
 
 

@@ -140,10 +140,24 @@ def gold_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     logits: ``(..., V)``; targets: ``(...)`` (padding ids may be anything in range).
     """
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return gold_outputs(logits, targets)[0]
+
+
+# The reference implementation's tie rule: gold is the model's greedy choice when its log-probability is
+# isclose to the maximum. bf16/fp16 logits tie exactly often; the lowest-index argmax then labels "wrong".
+ARGMAX_RTOL = 1e-5
 
 
 def argmax_is_gold(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Whether the model's greedy choice is the gold token, ``(...)`` bool."""
-    return logits.argmax(dim=-1) == targets
+    """Whether the gold token is a greedy choice of the model, ``(...)`` bool: its log-probability ties the
+    maximum (``isclose``, rtol :data:`ARGMAX_RTOL`), whichever index ``argmax`` would return."""
+    return gold_outputs(logits, targets)[1]
+
+
+def gold_outputs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`gold_log_probs`, :func:`argmax_is_gold`) with one logsumexp over the vocabulary."""
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1)
+    gold = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - norm
+    best = logits.max(dim=-1).values - norm
+    return gold, torch.isclose(gold, best, rtol=ARGMAX_RTOL)

@@ -24,14 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from collm.atomic import atomic_write, write_json
-from collm.data.rows import DataConfig, EncodedData, Example, encode_file, length_order, pad_id
+from collm.atomic import atomic_write, remove, temp_siblings, write_json
+from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
 from collm.errors import CollmError
-from collm.training.loss import argmax_is_gold, gold_log_probs
-from collm.backends.models import DTYPES, check_vocab, load_model, load_tokenizer, weight_files
+from collm.training.loss import gold_outputs
+from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, weight_files
 
 MANIFEST = "manifest.json"
-SCORES_FORMAT = 1
+# 2: a target counts as the expert's greedy choice when it ties the maximum (loss.argmax_is_gold); format 1
+# needed the lowest-index argmax. Scores of another format are refused, never mixed.
+SCORES_FORMAT = 2
+KIND = "collm scores"
 
 
 @dataclass
@@ -120,15 +123,14 @@ def target_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     gold = input_ids[:, 1:][pred]
     if _post_processes_logits(hf.config):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        logits = out.logits[:, :-1][pred]
-        return gold_log_probs(logits, gold), argmax_is_gold(logits, gold), out.hidden_states[-1][:, :-1][pred]
+        return (*gold_outputs(out.logits[:, :-1][pred], gold), out.hidden_states[-1][:, :-1][pred])
     hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][pred]
     lm_head = hf.get_output_embeddings()
     logp, hit = [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[start : start + chunk])
-        logp.append(gold_log_probs(logits, gold[start : start + chunk]))
-        hit.append(argmax_is_gold(logits, gold[start : start + chunk]))
+        chunk_logp, chunk_hit = gold_outputs(lm_head(hidden[start : start + chunk]), gold[start : start + chunk])
+        logp.append(chunk_logp)
+        hit.append(chunk_hit)
     if not logp:
         return hidden.new_zeros(0), torch.zeros(0, dtype=torch.bool), hidden
     return torch.cat(logp), torch.cat(hit), hidden
@@ -178,6 +180,9 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     that is not a transformers model (an oracle, a remote API). Raises CollmError for bad data, a vocabulary
     mismatch, or a folder holding scores for another key (unless ``overwrite``).
     """
+    out = Path(config.out)
+    if _read_own_manifest(out) is None:  # before minutes of loading: a folder holding others' files is refused
+        _check_empty(out)
     if model is None:
         model, tokenizer = load_model(config.expert, device=config.device, dtype=config.dtype)
         expert_id = expert_identity(config.expert, config.dtype)
@@ -189,7 +194,7 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
         check_vocab(data_tokenizer, tokenizer, ("data tokenizer", "expert"))
     data = encode_file(config.data, data_tokenizer, config.data_config())
     print(f"data: {data.stats.describe()}")
-    out = Path(config.out)
+    check_fits(data, context_length(model), "expert")
     manifest = _start(out, config, data, expert_id)
     _run_shards(model, data, manifest, out, config, pad_id(data_tokenizer), forward)
     return out
@@ -197,28 +202,64 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
 
 
 def _start(out: Path, config: ScoreConfig, data: EncodedData, expert_id: str) -> dict:
-    """A fresh manifest, or the existing one when it has the same key and shard layout."""
+    """A fresh manifest, or the existing one when it has the same key and shard layout.
+
+    The folder must be new, empty, or hold a manifest collm score wrote: only the files that manifest
+    lists (and their temporary siblings) are ever removed, so nothing a user put there is lost.
+    """
     key = {"data": data.fingerprint, "expert": expert_id, "tokenizer": data.tokenizer_id}
     fresh = {
-        "format": SCORES_FORMAT, "key": key, "expert": config.expert, "data": str(config.data),
+        "format": SCORES_FORMAT, "kind": KIND, "key": key, "expert": config.expert, "data": str(config.data),
         "data_config": asdict(config.data_config()), "dtype": config.dtype, "shard_rows": config.shard_rows,
         "num_rows": len(data.examples), "num_targets": data.stats.targets,
-        "num_shards": -(-len(data.examples) // config.shard_rows), "shards": {}, "complete": False,
+        "num_shards": -(-len(data.examples) // config.shard_rows), "shards": {}, "pending": None, "complete": False,
     }
-    path = out / MANIFEST
-    if path.is_file():
-        old = json.loads(path.read_text())
-        same = old.get("key") == key and old.get("shard_rows") == config.shard_rows
-        if not same and not config.overwrite:
-            what = "shard_rows" if old.get("key") == key else _key_difference(old.get("key", {}), key)
-            raise CollmError(f"{out} holds scores with another {what}; use another --out or --overwrite")
-        if same:
-            _clean(out, keep=set(old["shards"].values()))
-            return old
-    _clean(out, keep=set())
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, fresh)
+    old = _read_own_manifest(out)
+    if old is None:
+        _check_empty(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / MANIFEST, fresh)
+        return fresh
+    if old.get("format") == SCORES_FORMAT and old["key"] == key and old.get("shard_rows") == config.shard_rows:
+        _clean(out, old)
+        return old
+    if not config.overwrite:
+        if old.get("format") != SCORES_FORMAT:
+            what = f"an older format ({old.get('format')}, another argmax rule)"
+        else:
+            what = "another " + ("shard_rows" if old["key"] == key else _key_difference(old["key"], key))
+        raise CollmError(f"{out} holds scores with {what}; use another --out or --overwrite")
+    _remove_own(out, old)
+    write_json(out / MANIFEST, fresh)
     return fresh
+
+
+def _read_own_manifest(out: Path, fix: str = "give another --out (collm never writes over files it did "
+                                                       "not write)") -> dict | None:
+    """The scores manifest in ``out``, None where there is none; CollmError (ending in ``fix``) for a
+    manifest.json that collm score did not write (it is never overwritten)."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    ours = isinstance(manifest, dict) and isinstance(manifest.get("key"), dict) and \
+        isinstance(manifest.get("shards"), dict) and isinstance(manifest.get("num_shards"), int)
+    if not ours:
+        raise CollmError(f"{path} was not written by collm score: {fix}")
+    return manifest
+
+
+def _check_empty(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CollmError(f"--out {out} is a file: give a folder")
+    if out.is_dir():
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            raise CollmError(f"{out} holds files collm score did not write ({', '.join(found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}): give a new or empty --out")
 
 
 def _key_difference(old: dict, new: dict) -> str:
@@ -226,13 +267,28 @@ def _key_difference(old: dict, new: dict) -> str:
     return ", ".join(names[k] for k in names if old.get(k) != new.get(k)) or "key"
 
 
-def _clean(out: Path, keep: set[str]) -> None:
-    """Remove shard files not listed (left by a kill mid-write, or by another key)."""
-    if not out.is_dir():
-        return
-    for p in out.iterdir():
-        if p.is_file() and p.name not in keep and (p.name.startswith(".") or p.name.startswith("shard-")):
-            p.unlink()
+def _own_names(manifest: dict) -> list[str]:
+    """Files this manifest proves collm score wrote: its shards, the shard being written, itself."""
+    pending = [manifest["pending"]] if isinstance(manifest.get("pending"), str) else []
+    return [*manifest["shards"].values(), *pending, MANIFEST]
+
+
+def _clean(out: Path, manifest: dict) -> None:
+    """Before resuming: remove what a kill mid-write left (the pending shard, temporary files)."""
+    for name in _own_names(manifest):
+        for leftover in temp_siblings(out / name):
+            remove(leftover)
+    pending = manifest.get("pending")
+    if isinstance(pending, str) and pending not in manifest["shards"].values() and (out / pending).is_file():
+        (out / pending).unlink()
+
+
+def _remove_own(out: Path, manifest: dict) -> None:
+    """--overwrite: remove the shards the old manifest lists, and their temporary files; nothing else."""
+    _clean(out, manifest)
+    for name in manifest["shards"].values():
+        if (out / name).is_file() and "/" not in name:
+            (out / name).unlink()
 
 
 def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: ScoreConfig, pad_id: int,
@@ -248,9 +304,14 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
         name = f"shard-{k:05d}.safetensors"
         if str(k) in manifest["shards"] and (out / name).is_file():
             continue
+        if (out / name).exists() and name not in manifest["shards"].values():
+            raise CollmError(f"{out / name} was not written by this collm score run: move it away and run again")
+        manifest["pending"] = name  # recorded first, so a kill leaves a file the manifest proves is ours
+        write_json(out / MANIFEST, manifest)
         tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar, forward)
         atomic_write(out / name, lambda tmp: save_file(tensors, tmp, metadata={"shard": str(k)}))
         manifest["shards"][str(k)] = name
+        manifest["pending"] = None
         write_json(out / MANIFEST, manifest)
     manifest["complete"] = True
     write_json(out / MANIFEST, manifest)
@@ -295,7 +356,10 @@ def load_scores(folder: str | Path, data: EncodedData) -> Scores:
     path = folder / MANIFEST
     if not path.is_file():
         raise CollmError(f"{folder} holds no scores ({MANIFEST} missing): run collm score first")
-    manifest = json.loads(path.read_text())
+    manifest = _read_own_manifest(folder, "give the folder collm score wrote")
+    if manifest.get("format") != SCORES_FORMAT:
+        raise CollmError(f"scores in {folder} have format {manifest.get('format')} (another argmax rule); this collm "
+                         f"reads {SCORES_FORMAT}: run collm score again with --overwrite")
     if not manifest.get("complete"):
         raise CollmError(f"scores in {folder} are unfinished: re-run the same collm score command to resume")
     key = manifest["key"]

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,17 +21,19 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from collm.atomic import atomic_folder, atomic_write, write_json
-from collm.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from collm.data.rows import DataConfig, EncodedData, encode_file, pad_id
+from collm.atomic import append_line, atomic_folder, atomic_write, temp_siblings, write_json
+from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file, pad_id
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
+from collm.core.seed import check_seed
 from collm.training.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
-from collm.backends.models import load_model
-from collm.pair import HEAD_FILE, write_run_config
+from collm.backends.models import context_length, load_model
+from collm.run import HEAD_FILE, seal, write_run_config
 from collm.training.score import Scores, load_scores, pad_batch, target_outputs
 from collm.training.weak import RowOutputs, base_pass, fit_weak_start
 
+TRAIN_CONFIG = "train_config.json"  # written first: it marks a folder as a run collm train owns
 OBJECTIVES = ("marginal", "sft", "weak")
 BASE_MODES = ("full", "lora", "frozen")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -140,6 +141,7 @@ class TrainConfig:
             raise CollmError("min_lr_ratio and threshold must be in [0, 1], lora_dropout in [0, 1)")
         if self.warmup_steps < 0 or self.weak_steps < 0 or self.weak_max_tokens < 1:
             raise CollmError("warmup_steps and weak_steps must be >= 0, weak_max_tokens >= 1")
+        check_seed(self.seed)
 
     def data_config(self) -> DataConfig:
         return DataConfig(max_len=self.max_len, chat=self.chat, add_eos=self.add_eos)
@@ -197,6 +199,7 @@ def setup(config: TrainConfig, acc: Accelerator | None = None) -> Setup:
     base, tokenizer = load_model(config.base, device=acc.device)
     data = encode_file(config.data, tokenizer, config.data_config())
     acc.print(f"data: {data.stats.describe()}")
+    check_fits(data, context_length(base), "base")
     scores = [load_scores(folder, data) for folder in config.scores] if config.objective != "sft" else []
     hidden = base.config.get_text_config().hidden_size
     head = DeferralHead(hidden, max(len(scores), 1)).to(acc.device) if config.trains_head else None
@@ -440,8 +443,7 @@ def fit(s: Setup) -> None:
         row = train_step(s, module, optimizer, scheduler, step)
         row["seconds"] = round(time.perf_counter() - began, 3)
         if acc.is_main_process:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(metrics, json.dumps(row))
             bar.set_postfix(loss=f"{row['loss']:.4f}", pi=f"{row['mean_pi']:.3f}", defer=f"{row['defer_rate']:.3f}")
             bar.update(1)
         if (step + 1) % c.save_every == 0 or step + 1 == s.total_steps:
@@ -460,25 +462,33 @@ def _checkpoint(s: Setup, module, optimizer, scheduler, step: int) -> None:
 
 def _resume(s: Setup, module, optimizer, scheduler) -> int:
     """Restore the latest checkpoint when resuming; returns the step to start from. Also (re)writes the
-    run's train_config.json and trims metrics.jsonl to the restored step."""
+    run's train_config.json and trims metrics.jsonl to the restored step.
+
+    Everything that can fail (reading the old config, the log, the checkpoint) comes before anything is
+    removed, so a refused or failed start leaves the folder as it was.
+    """
     c, out = s.config, Path(s.config.out)
-    saved = out / "train_config.json"
-    path = latest_checkpoint(out / "checkpoints") if c.resume and saved.is_file() else None
+    saved = out / TRAIN_CONFIG
+    old = _read_train_config(saved)
+    path = latest_checkpoint(out / "checkpoints") if c.resume and old is not None else None
     if path is not None:
-        _check_same_run(json.loads(saved.read_text()), asdict(c), saved)
+        _check_same_run(old, asdict(c), saved)
+    metrics = _read_metrics(out / "metrics.jsonl")
+    step = 0
+    if path is not None:
+        state = load_checkpoint(path, module, optimizer, scheduler, s.acc.process_index)
+        s.weak_fit = state.get("weak_fit")
+        step = state["step"]
+        s.acc.print(f"resuming {out} at step {step} of {s.total_steps}")
     s.acc.wait_for_everyone()
     if s.acc.is_main_process:
-        if path is None and (out / "checkpoints").exists():
-            shutil.rmtree(out / "checkpoints")
+        if path is None:
+            clear_checkpoints(out / "checkpoints")
         write_json(saved, asdict(c))
-    if path is None:
-        _trim_metrics(s, out / "metrics.jsonl", 0)
-        return 0
-    state = load_checkpoint(path, module, optimizer, scheduler, s.acc.process_index)
-    s.weak_fit = state.get("weak_fit")
-    s.acc.print(f"resuming {out} at step {state['step']} of {s.total_steps}")
-    _trim_metrics(s, out / "metrics.jsonl", state["step"])
-    return state["step"]
+        kept = "".join(line + "\n" for row_step, line in metrics if row_step <= step)
+        atomic_write(out / "metrics.jsonl", lambda p: Path(p).write_text(kept, encoding="utf-8"))
+    s.acc.wait_for_everyone()
+    return step
 
 
 def _check_same_run(old: dict, new: dict, where: Path) -> None:
@@ -488,13 +498,59 @@ def _check_same_run(old: dict, new: dict, where: Path) -> None:
                          f"use another --out, or --no-resume to start over")
 
 
-def _trim_metrics(s: Setup, path: Path, step: int) -> None:
-    """Drop log lines past the restored step, so the log reads as one uninterrupted run."""
-    if s.acc.is_main_process:
-        lines = path.read_text().splitlines() if path.is_file() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write(path, lambda p: Path(p).write_text("".join(ln + "\n" for ln in kept)))
-    s.acc.wait_for_everyone()
+def check_out(out: Path) -> None:
+    """Train writes only into a new or empty folder, or a run folder it made itself (its train_config.json
+    marks it): a folder holding anything else is refused, so no one's files are trimmed or removed."""
+    if out.exists() and not out.is_dir():
+        raise CollmError(f"--out {out} is a file: give a folder")
+    if not out.is_dir() or _read_train_config(out / TRAIN_CONFIG) is not None:
+        return
+    ours = set(temp_siblings(out / TRAIN_CONFIG))  # a first start killed while writing its marker
+    found = sorted(p.name for p in out.iterdir() if p not in ours)
+    if found:
+        raise CollmError(f"{out} holds files collm train did not write ({', '.join(found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}): give a new or empty --out")
+
+
+def _read_train_config(path: Path) -> dict | None:
+    """The saved TrainConfig of the run in this folder, None where there is none; CollmError for a file of
+    that name that collm train did not write."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not {"base", "objective", "base_mode"} <= saved.keys():
+        raise CollmError(f"{path} was not written by collm train: give another --out")
+    return saved
+
+
+def _read_metrics(path: Path) -> list[tuple[int, str]]:
+    """(step, line) of each row of the log. A last line that does not parse was cut short by a kill or a
+    full disk and is dropped (its step is redone); a damaged line elsewhere is a CollmError naming it."""
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        step = _metrics_step(line)
+        if step is None and number == len(lines):
+            break  # the torn tail
+        if step is None:
+            raise CollmError(f"{path}:{number} is not a metrics row: delete that line (or the file) and run again")
+        rows.append((step, line))
+    return rows
+
+
+def _metrics_step(line: str) -> int | None:
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 # ---------------------------------------------------------------- the run folder
@@ -523,6 +579,7 @@ def finish(s: Setup) -> Path:
                            "num_experts": head.num_experts, "hidden_size": head.hidden_size,
                            "threshold": c.threshold, "dtype": "float32", "base_weights": weights,
                            "training": training})
+    seal(out)  # last: the sha256 of every file a load reads
     s.acc.wait_for_everyone()
     return out
 
@@ -533,7 +590,13 @@ def _spec(spec: str) -> str:
 
 
 def train(config: TrainConfig) -> Path:
-    """Set up, fit, and write the run folder; returns it. Safe to re-run: it resumes."""
+    """Set up, fit, and write the run folder; returns it. Safe to re-run: it resumes.
+
+    Raises CollmError for an --out folder holding files collm train did not write (nothing there is
+    touched), for a full disk (run the same command again once there is space: it resumes), and for
+    settings that differ from the run being resumed.
+    """
+    check_out(Path(config.out))
     Path(config.out).mkdir(parents=True, exist_ok=True)
     s = setup(config)
     fit(s)
