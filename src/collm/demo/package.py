@@ -1,11 +1,5 @@
-"""The embedded default: a Co-LLM run shipped with the package, and what `collm demo` shows with it.
-
-``assets/gsm/`` holds a run made by ``scripts/reproduce.sh``: the math expert as a LoRA adapter
-(``expert/``), the Co-LLM base's LoRA adapter (``base_adapter/``), the deferral head, ``collm.json``, the
-measured results (``results.md``, ``results.json``, ``calibration.png``) and the held-out problems the demo
-answers. ``manifest.json`` records every file's sha256; `verify` refuses to load a run that does not match.
-`package` builds the folder from a reproduction's runs; `summarise` computes the numbers it reports.
-"""
+"""Building the shipped folder from a reproduction's runs (``python -m collm.demo package``): the numbers it
+reports (`summarise`), the examples it shows, the results it writes, its manifest."""
 
 from __future__ import annotations
 
@@ -13,47 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+from collm.demo.shipped import ASSETS, write_manifest
 from collm.errors import CollmError
-from collm.evaluation.evaluate import deferral_summary, in_number  # noqa: F401 - re-exported for the package step
+from collm.evaluation.evaluate import deferral_summary
 from collm.evaluation.report import system_table
-
 from collm.run import MANIFEST
-
-ASSETS = Path(__file__).parent / "assets" / "gsm"
-
-
-# ---------------------------------------------------------------- integrity
-
-
-def write_manifest(folder: Path) -> dict:
-    """Record the sha256 and size of every file under `folder` (but the manifest) in manifest.json."""
-    from collm.run import seal
-
-    return seal(folder, [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST])
-
-
-def verify(folder: Path = ASSETS) -> dict:
-    """Check every file recorded in the manifest is there with its sha256; CollmError naming the first that
-    is missing or differs. Returns the manifest."""
-    from collm.run import verify_manifest
-
-    return verify_manifest(folder, missing=f"{folder} has no {MANIFEST}: the shipped run is missing; "
-                                           "run scripts/reproduce.sh")
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_pair(folder: Path = ASSETS, device: str = "cpu"):
-    """The shipped Co-LLM (embedded SmolLM2 + its base adapter, the expert adapter, the head), after
-    checking every file against the manifest."""
-    from collm.pair import CoLLM
-
-    verify(folder)
-    return CoLLM.from_pretrained(folder, device=device)
-
-
-# ---------------------------------------------------------------- numbers
 
 
 def provenance_text(example: dict) -> str:
@@ -207,63 +165,6 @@ def results_markdown(trimmed: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-# ---------------------------------------------------------------- the demo
-
-
-def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu",
-        threshold: float | None = None) -> None:
-    """Load the shipped run, answer `count` of its problems three ways, print the shipped results table.
-
-    Co-LLM runs at ``threshold`` (default: the run's calibrated one). Where that threshold never defers
-    (calibration found no threshold better than the base alone), it also runs at 0.5, so the colors show
-    where the head would hand tokens to the expert."""
-    from rich.markdown import Markdown
-
-    from collm.backends.models import check_device
-    from collm.data.answer import extract_answer
-    from collm.decoding.provenance import colored, legend
-    from collm.pair import CoLLM, check_request
-
-    # Every setting is checked before the model loads and decodes (~20 s), not after.
-    check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode="collm", stop=None, do_sample=False,
-                  temperature=1.0, top_p=1.0, seed=0)
-    check_device(device)
-    verify(folder)
-    shipped = json.loads((folder / "problems.json").read_text(encoding="utf-8"))
-    available = len(shipped["problems"])
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= available:
-        raise CollmError(f"--count must be between 1 and {available} (the held-out problems shipped), got {count}")
-    problems = shipped["problems"][:count]
-    with console.status("loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
-        pair = CoLLM.from_pretrained(folder, device=device)  # checks every file against the manifest again
-    prompts = [p["prompt"] for p in problems]
-    threshold = pair.threshold if threshold is None else threshold
-    systems = [("base alone", "base", None), ("expert alone", "expert", None),
-               (f"Co-LLM (η = {threshold:g})", "collm", threshold)]
-    if threshold >= 1:
-        systems.append(("Co-LLM at η = 0.5, uncalibrated (where the head defers)", "collm", 0.5))
-    outputs = {}
-    for label, mode, eta in systems:
-        with console.status(f"{label}: answering {len(prompts)} problems"):
-            outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta)
-    console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"]))
-    console.print(f"[dim]Problems: {shipped.get('chosen', 'shipped with the run')}; none was in any training "
-                  "data.[/dim]")
-    for i, problem in enumerate(problems):
-        console.rule(f"problem {i + 1} (gold answer {problem['answer']})")
-        console.print(f"[dim]> {problem['prompt']}[/dim]")
-        for label, out in outputs.items():
-            answer = extract_answer(out.texts[i])
-            mark = "[green]right[/green]" if answer == problem["answer"] else "[red]wrong[/red]"
-            console.print(f"\n[bold]{label}[/bold] (answer {answer}, {mark}):")
-            console.print(colored(pair.tokenizer, out.token_ids[i], out.sources[i]))
-    console.rule()
-    for label, mode, eta in systems[2:]:
-        stats = outputs[label].stats
-        console.print(f"{label}: deferral rate {stats['defer_rate']:.1%}, {stats['expert_calls']} expert calls")
-    console.print(Markdown((folder / "results.md").read_text().split("### Example")[0]))
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m collm.demo package RUNS [OUT] [--sft DIR] [--expert DIR]``: build the shipped folder."""
     import argparse
@@ -277,7 +178,3 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     manifest = package(args.runs, args.out, sft=args.sft, expert=args.expert)
     print(json.dumps({"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"]}))
-
-
-if __name__ == "__main__":
-    main()

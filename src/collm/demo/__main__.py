@@ -1,0 +1,3 @@
+from collm.demo.package import main
+
+main()

@@ -1,0 +1,63 @@
+"""`collm demo`: answer a few shipped held-out problems three ways, then print the shipped results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from collm.demo.shipped import ASSETS, verify
+from collm.errors import CollmError
+
+
+def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu",
+        threshold: float | None = None) -> None:
+    """Load the shipped run, answer `count` of its problems three ways, print the shipped results table.
+
+    Co-LLM runs at ``threshold`` (default: the run's calibrated one). Where that threshold never defers
+    (calibration found no threshold better than the base alone), it also runs at 0.5, so the colors show
+    where the head would hand tokens to the expert."""
+    from rich.markdown import Markdown
+
+    from collm.backends.models import check_device
+    from collm.data.answer import extract_answer
+    from collm.decoding.provenance import colored, legend
+    from collm.pair import CoLLM, check_request
+
+    # Every setting is checked before the model loads and decodes (~20 s), not after.
+    check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode="collm", stop=None, do_sample=False,
+                  temperature=1.0, top_p=1.0, seed=0)
+    check_device(device)
+    verify(folder)
+    shipped = json.loads((folder / "problems.json").read_text(encoding="utf-8"))
+    available = len(shipped["problems"])
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= available:
+        raise CollmError(f"--count must be between 1 and {available} (the held-out problems shipped), got {count}")
+    problems = shipped["problems"][:count]
+    with console.status("loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
+        pair = CoLLM.from_pretrained(folder, device=device)  # checks every file against the manifest again
+    prompts = [p["prompt"] for p in problems]
+    threshold = pair.threshold if threshold is None else threshold
+    systems = [("base alone", "base", None), ("expert alone", "expert", None),
+               (f"Co-LLM (η = {threshold:g})", "collm", threshold)]
+    if threshold >= 1:
+        systems.append(("Co-LLM at η = 0.5, uncalibrated (where the head defers)", "collm", 0.5))
+    outputs = {}
+    for label, mode, eta in systems:
+        with console.status(f"{label}: answering {len(prompts)} problems"):
+            outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta)
+    console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"]))
+    console.print(f"[dim]Problems: {shipped.get('chosen', 'shipped with the run')}; none was in any training "
+                  "data.[/dim]")
+    for i, problem in enumerate(problems):
+        console.rule(f"problem {i + 1} (gold answer {problem['answer']})")
+        console.print(f"[dim]> {problem['prompt']}[/dim]")
+        for label, out in outputs.items():
+            answer = extract_answer(out.texts[i])
+            mark = "[green]right[/green]" if answer == problem["answer"] else "[red]wrong[/red]"
+            console.print(f"\n[bold]{label}[/bold] (answer {answer}, {mark}):")
+            console.print(colored(pair.tokenizer, out.token_ids[i], out.sources[i]))
+    console.rule()
+    for label, mode, eta in systems[2:]:
+        stats = outputs[label].stats
+        console.print(f"{label}: deferral rate {stats['defer_rate']:.1%}, {stats['expert_calls']} expert calls")
+    console.print(Markdown((folder / "results.md").read_text().split("### Example")[0]))

@@ -1,0 +1,40 @@
+"""The shipped run behind `collm demo` (``collm/assets/gsm/``): where it is, its manifest, loading it.
+
+The folder holds a run made by ``scripts/reproduce.sh``: the math expert as a LoRA adapter (``expert/``), the
+Co-LLM base's LoRA adapter (``base_adapter/``), the deferral head, ``collm.json``, the measured results
+(``results.md``, ``results.json``, ``calibration.png``) and the held-out problems the demo answers.
+``manifest.json`` records every file's sha256; `verify` refuses to load a run that does not match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from collm.run import MANIFEST
+
+ASSETS = Path(__file__).parent.parent / "assets" / "gsm"
+
+
+def write_manifest(folder: Path) -> dict:
+    """Record the sha256 and size of every file under `folder` (but the manifest) in manifest.json."""
+    from collm.run import seal
+
+    return seal(folder, [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST])
+
+
+def verify(folder: Path = ASSETS) -> dict:
+    """Check every file recorded in the manifest is there with its sha256; CollmError naming the first that
+    is missing or differs. Returns the manifest."""
+    from collm.run import verify_manifest
+
+    return verify_manifest(folder, missing=f"{folder} has no {MANIFEST}: the shipped run is missing; "
+                                           "run scripts/reproduce.sh")
+
+
+def load_pair(folder: Path = ASSETS, device: str = "cpu"):
+    """The shipped Co-LLM (embedded SmolLM2 + its base adapter, the expert adapter, the head), after
+    checking every file against the manifest."""
+    from collm.pair import CoLLM
+
+    verify(folder)
+    return CoLLM.from_pretrained(folder, device=device)
