@@ -13,9 +13,9 @@ dropped rows leave at a step boundary (``elastic``) and free their cache rows; l
 padding in every row are cut. ``decode`` (collm.decoding.decode) runs a fixed batch instead: finished rows
 ride along writing padding, which keeps a router's per-row tables and the static GPU runners in place.
 
-Where is what: the expert is called in :meth:`Engine._write` (and up front in :meth:`Engine._read_prompts`);
-the threshold is applied by :func:`collm.core.routing.route`, called from :meth:`Engine._route`; a new kind
-of backbone implements :class:`collm.backends.base.Backbone`.
+Where is what: an expert is called in :meth:`Engine._expert_read` at a deferral (and reads the prompt up
+front in :meth:`Engine._read_prompts`); the threshold is applied by :func:`collm.core.routing.route`, called
+from :meth:`Engine._route`; a new kind of backbone implements :class:`collm.backends.base.Backbone`.
 """
 
 from __future__ import annotations
