@@ -67,7 +67,7 @@ def generate(
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read prompts from a file, one per line.")] = None,
     run: Annotated[Optional[Path], typer.Option(help="A trained run folder (collm.json); replaces --base/--expert/--head.")] = None,
     base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")] = EMBEDDED_DEFAULT,
-    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several). Default: the embedded model.")] = None,
+    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several): a spec, or a completions server http://HOST:PORT/v1[#MODEL]. Default: the embedded model.")] = None,
     head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: zero head (P=0.5).")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Defer where P(expert) exceeds this, in [0, 1]. Default: the run's, else 0.5.")] = None,
     mode: Annotated[str, typer.Option(help="collm (route by the head), compose (sample the mixture), base or expert (one model alone).")] = "collm",
@@ -262,7 +262,7 @@ def data_calc(
 
 @app.command()
 def score(
-    expert: Annotated[str, typer.Option(help="Expert model: HF folder, .gguf file, or the embedded default's name.")],
+    expert: Annotated[str, typer.Option(help="Expert model: HF folder, .gguf file, the embedded default's name, or a vLLM server http://HOST:PORT/v1[#MODEL] (then give --tokenizer).")],
     data: Annotated[Path, typer.Option(help="JSONL of {\"prompt\",\"completion\"} or {\"messages\"} rows.")],
     out: Annotated[Path, typer.Option(help="Output folder for the shards and manifest.json; an unfinished run there resumes.")],
     tokenizer: Annotated[Optional[str], typer.Option(help="Model whose tokenizer encodes the data (give the base's if it differs from the expert's).")] = None,

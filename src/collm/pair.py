@@ -14,6 +14,7 @@ from collm.decoding.decode import MODES, Router, Sampling, decode
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
+from collm.backends.remote import RemoteExpert, is_remote_spec
 
 RUN_FORMAT = 1
 RUN_CONFIG = "collm.json"
@@ -66,13 +67,17 @@ class CoLLM:
     @classmethod
     def load(cls, base: str, experts: list[str], head: str | None = None, *, threshold: float = 0.5,
              device: str = "cpu", dtype: str = "float32") -> "CoLLM":
-        """Load models by spec (folder, .gguf, adapter folder or the embedded default) and a head.
+        """Load models by spec (folder, .gguf, adapter folder or the embedded default; for experts also a
+        completions server, ``http://HOST:PORT/v1[#MODEL]``, see collm.backends.remote) and a head.
 
         ``head``: a head file, ``"never"``/``"always"`` (a constant head), or None for a zero head.
         """
         base_model, tokenizer = load_model(base, device=device, dtype=dtype)
         expert_models = []
         for spec in experts:
+            if is_remote_spec(spec):  # served elsewhere: connect and check its vocabulary by tokenizing
+                expert_models.append(RemoteExpert(spec, tokenizer))
+                continue
             model, expert_tokenizer = load_model(spec, device=device, dtype=dtype)
             check_vocab(tokenizer, expert_tokenizer, ("base", f"expert {spec!r}"))
             expert_models.append(model)
@@ -261,6 +266,8 @@ def _check_threshold(threshold) -> float:
 
 def _spec_in(run_dir: Path, spec: str) -> str:
     """A spec saved as a path relative to the run folder resolves against it; names and absolute paths stay."""
+    if is_remote_spec(spec):
+        return spec
     candidate = run_dir / spec
     return str(candidate) if not Path(spec).is_absolute() and candidate.exists() else spec
 

@@ -29,6 +29,7 @@ from collm.data.rows import DataConfig, EncodedData, Example, encode_file, lengt
 from collm.errors import CollmError
 from collm.training.loss import argmax_is_gold, gold_log_probs
 from collm.backends.models import DTYPES, check_vocab, load_model, load_tokenizer, weight_files
+from collm.backends.remote import RemoteExpert, is_remote_spec
 
 MANIFEST = "manifest.json"
 SCORES_FORMAT = 1
@@ -39,7 +40,8 @@ class ScoreConfig:
     """One scoring run: which expert, which data, where the static dataset goes."""
 
     expert: str
-    """Expert model spec: a local HF folder, a .gguf file or the embedded default's name."""
+    """Expert model spec: a local HF folder, a .gguf file, the embedded default's name, or a vLLM server
+    ``http://HOST:PORT/v1[#MODEL]`` (scored with its ``prompt_logprobs``; needs ``tokenizer``)."""
     data: str
     """JSONL file of {"prompt","completion"} or {"messages"} rows."""
     out: str
@@ -178,7 +180,10 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     that is not a transformers model (an oracle, a remote API). Raises CollmError for bad data, a vocabulary
     mismatch, or a folder holding scores for another key (unless ``overwrite``).
     """
-    if model is None:
+    if model is None and is_remote_spec(config.expert):
+        model, tokenizer, forward = _remote_expert(config)
+        expert_id = model.identity
+    elif model is None:
         model, tokenizer = load_model(config.expert, device=config.device, dtype=config.dtype)
         expert_id = expert_identity(config.expert, config.dtype)
     else:
@@ -193,6 +198,15 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     manifest = _start(out, config, data, expert_id)
     _run_shards(model, data, manifest, out, config, _pad_id(data_tokenizer), forward)
     return out
+
+
+def _remote_expert(config: ScoreConfig):
+    """An expert on a vLLM server: it scores with ``prompt_logprobs``; the data is encoded with ``--tokenizer``
+    (the base's), which the server's vocabulary is checked against."""
+    if not config.tokenizer:
+        raise CollmError(f"scoring with the expert server {config.expert} needs --tokenizer (the base's model spec)")
+    tokenizer = load_tokenizer(config.tokenizer)
+    return RemoteExpert(config.expert, tokenizer), tokenizer, lambda expert, *batch: expert.target_outputs(*batch)
 
 
 def _pad_id(tokenizer) -> int:
