@@ -35,7 +35,7 @@ ENGINE = importlib.util.find_spec("collm.decoding.engine") is not None
 
 @pytest.fixture(scope="module")
 def server():
-    with VllmServer(hf_folder(EMBEDDED_DEFAULT), "smol") as running:
+    with VllmServer(hf_folder(EMBEDDED_DEFAULT), "smol", eager=True) as running:
         yield running
 
 
@@ -136,6 +136,18 @@ def test_remote_scoring_equals_local_scoring(server, tmp_path):
     before = {p.name: p.read_bytes() for p in (tmp_path / "remote").iterdir()}
     score(remote)  # finished: resuming recomputes nothing and rewrites the same bytes
     assert {p.name: p.read_bytes() for p in (tmp_path / "remote").iterdir()} == before
+
+
+def test_score_cli_takes_a_server(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from collm.cli import app
+
+    data = write_rows(tmp_path / "d.jsonl", n=2)
+    result = CliRunner().invoke(app, ["score", "--expert", server.spec, "--tokenizer", EMBEDDED_DEFAULT,
+                                      "--data", str(data), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["expert"] == server.spec
 
 
 def test_remote_scoring_needs_the_base_tokenizer(server, tmp_path):

@@ -36,9 +36,11 @@ def free_port() -> int:
 class VllmServer:
     """One vLLM server process group serving ``folder`` (an HF folder with its tokenizer) as ``name``."""
 
-    def __init__(self, folder: str | Path, name: str = "expert", *, prefix_caching: bool = True,
+    def __init__(self, folder: str | Path, name: str = "expert", *, prefix_caching: bool = True, eager: bool = False,
                  max_model_len: int = 2048, start_timeout: float = 900.0):
-        self.folder, self.name, self.prefix_caching = str(folder), name, prefix_caching
+        """``eager``: skip torch.compile (vLLM recompiles at every start here, minutes on two busy cores; tests
+        want a quick start, benchmarks the compiled model)."""
+        self.folder, self.name, self.prefix_caching, self.eager = str(folder), name, prefix_caching, eager
         self.max_model_len, self.start_timeout = max_model_len, start_timeout
         self.port = free_port()
         self.process: subprocess.Popen | None = None
@@ -60,7 +62,8 @@ class VllmServer:
                    "--served-model-name", self.name, "--dtype", "float32", "--host", "127.0.0.1",
                    "--port", str(self.port), "--max-model-len", str(self.max_model_len),
                    "--generation-config", "vllm",  # the request's sampling, not the model folder's defaults
-                   "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
+                   "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
+                   *(["--enforce-eager"] if self.eager else [])]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env |= {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
         env.setdefault("OMP_NUM_THREADS", "1")
