@@ -266,19 +266,23 @@ def test_fused_step_stops_on_strings_and_streams_like_the_loop(mode):
     # a token row 1 writes after a few steps that some other row never writes: rows stop at different steps or not
     marker = next(t for t in first.token_ids[1][4:] if any(t not in ids for ids in first.token_ids))
 
-    def stop_check(row, ids):
-        return "stop" if marker in ids else None
-
     runs = {}
     for fused in (False, True):
         seen = []
-        out = decode(base, [expert], head, PROMPTS, fused=fused, stop_check=stop_check,
+        out = decode(base, [expert], head, PROMPTS, fused=fused, stop=(f"<{marker}>",), tokenizer=BracketTokenizer(),
                      on_token=lambda *step: seen.append(step), **args)
-        runs[fused] = (out.token_ids, out.sources, out.defer_probs, out.stopped_by, seen,
+        runs[fused] = (out.token_ids, out.sources, out.defer_probs, out.stopped_by, out.texts, seen,
                        out.stats["expert_calls"], out.stats["steps"])
     assert runs[True] == runs[False]
     stopped_by = runs[False][3]
-    assert "stop" in stopped_by and None in stopped_by
+    assert f"<{marker}>" in stopped_by and None in stopped_by
+
+
+class BracketTokenizer:
+    """Token t reads "<t>": stop strings on whole tokens, for models without a tokenizer."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
 
 
 def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():
@@ -324,6 +328,22 @@ def test_prepacked_cpu_layers_compute_the_same_and_follow_weight_changes():
     assert all("forward" not in m.__dict__ for m in big)
 
 
+def test_two_engines_prepacking_the_same_models_do_not_undo_each_other():
+    """Overlapping blocks (two CoLLM objects over one model, in two threads) keep the switch until the last
+    one exits; the first to exit does not put the other back on the default kernels."""
+    from collm.backends.prepack import MIN_PARAMS, prepacked
+
+    model = make_llama(0, hidden=512)
+    big = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PARAMS]
+    first = prepacked([model])
+    assert first.__enter__() == len(big)
+    with prepacked([model]) as switched:
+        assert switched == len(big)
+    assert all("forward" in m.__dict__ for m in big)  # the first block is still open: still switched
+    first.__exit__(None, None, None)
+    assert all("forward" not in m.__dict__ for m in big)
+
+
 def test_prepacking_is_skipped_where_the_copies_would_not_fit(monkeypatch):
     import collm.backends.prepack
 
@@ -343,7 +363,7 @@ def test_prepacked_decoding_writes_what_the_default_kernels_write(dtype):
     """float32 and (where the CPU has native bfloat16 kernels) bfloat16 layers are prepacked; either way the
     tokens and their sources are the default kernels'."""
     from collm.decoding.decode import Sampling, decode
-    from collm.backends.prepack import MIN_PARAMS
+    from collm.backends.prepack import MIN_PARAMS, PACKED
 
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no native bfloat16 kernels: bfloat16 layers are not prepacked")
@@ -354,9 +374,10 @@ def test_prepacked_decoding_writes_what_the_default_kernels_write(dtype):
     default = decode(base, [expert], head, PROMPTS, prepack=False, **args)
     big = [m for model in (base, expert) for m in model.modules()
            if isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PARAMS]
-    assert big and not any("_collm_packed" in m.__dict__ for m in big)
+    assert big and not any(m in PACKED for m in big)
     packed = decode(base, [expert], head, PROMPTS, prepack=True, **args)
-    assert all("_collm_packed" in m.__dict__ for m in big)  # every large layer ran on its packed weight
+    assert all(m in PACKED for m in big)  # every large layer ran on its packed weight
+    assert not any(k.startswith("_collm") or k == "forward" for m in big for k in vars(m))  # nothing left on them
     assert (packed.token_ids, packed.sources) == (default.token_ids, default.sources)
     assert 0 < default.stats["deferred_tokens"] < default.stats["new_tokens"]
 
