@@ -248,7 +248,7 @@ class RemoteBackbone:
              sampling: Sequence[Sampling] | None = None, step: int = 0) -> Next:
         if hidden:
             raise CollmError(f"the remote expert at {self.expert.url} has no hidden states to give")
-        start, self.seen = self.seen, end
+        self.seen = end
         asked = list(range(cols.rows)) if rows is None else [int(r) for r in rows]
         groups: dict[Sampling, list[int]] = {}
         for row in asked:
@@ -257,9 +257,7 @@ class RemoteBackbone:
         for setting, group in groups.items():
             picked = self.expert.complete([cols.row_ids(r, end) for r in group], setting, step)
             tokens[group] = torch.tensor(picked, dtype=torch.long)
-        # What the server computes anew: the asked rows' real tokens since the last read (the rest is cached).
-        consumed = int(cols.mask[asked, start:end].sum()) if asked and end > start else 0
-        return Next(tokens=tokens, consumed=consumed)
+        return Next(tokens=tokens)
 
     def keep(self, rows: torch.Tensor) -> None:
         pass

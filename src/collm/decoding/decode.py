@@ -80,7 +80,8 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     if options.fused and not fusable:
         raise ValueError("the fused step needs the static path, greedy decoding, mode collm/base/expert, no "
                          f"re-encoding, at most {MAX_EOS} EOS ids and a router given as a table")
-    with prepacked([base, *experts]) if prepack else nullcontext():
+    in_process = [m for m in (base, *experts) if isinstance(m, torch.nn.Module)]  # not a remote expert
+    with prepacked(in_process) if prepack else nullcontext():
         backbones = _static_backbones(prompts, request, options, device) if static else None
         if fusable if options.fused is None else options.fused:
             return (yield from _run_fused(base, experts, head, prompts, request, options, backbones))
