@@ -193,6 +193,20 @@ def test_collm_with_remote_expert_equals_in_process(expert, smol, threshold):
         assert all(s == [1] * len(s) for s in remote.sources)
 
 
+def test_generate_cli_takes_a_server(server, smol, tmp_path):
+    from typer.testing import CliRunner
+
+    from collm.cli import app
+
+    tiny_base(smol[1], tmp_path / "base")
+    result = CliRunner().invoke(app, ["generate", "--base", str(tmp_path / "base"), "--expert", server.spec,
+                                      "--head", "always", "--threshold", "0", "--max-new-tokens", "4", "--json",
+                                      "What is 2+3?"])
+    assert result.exit_code == 0, result.output
+    sources = json.loads(result.output.strip().splitlines()[-1])["sources"][0]
+    assert sources and set(sources) == {1}
+
+
 def test_killed_server_fails_promptly_with_the_url(server, smol, monkeypatch):
     """Runs last: kills the module's server while Co-LLM is writing with it (every token deferred)."""
     monkeypatch.setenv("COLLM_REMOTE_RETRY", "2")
