@@ -193,6 +193,17 @@ def test_collm_with_remote_expert_equals_in_process(expert, smol, threshold):
         assert all(s == [1] * len(s) for s in remote.sources)
 
 
+def test_expert_alone_through_the_server(expert, smol):
+    """The baseline eval and calibrate run (mode expert) works with a remote expert, token for token."""
+    model, tok = smol
+    base = tiny_base(tok)
+    prompts = ["What is 2+3?", "Name a fruit."]
+    local = CoLLM(base, [model], None, tok).generate(prompts, max_new_tokens=8, mode="expert")
+    remote = CoLLM(base, [expert], None, tok).generate(prompts, max_new_tokens=8, mode="expert")
+    assert remote.token_ids == local.token_ids
+    assert all(set(s) == {1} for s in remote.sources)
+
+
 def test_generate_cli_takes_a_server(server, smol, tmp_path):
     from typer.testing import CliRunner
 

@@ -68,6 +68,10 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     the run's Stats. Raises ValueError where ``options.fused`` is True but the fused step cannot run."""
     device = next(base.parameters()).device
     mode = request.mode
+    if mode == "expert" and getattr(experts[0], "remote", False):
+        # A remote expert picks tokens but has no logits to write with alone: the base leads and the request's
+        # mode routes every row to expert 1 (the engine's per-row override), so the expert writes every token.
+        mode = "collm"
     writer = experts[0] if mode == "expert" else base
     expert_models = [] if mode in ("base", "expert") else list(experts)
     static = options.static
