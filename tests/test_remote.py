@@ -204,6 +204,18 @@ def test_expert_alone_through_the_server(expert, smol):
     assert all(set(s) == {1} for s in remote.sources)
 
 
+def test_bench_times_a_remote_expert(server, smol, tmp_path):
+    from collm.evaluation.bench import BenchConfig, run
+
+    tiny_base(smol[1], tmp_path / "base")
+    with pytest.raises(CollmError, match="need the expert in process"):
+        BenchConfig(base=str(tmp_path / "base"), expert=server.spec)
+    config = BenchConfig(base=str(tmp_path / "base"), expert=server.spec, systems=("base", "expert", "collm"),
+                         fractions=(0.5,), prompt_len=8, new_tokens=3, repeats=1)
+    rows = {r.system: r for r in run(config)}
+    assert set(rows) == {"base", "expert", "collm"} and rows["collm"].expert_calls > 0
+
+
 def test_generate_cli_takes_a_server(server, smol, tmp_path):
     from typer.testing import CliRunner
 

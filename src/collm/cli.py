@@ -166,7 +166,7 @@ def demo(
 @app.command()
 def bench(
     base: Annotated[Optional[str], typer.Option(help="Base model spec (with --expert); else --shapes.")] = None,
-    expert: Annotated[Optional[str], typer.Option(help="Expert model spec (with --base).")] = None,
+    expert: Annotated[Optional[str], typer.Option(help="Expert model spec (with --base), or a server http://HOST:PORT/v1[#MODEL] (systems base, expert, collm, hf_base).")] = None,
     shapes: Annotated[str, typer.Option(help="Random-weight Llama shapes BASE+EXPERT: tiny-base, tiny-expert, llama-1b, llama-8b.")] = "tiny-base+tiny-expert",
     fractions: Annotated[str, typer.Option(help="Comma-separated deferral fractions f.")] = "0,0.05,0.1,0.2,0.5,1",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
