@@ -97,7 +97,7 @@ def generate(
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read prompts from a file, one per line.")] = None,
     run: Annotated[Optional[Path], typer.Option(help="A trained run folder (collm.json); replaces --base/--expert/--head.")] = None,
     base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")] = EMBEDDED_DEFAULT,
-    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several). Default: the embedded model.")] = None,
+    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several): a spec, or a completions server http://HOST:PORT/v1[#MODEL]. Default: the embedded model.")] = None,
     head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: a zero head, P(defer) = 0.5 everywhere, which with one expert never exceeds the default threshold 0.5: the expert writes nothing until you train a head (or pass --threshold below 0.5, or --head always).")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Defer where P(expert) exceeds this, in [0, 1]. Default: the run's, else 0.5.")] = None,
     mode: Annotated[str, typer.Option(help="collm (route by the head), compose (sample the mixture), base or expert (one model alone).")] = "collm",
@@ -218,7 +218,7 @@ def demo(
 @app.command()
 def bench(
     base: Annotated[Optional[str], typer.Option(help="Base model spec (with --expert); else --shapes.")] = None,
-    expert: Annotated[Optional[str], typer.Option(help="Expert model spec (with --base).")] = None,
+    expert: Annotated[Optional[str], typer.Option(help="Expert model spec (with --base), or a server http://HOST:PORT/v1[#MODEL] (systems base, expert, collm, hf_base).")] = None,
     shapes: Annotated[str, typer.Option(help="Random-weight Llama shapes BASE+EXPERT: tiny-base, tiny-expert, llama-1b, llama-8b.")] = "tiny-base+tiny-expert",
     fractions: Annotated[str, typer.Option(help="Comma-separated deferral fractions f.")] = "0,0.05,0.1,0.2,0.5,1",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
@@ -314,7 +314,7 @@ def data_calc(
 
 @app.command()
 def score(
-    expert: Annotated[str, typer.Option(help="Expert model: HF folder, .gguf file, or the embedded default's name.")],
+    expert: Annotated[str, typer.Option(help="Expert model: HF folder, .gguf file, the embedded default's name, or a vLLM server http://HOST:PORT/v1[#MODEL] (then give --tokenizer).")],
     data: Annotated[Path, typer.Option(help="JSONL of {\"prompt\",\"completion\"} or {\"messages\"} rows.")],
     out: Annotated[Path, typer.Option(help="Output folder for the shards and manifest.json; an unfinished run there resumes.")],
     tokenizer: Annotated[Optional[str], typer.Option(help="Model whose tokenizer encodes the data (give the base's if it differs from the expert's).")] = None,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from collm.atomic import write_json
 from collm.backends.prepack import available
 from collm.core.request import MODES, Request, Router, Sampling, check_threshold
 from collm.data.rows import pad_id
@@ -18,6 +16,7 @@ from collm.decoding.engine import Engine
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
+from collm.backends.remote import RemoteExpert, is_remote_spec
 from collm.run import (HEAD_FILE, RUN_CONFIG, RUN_FORMAT, check_head, read_run_config, seal,  # noqa: F401
                        spec_in, write_run_config)
 
@@ -70,13 +69,17 @@ class CoLLM:
     @classmethod
     def load(cls, base: str, experts: list[str], head: str | None = None, *, threshold: float = 0.5,
              device: str = "cpu", dtype: str = "float32") -> "CoLLM":
-        """Load models by spec (folder, .gguf, adapter folder or the embedded default) and a head.
+        """Load models by spec (folder, .gguf, adapter folder or the embedded default; for experts also a
+        completions server, ``http://HOST:PORT/v1[#MODEL]``, see collm.backends.remote) and a head.
 
         ``head``: a head file, ``"never"``/``"always"`` (a constant head), or None for a zero head.
         """
         base_model, tokenizer = load_model(base, device=device, dtype=dtype)
         expert_models = []
         for spec in experts:
+            if is_remote_spec(spec):  # served elsewhere: connect and check its vocabulary by tokenizing
+                expert_models.append(RemoteExpert(spec, tokenizer))
+                continue
             model, expert_tokenizer = load_model(spec, device=device, dtype=dtype)
             check_vocab(tokenizer, expert_tokenizer, ("base", f"expert {spec!r}"))
             expert_models.append(model)

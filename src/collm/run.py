@@ -105,6 +105,8 @@ def check_head(head, config: dict, run_dir: Path) -> None:
 
 def spec_in(run_dir: Path, spec: str) -> str:
     """A spec saved as a path relative to the run folder resolves against it; names and absolute paths stay."""
+    if spec.startswith(("http://", "https://")):  # an expert on a server: a URL, never a path
+        return spec
     candidate = Path(run_dir) / spec
     return str(candidate) if not Path(spec).is_absolute() and candidate.exists() else spec
 

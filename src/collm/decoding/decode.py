@@ -13,6 +13,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
+
 from collm.backends.prepack import available, prepacked
 from collm.backends.static import runner, supported
 from collm.core.head import DeferralHead
@@ -65,6 +67,10 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     the run's Stats. Raises ValueError where ``options.fused`` is True but the fused step cannot run."""
     device = next(base.parameters()).device
     mode = request.mode
+    if mode == "expert" and getattr(experts[0], "remote", False):
+        # A remote expert picks tokens but has no logits to write with alone: the base leads and the request's
+        # mode routes every row to expert 1 (the engine's per-row override), so the expert writes every token.
+        mode = "collm"
     writer = experts[0] if mode == "expert" else base
     expert_models = [] if mode in ("base", "expert") else list(experts)
     static = options.static
@@ -77,7 +83,8 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     if options.fused and not fusable:
         raise ValueError("the fused step needs the static path, greedy decoding, mode collm/base/expert, no "
                          f"re-encoding, at most {MAX_EOS} EOS ids and a router given as a table")
-    with prepacked([base, *experts]) if prepack else nullcontext():
+    in_process = [m for m in (base, *experts) if isinstance(m, torch.nn.Module)]  # not a remote expert
+    with prepacked(in_process) if prepack else nullcontext():
         backbones = _static_backbones(prompts, request, options, device) if static else None
         if fusable if options.fused is None else options.fused:
             return (yield from _run_fused(base, experts, head, prompts, request, options, backbones))

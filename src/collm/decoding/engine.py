@@ -433,6 +433,8 @@ class Engine:
         """A model that already is a backbone (a remote engine) as it is; a ``transformers`` model in process."""
         if isinstance(model, Backbone):
             return model
+        if getattr(model, "remote", False):  # an expert on a serving engine (collm.backends.remote)
+            return model.backbone()
         return HFBackbone(model, self.vocab, reencode=self.reencode and role == "expert")
 
 

@@ -23,6 +23,7 @@ from collm.decoding.decode import Decoded, Sampling, decode
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import DTYPES, load_model, vocab_size
+from collm.backends.remote import RemoteExpert, is_remote_spec
 
 SYSTEMS = ("base", "expert", "collm", "naive", "hf_base", "hf_expert", "hf_base_static", "hf_expert_static")
 
@@ -46,7 +47,8 @@ class BenchConfig:
     base: str | None = None
     """Base model spec (folder, .gguf or embedded name); or use ``shapes``."""
     expert: str | None = None
-    """Expert model spec; or use ``shapes``."""
+    """Expert model spec, or a completions server ``http://HOST:PORT/v1[#MODEL]`` (then leave out the systems
+    that need it in process: naive, hf_expert, hf_expert_static); or use ``shapes``."""
     shapes: str | None = "tiny-base+tiny-expert"
     """``BASE+EXPERT`` from: """ + ", ".join(SHAPES) + """ (random weights)."""
     fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -96,6 +98,10 @@ class BenchConfig:
             raise CollmError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
         if self.dtype not in DTYPES:
             raise CollmError(f"dtype must be one of {', '.join(DTYPES)}")
+        in_process_only = sorted(set(self.systems) & {"naive", "hf_expert", "hf_expert_static"})
+        if is_remote_spec(self.expert) and in_process_only:
+            raise CollmError(f"systems {', '.join(in_process_only)} need the expert in process, not at "
+                             f"{self.expert}; leave them out of --systems")
 
 
 @dataclass
@@ -151,7 +157,9 @@ def any_row_share(fraction: float, steps: int, seed: int, rows: int) -> float:
 def build_models(config: BenchConfig):
     """(base, expert) from specs or random-weight shapes."""
     if config.base is not None:
-        base, _ = load_model(config.base, device=config.device, dtype=config.dtype)
+        base, tokenizer = load_model(config.base, device=config.device, dtype=config.dtype)
+        if is_remote_spec(config.expert):  # on its server: its own dtype and device
+            return base, RemoteExpert(config.expert, tokenizer)
         expert, _ = load_model(config.expert, device=config.device, dtype=config.dtype)
         return base, expert
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,7 +185,7 @@ def run(config: BenchConfig, progress=None) -> list[Row]:
     so the machine's slow spells fall on all of them alike; each row reports its median over the rounds.
     """
     base, expert = build_models(config)
-    vocab = min(vocab_size(base), vocab_size(expert))
+    vocab = min(vocab_size(m) for m in (base, expert) if not getattr(m, "remote", False))
     head = DeferralHead(base.config.hidden_size).to(config.device)
     rows: list[Row] = []
     for batch in config.batches:

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from collm.atomic import atomic_write, remove, temp_siblings, write_json
 from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
 from collm.errors import CollmError
-from collm.training.loss import gold_outputs
+from collm.training.loss import ARGMAX_RTOL, gold_outputs
 from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, weight_files
+from collm.backends.remote import RemoteExpert, is_remote_spec
 
 MANIFEST = "manifest.json"
 # 2: a target counts as the expert's greedy choice when it ties the maximum (loss.argmax_is_gold); format 1
@@ -42,7 +43,8 @@ class ScoreConfig:
     """One scoring run: which expert, which data, where the static dataset goes."""
 
     expert: str
-    """Expert model spec: a local HF folder, a .gguf file or the embedded default's name."""
+    """Expert model spec: a local HF folder, a .gguf file, the embedded default's name, or a vLLM server
+    ``http://HOST:PORT/v1[#MODEL]`` (scored with its ``prompt_logprobs``; needs ``tokenizer``)."""
     data: str
     """JSONL file of {"prompt","completion"} or {"messages"} rows."""
     out: str
@@ -183,7 +185,10 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     out = Path(config.out)
     if _read_own_manifest(out) is None:  # before minutes of loading: a folder holding others' files is refused
         _check_empty(out)
-    if model is None:
+    if model is None and is_remote_spec(config.expert):
+        model, tokenizer, forward = _remote_expert(config)
+        expert_id = model.identity
+    elif model is None:
         model, tokenizer = load_model(config.expert, device=config.device, dtype=config.dtype)
         expert_id = expert_identity(config.expert, config.dtype)
     else:
@@ -198,6 +203,22 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     manifest = _start(out, config, data, expert_id)
     _run_shards(model, data, manifest, out, config, pad_id(data_tokenizer), forward)
     return out
+
+
+def _remote_expert(config: ScoreConfig):
+    """An expert on a vLLM server: it scores with ``prompt_logprobs``; the data is encoded with ``--tokenizer``
+    (the base's), which the server's vocabulary is checked against."""
+    if not config.tokenizer:
+        raise CollmError(f"scoring with the expert server {config.expert} needs --tokenizer (the base's model spec)")
+    tokenizer = load_tokenizer(config.tokenizer)
+    return RemoteExpert(config.expert, tokenizer), tokenizer, _remote_outputs
+
+
+def _remote_outputs(expert: RemoteExpert, *batch):
+    """What local scoring stores, from the server's log-probs: gold's, and whether it ties the best (the same
+    tie rule as collm.training.loss.gold_outputs)."""
+    gold, best = expert.gold_and_best(*batch)
+    return gold, torch.isclose(gold, best, rtol=ARGMAX_RTOL), None
 
 
 
