@@ -81,3 +81,15 @@ def save_tiny(model, tokenizer, folder) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def invoke(*args):
+    """Run a `collm` command in process; an error other than the exit it asks for is raised as it is."""
+    from typer.testing import CliRunner
+
+    from collm.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result

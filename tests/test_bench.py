@@ -5,18 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from collm.cli import app
-
-runner = CliRunner()
+from conftest import invoke
 
 
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 def test_bench_json_rows(tmp_path):
     out = tmp_path / "bench.json"

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from collm.cli import app
-from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
+from conftest import invoke, make_gpt2, make_llama, make_tokenizer, save_tiny
 
 runner = CliRunner()
 
@@ -21,12 +21,6 @@ def folders(tmp_path_factory):
     tok = make_tokenizer()
     return save_tiny(make_llama(0), tok, root / "base"), save_tiny(make_llama(1), tok, root / "expert")
 
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.mark.parametrize("head, rate", [("never", 0.0), ("always", 1.0)])

@@ -10,16 +10,10 @@ from typer.testing import CliRunner
 from collm.cli import app
 from collm.errors import CollmError
 from collm.pair import CoLLM
-from conftest import make_llama, make_tokenizer, save_tiny
+from conftest import invoke, make_llama, make_tokenizer, save_tiny
 
 runner = CliRunner()
 
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -166,14 +166,9 @@ def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> 
         if not text.strip():
             raise CollmError(f"prompt {number} is empty: give a question")
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise CollmError(f"prompt file {str(prompt_file)!r} does not exist")
-        data = prompt_file.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise CollmError(f"{prompt_file}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+        from collm.data.rows import read_text
+
+        text = read_text(prompt_file, "prompt file")
         texts += [line for line in text.splitlines() if line.strip()]
     return texts
 

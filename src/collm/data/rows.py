@@ -94,14 +94,7 @@ def read_rows(path: str | Path) -> list[dict]:
 def read_jsonl(path: str | Path, check: Callable[[object, str], None]) -> list[dict]:
     """Parse a JSONL file, calling ``check(row, "file:line")`` on each row (it raises CollmError to refuse)."""
     path = Path(path)
-    if not path.is_file():
-        raise CollmError(f"data file {str(path)!r} does not exist")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise CollmError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+    text = read_text(path, "data file")
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -260,3 +253,16 @@ def pad_id(tokenizer, eos_ids: tuple[int, ...] = ()) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents; CollmError naming ``what`` when it is missing, or the line where it is
+    not UTF-8."""
+    if not Path(path).is_file():
+        raise CollmError(f"{what} {str(path)!r} does not exist")
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise CollmError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
