@@ -18,7 +18,8 @@
 #               deferral rate <= MAX_DEFER
 #   6. bench    batch-1 ms/token: base, expert, Co-LLM at η, speculative decoding (bench/qwen_speed.py)
 #   7. eval44   every system on every 5th held-out test row (44 problems; scripts/qwen_eval.py, resumable per system)
-#   8. eval220  every system on all 220 held-out test problems
+#   7b. package plots, then head + collm.json + results + manifest (sha256) into src/collm/assets/qwen (< 1 MB)
+#   8. eval220  every system on all 220 held-out test problems (then re-run: 7b runs again last)
 # Times measured on this machine (2 cores, OMP_NUM_THREADS=1, shared): see README "Qwen2.5-Coder pair".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,9 +86,32 @@ until_ bench
 log "7. every system on every 5th held-out test row (44 problems)"
 python3 scripts/qwen_eval.py --run "$R/$ROUTER" --data "$D/test.jsonl" --every 5 \
   --max-new-tokens $NEW --batch-size 44 --dtype $DT --out "$R/eval-test44"
+
+log "7b. plots and the shipped artifacts (head, config, results; sha256 manifest) -> src/collm/assets/qwen"
+python3 scripts/qwen_plots.py --eval "$R/eval-test44/results.json" --speed "$R/speed.json" \
+  --calibration "$R/$ROUTER/collm.json" --out "$R/plot"
+python3 - "$R" "$ROUTER" src/collm/assets/qwen <<'PY'
+import shutil, sys
+from pathlib import Path
+from collm.demo import write_manifest
+runs, router, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+out.mkdir(parents=True, exist_ok=True)
+files = {runs / router / n: n for n in ("collm.json", "head.safetensors", "train_config.json")}
+files |= {runs / "calibration.png": "calibration.png", runs / "speed.json": "speed.json", runs / "speed.md": "speed.md",
+          runs / "own_style/train.jsonl": "train_rows.jsonl", runs / "plot_accuracy_vs_deferral.png": "accuracy_vs_deferral.png",
+          runs / "plot_accuracy_vs_ms.png": "accuracy_vs_ms.png"}
+for size in ("44", "220"):
+    for n in ("results.json", "results.md"):
+        files[runs / f"eval-test{size}" / n] = f"test{size}_{n}"
+for src, name in files.items():
+    if src.exists():
+        shutil.copyfile(src, out / name)
+print(write_manifest(out)["total_bytes"], "bytes shipped")
+PY
 until_ eval44
 
 log "8. every system on all 220 held-out test problems"
 python3 scripts/qwen_eval.py --run "$R/$ROUTER" --data "$D/test.jsonl" --every 1 \
   --max-new-tokens $NEW --batch-size 55 --dtype $DT --out "$R/eval-test220"
+UNTIL=eval44 bash "$0"   # every stage above now skips; 7b ships the 220-problem results too
 log "done"
