@@ -106,6 +106,22 @@ for size in ("44", "220"):
 for src, name in files.items():
     if src.exists():
         shutil.copyfile(src, out / name)
+# What `collm demo --pair qwen` reads: three held-out problems (where Co-LLM is right and its base wrong first)
+# and the table of the largest evaluation finished.
+import json
+from collm.atomic import write_json
+from collm.demo import pick_examples
+from collm.evaluation.evaluate import markdown_table
+results = json.loads((runs / "eval-test44/results.json").read_text())
+rows = results["systems"][0]["examples"]
+write_json(out / "problems.json", {"problems": [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"]}
+                                                for i in pick_examples(results)],
+                                   "chosen": "held-out test templates: Co-LLM right and its base wrong first"})
+done = max((p for p in (runs / "eval-test220/results.json", runs / "eval-test44/results.json") if p.exists()),
+           key=lambda p: json.loads(p.read_text())["rows"])
+table = json.loads(done.read_text())
+(out / "results.md").write_text(f"### Held-out test templates ({table['rows']} problems, threshold {table['threshold']})\n\n"
+                                + markdown_table(table))
 print(write_manifest(out)["total_bytes"], "bytes shipped")
 PY
 until_ eval44

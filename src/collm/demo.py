@@ -18,6 +18,8 @@ from collm.errors import CollmError
 from collm.evaluation.evaluate import deferral_summary, in_number  # noqa: F401 - re-exported for the package step
 
 ASSETS = Path(__file__).parent / "assets" / "gsm"
+QWEN_ASSETS = Path(__file__).parent / "assets" / "qwen"  # scripts/qwen.sh: needs `bash scripts/install.sh --qwen`
+PAIRS = {"smollm2": ASSETS, "qwen": QWEN_ASSETS}
 MANIFEST = "manifest.json"
 
 
@@ -62,13 +64,13 @@ def verify(folder: Path = ASSETS) -> dict:
 # ---------------------------------------------------------------- loading
 
 
-def load_pair(folder: Path = ASSETS, device: str = "cpu"):
+def load_pair(folder: Path = ASSETS, device: str = "cpu", dtype: str | None = None):
     """The shipped Co-LLM (embedded SmolLM2 + its base adapter, the expert adapter, the head), after
-    checking every file against the manifest."""
+    checking every file against the manifest. ``dtype``: default the run's."""
     from collm.pair import CoLLM
 
     verify(folder)
-    return CoLLM.from_pretrained(folder, device=device)
+    return CoLLM.from_pretrained(folder, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------- numbers
@@ -236,8 +238,10 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     from collm.data.answer import extract_answer
     from collm.decoding.provenance import colored, legend
 
-    with console.status("verifying and loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
-        pair = load_pair(folder, device)
+    described = "SmolLM2-135M-Instruct + two adapters" if folder == ASSETS else None
+    with console.status(f"verifying and loading the shipped run ({described or folder.name})"):
+        pair = load_pair(folder, device, dtype=None if folder == ASSETS else "bfloat16")
+    described = described or f"{pair.info['base']} + {', '.join(pair.info['experts'])}"
     shipped = json.loads((folder / "problems.json").read_text())
     problems = shipped["problems"][:count]
     prompts = [p["prompt"] for p in problems]
@@ -250,7 +254,8 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     for label, mode, eta in systems:
         with console.status(f"{label}: answering {len(prompts)} problems"):
             outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta)
-    console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"]))
+    console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"] if folder == ASSETS
+                         else list(pair.info["experts"])))
     console.print(f"[dim]Problems: {shipped.get('chosen', 'shipped with the run')}; none was in any training "
                   "data.[/dim]")
     for i, problem in enumerate(problems):
