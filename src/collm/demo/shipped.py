@@ -13,6 +13,8 @@ from pathlib import Path
 from collm.run import MANIFEST
 
 ASSETS = Path(__file__).parent.parent / "assets" / "gsm"
+QWEN_ASSETS = Path(__file__).parent.parent / "assets" / "qwen"  # scripts/qwen.sh: needs `bash scripts/install.sh --qwen`
+PAIRS = {"smollm2": ASSETS, "qwen": QWEN_ASSETS}
 
 
 def write_manifest(folder: Path) -> dict:
@@ -31,10 +33,10 @@ def verify(folder: Path = ASSETS) -> dict:
                                            "run scripts/reproduce.sh")
 
 
-def load_pair(folder: Path = ASSETS, device: str = "cpu"):
-    """The shipped Co-LLM (embedded SmolLM2 + its base adapter, the expert adapter, the head), after
-    checking every file against the manifest."""
+def load_pair(folder: Path = ASSETS, device: str = "cpu", dtype: str | None = None):
+    """A shipped Co-LLM run (for ASSETS: embedded SmolLM2 + its base adapter, the expert adapter, the head),
+    after checking every file against the manifest. ``dtype``: default the run's."""
     from collm.pair import CoLLM
 
     verify(folder)
-    return CoLLM.from_pretrained(folder, device=device)
+    return CoLLM.from_pretrained(folder, device=device, dtype=dtype)

@@ -1,0 +1,109 @@
+"""Batch-1 decoding speed on real held-out problems: base alone, expert alone, Co-LLM at the run's threshold,
+and `transformers` assisted generation (speculative decoding, the base drafting for the expert).
+
+    OMP_NUM_THREADS=1 python bench/qwen_speed.py --run runs/qwen/collm --data runs/qwen/data/gsm/test.jsonl \
+        --prompts 4 --new-tokens 96 --json bench/results/cpu_qwen_speed.json --markdown bench/results/cpu_qwen_speed.md
+
+Every system answers the same prompts (chat template, greedy) in one process. As `collm bench` counts it,
+ms/token is the decoding phase: each prompt is written with N new tokens and with 1 (prefill and first token),
+and ms/token = sum(t_N - t_1) / sum(n_N - 1) over the prompts (an answer may end at EOS before N).
+Speculative decoding writes the expert's own greedy tokens; it is the speed a user of the expert would get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from collm.atomic import atomic_write, write_json
+from collm.pair import CoLLM
+
+
+def timed(fn) -> tuple[float, int]:
+    started = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - started, n
+
+
+def collm_system(pair, ids, mode, threshold):
+    def run(n):
+        out = pair.generate([ids], max_new_tokens=n, mode=mode, threshold=threshold)
+        return len(out.token_ids[0]), sum(1 for s in out.sources[0] if s)
+    return run
+
+
+def hf_system(model, ids, assistant=None):
+    def run(n):
+        x = torch.tensor([ids])
+        kwargs = dict(assistant_model=assistant) if assistant is not None else {}
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, **kwargs)
+        return out.shape[1] - x.shape[1], 0
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="trained run folder (collm.json with the calibrated threshold)")
+    p.add_argument("--data", required=True, help="JSONL with prompts (held-out test problems)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts, every 5th row from the first")
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    a = p.parse_args()
+    rows = [json.loads(x) for x in Path(a.data).read_text().splitlines() if x.strip()][::5][:a.prompts]
+    pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
+    eta = pair.threshold if a.threshold is None else a.threshold
+    prompts = pair.encode([r["prompt"] for r in rows])
+    base, expert = pair.base, pair.experts[0]
+    systems = {
+        "base alone": lambda ids: collm_system(pair, ids, "base", eta),
+        "expert alone": lambda ids: collm_system(pair, ids, "expert", eta),
+        f"Co-LLM (eta={eta:g})": lambda ids: collm_system(pair, ids, "collm", eta),
+        "transformers generate, expert": lambda ids: hf_system(expert, ids),
+        "speculative decoding (transformers assisted, base drafts)": lambda ids: hf_system(expert, ids, base),
+    }
+    hf_system(expert, prompts[0], base)(4)  # warm-up: first calls allocate and pick kernels
+    collm_system(pair, prompts[0], "collm", eta)(4)
+    results = []
+    for name, make in systems.items():
+        t_dec = n_dec = deferred = total = 0.0
+        for ids in prompts:
+            run = make(ids)
+            t1, _ = timed(lambda: run(1)[0])
+            box = {}
+            tn, n = timed(lambda: box.setdefault("r", run(a.new_tokens))[0])
+            t_dec += tn - t1
+            n_dec += n - 1
+            deferred += box["r"][1]
+            total += n
+        row = {"system": name, "ms_per_token": 1000 * t_dec / n_dec, "decoded_tokens": int(n_dec),
+               "deferral_rate": deferred / total if name.startswith("Co-LLM") else None}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    by = {r["system"]: r["ms_per_token"] for r in results}
+    f = next(r["deferral_rate"] for r in results if r["system"].startswith("Co-LLM"))
+    tau = by["base alone"] + f * by["expert alone"]
+    summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
+               "new_tokens": a.new_tokens, "dtype": a.dtype, "threads": torch.get_num_threads(), "systems": results}
+    if a.json:
+        write_json(a.json, summary)
+    lines = ["| System | ms/token (batch 1) | decoded tokens | deferral rate |", "| --- | --- | --- | --- |"]
+    for r in results:
+        rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
+        lines.append(f"| {r['system']} | {r['ms_per_token']:.1f} | {r['decoded_tokens']} | {rate} |")
+    lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
+                 f"{len(prompts)} prompts, {a.new_tokens} new tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.markdown:
+        atomic_write(a.markdown, lambda tmp: Path(tmp).write_text(text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""`collm eval` one system at a time, resumable: each system's result is saved as it finishes.
+
+On 2 CPU cores each system takes minutes to tens of minutes; a kill loses only the system being decoded.
+The models load once; the weak-supervision head is swapped into the same pair instead of loading it again.
+
+    python scripts/qwen_eval.py --run runs/qwen/collm --weak-run runs/qwen/weak --data runs/qwen/data/gsm/test.jsonl \
+        --every 5 --out runs/qwen/eval-test44
+
+Writes ``<out>/system-*.json`` (one per system, with every answer), then ``results.json``, ``results.md`` and
+``report.html`` in collm eval's formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from collm.atomic import write_json
+from collm.core.head import DeferralHead
+from collm.evaluation.evaluate import EvalConfig, markdown_table, random_router, read_rows, run_system, save_results
+from collm.pair import CoLLM, read_run_config
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--weak-run", type=Path)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--every", type=int, default=1, help="keep every k-th row (1: all)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-new-tokens", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=44)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--extra-thresholds", default="", help="comma-separated: more Co-LLM rows, for the plot")
+    a = p.parse_args()
+    rows = read_rows(a.data)[::a.every]
+    config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    a.out.mkdir(parents=True, exist_ok=True)
+    pair = None
+    trained = None
+
+    def system(name: str, **kwargs) -> dict:
+        nonlocal pair, trained
+        path = a.out / f"system-{re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        if pair is None:
+            pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
+            trained = pair.head
+        pair.head = kwargs.pop("head", trained)
+        result = asdict(run_system(pair, rows, name, config, **kwargs))
+        write_json(path, result)
+        print(f"{name}: {result['correct']}/{result['total']}, deferral {result['defer_rate']:.3f}, "
+              f"{result['seconds']:.0f} s", flush=True)
+        return result
+
+    eta = read_run_config(a.run)["threshold"]
+    systems = [system("base alone", mode="base"), system("expert alone", mode="expert"),
+               system("Co-LLM", threshold=eta)]
+    rate = systems[-1]["defer_rate"]
+    randomised = system("random deferral", router=random_router(rate, config.seed))
+    randomised["note"] = f"each token deferred with probability {rate:.3f} (Co-LLM's measured rate)"
+    systems.append(randomised)
+    if a.weak_run:
+        weak_eta = read_run_config(a.weak_run)["threshold"]
+        weak = system("Co-LLM, weak-supervision head", threshold=weak_eta,
+                      head=DeferralHead.load(a.weak_run / "head.safetensors"))
+        weak["note"] = f"run {a.weak_run}, threshold {weak_eta:g}"
+        systems.append(weak)
+    for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
+        systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
+    results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "systems": systems,
+               "run": str(a.run), "data": f"{a.data} (every {a.every})"}
+    save_results(results, a.out / "results.json", a.out / "results.md")
+    from collm.evaluation.report import write_html
+
+    write_html(a.out / "report.html", results)
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()
