@@ -93,6 +93,10 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _where(error: dict) -> list[str]:
+    return [str(x) for x in error.get("loc", ()) if x != "body"]
+
+
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
 
@@ -109,10 +113,13 @@ def _errors(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                           "invalid_request_error")
-        # a field of several accepted types fails once per type: name the field once, with each reason
-        field = loc[0] if loc else None
-        reasons = dict.fromkeys(x["msg"] for x in e.errors() if [str(y) for y in x.get("loc", ()) if y != "body"][:1] == loc[:1])
-        return _error(400, f"{field or 'body'}: {'; or '.join(reasons)}", "invalid_request_error", field)
+        # a field of several accepted types fails once per type: name the field once (the path its errors
+        # share), with each reason
+        mine = [x for x in e.errors() if _where(x)[:1] == loc[:1]]
+        path = [part for part, *others in zip(*map(_where, mine)) if all(o == part for o in others)]
+        reasons = dict.fromkeys(x["msg"] for x in mine)
+        return _error(400, f"{'.'.join(path) or 'body'}: {'; or '.join(reasons)}", "invalid_request_error",
+                      loc[0] if loc else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
