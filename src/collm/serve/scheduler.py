@@ -136,11 +136,18 @@ class Scheduler:
             raise
         finally:
             self._waiting -= 1
-        for index, row in enumerate(rows):
-            handle = self.engine.add(row.prompt_ids, row.request)
-            submission.handles[handle] = index
-            self._owner[handle] = submission
-            submission.open += 1
+        try:
+            for index, row in enumerate(rows):
+                handle = self.engine.add(row.prompt_ids, row.request)
+                submission.handles[handle] = index
+                self._owner[handle] = submission
+                submission.open += 1
+                taken -= 1
+        except BaseException:  # the engine refused a row: take back the others and every slot
+            submission.close()
+            for _ in range(taken):
+                self._slots.release()
+            raise
         self._wake.set()
         return submission
 

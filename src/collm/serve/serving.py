@@ -171,6 +171,8 @@ class Serving:
             raise ApiError(429, str(e)) from None
         except TimeoutError:
             raise self._timeout() from None
+        except CollmError as e:  # the engine refused a row
+            raise ApiError(400, str(e)) from None
 
     async def run(self, rows: list[Row]) -> list[_Choice]:
         """Decode the rows to the end; raises ApiError(408) past the request timeout."""
