@@ -266,19 +266,23 @@ def test_fused_step_stops_on_strings_and_streams_like_the_loop(mode):
     # a token row 1 writes after a few steps that some other row never writes: rows stop at different steps or not
     marker = next(t for t in first.token_ids[1][4:] if any(t not in ids for ids in first.token_ids))
 
-    def stop_check(row, ids):
-        return "stop" if marker in ids else None
-
     runs = {}
     for fused in (False, True):
         seen = []
-        out = decode(base, [expert], head, PROMPTS, fused=fused, stop_check=stop_check,
+        out = decode(base, [expert], head, PROMPTS, fused=fused, stop=(f"<{marker}>",), tokenizer=BracketTokenizer(),
                      on_token=lambda *step: seen.append(step), **args)
-        runs[fused] = (out.token_ids, out.sources, out.defer_probs, out.stopped_by, seen,
+        runs[fused] = (out.token_ids, out.sources, out.defer_probs, out.stopped_by, out.texts, seen,
                        out.stats["expert_calls"], out.stats["steps"])
     assert runs[True] == runs[False]
     stopped_by = runs[False][3]
-    assert "stop" in stopped_by and None in stopped_by
+    assert f"<{marker}>" in stopped_by and None in stopped_by
+
+
+class BracketTokenizer:
+    """Token t reads "<t>": stop strings on whole tokens, for models without a tokenizer."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
 
 
 def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():

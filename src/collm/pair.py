@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from collm.atomic import write_json
-from collm.decoding.decode import MODES, Router, Sampling, decode
+from collm.core.request import MODES, Request, Router, Sampling, check_threshold
+from collm.decoding.decode import Options, decode, run
+from collm.decoding.engine import Engine
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
@@ -57,8 +59,9 @@ class CoLLM:
             raise CollmError(f"head has outputs for {head.num_experts} experts but {len(experts)} were given")
         self.base, self.experts, self.tokenizer = base, experts, tokenizer
         self.head = head.to(next(base.parameters()).device)
-        self.threshold = _check_threshold(threshold)
+        self.threshold = check_threshold(threshold)
         self.specs: dict = {}  # the specs `load` loaded the models from, where it did
+        self._runners: dict = {}  # static runners and fused steps (GPU): the engine's state, not the models'
         self.info = dict(info or {})
 
     # ---------------------------------------------------------------- loading and saving
@@ -120,39 +123,75 @@ class CoLLM:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompts, max_new_tokens: int = 128, threshold: float | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None, seed: int = 0,
-                 *, mode: str = "collm", chat: bool = True, router: Router | None = None,
-                 compile: bool = False, on_token=None) -> GenerateOutput:
-        """Write an answer to each prompt together.
+    def generate(self, prompts=None, max_new_tokens: int = 128, threshold: float | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 stop: list[str] | str | None = None, seed: int = 0, *, input_ids=None, mode: str = "collm",
+                 chat: bool = True, router: Router | None = None, compile: bool = False,
+                 on_token=None) -> GenerateOutput:
+        """Write an answer to each prompt together: :meth:`stream`, collected.
 
         ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
-        or token ids (a 2-D LongTensor or a list of lists). ``threshold``: defer where P(Z != base) exceeds it
-        (default: the pair's). ``mode``: ``collm`` (route by the head), ``compose`` (sample the mixture),
-        ``base`` or ``expert`` (one model alone, for baselines), ``proxy`` (proxy tuning, for a pair made by
-        :func:`proxy_tuning`). ``router`` overrides the threshold rule. ``compile`` (CUDA): torch.compile the
-        static-cache steps; the first calls take minutes, later ones run fastest. ``on_token(tokens, sources,
-        done)`` is called after each step with every row's new token and writer, for streaming.
-        Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
+        or token ids (a 2-D LongTensor or a list of lists; also accepted as ``input_ids=``). ``threshold``:
+        defer where P(Z != base) exceeds it (default: the pair's). ``mode``: ``collm`` (route by the head),
+        ``compose`` (sample the mixture), ``base`` or ``expert`` (one model alone, for baselines), ``proxy``
+        (proxy tuning, for a pair made by :func:`proxy_tuning`). ``router`` overrides the threshold rule.
+        ``compile`` (CUDA): torch.compile the static-cache steps; the first calls take minutes, later ones run
+        fastest. ``on_token(tokens, sources, done)`` is called after each step with every row's new token and
+        writer, for streaming. Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside
+        [0, 1], an unknown mode.
         """
+        prompts = _prompts_or_ids(prompts, input_ids)
+        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode)
+        ids = self._prepare(prompts, chat, request)
+        raw = decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
+                     threshold=request.threshold, sampling=request.sampling, mode=mode, stop=request.stop,
+                     on_token=on_token, **self._options(router, compile))
+        return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
+
+    def stream(self, prompts=None, max_new_tokens: int = 128, threshold: float | None = None,
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+               stop: list[str] | str | None = None, seed: int = 0, *, input_ids=None, mode: str = "collm",
+               chat: bool = True, router: Router | None = None, compile: bool = False):
+        """Like :meth:`generate`, but yields each step's events as they are written: a list of
+        :class:`collm.core.request.TokenEvent` (row = the prompt's index; token id, text piece, source,
+        defer_prob, finished). The text pieces of a row join to its ``generate`` text."""
+        prompts = _prompts_or_ids(prompts, input_ids)
+        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode)
+        ids = self._prepare(prompts, chat, request)
+        yield from run(self.base, self.experts, self.head, ids, request, Options(**self._options(router, compile)))
+
+    def engine(self) -> Engine:
+        """A decoding engine over this pair's models that rows can join and leave between steps (for serving):
+        ``add(prompt_ids, Request) -> handle``, ``step() -> [TokenEvent]``, ``drop(handle)``."""
+        return Engine(self.base, self.experts, self.head, vocab=self.vocab, eos_ids=self._eos_ids(),
+                      pad_id=self._pad_id(), tokenizer=self.tokenizer, mode="collm" if self.experts else "base")
+
+    def request(self, max_new_tokens: int = 128, threshold: float | None = None, do_sample: bool = False,
+                temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None, seed: int = 0,
+                mode: str = "collm") -> Request:
+        """A checked :class:`Request` with this pair's defaults (its threshold)."""
+        return self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode)
+
+    def _request(self, max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode) -> Request:
         sampling = check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop,
                                  do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
-        threshold = self.threshold if threshold is None else float(threshold)
         if mode != "base" and not self.experts:
             raise CollmError(f"mode {mode!r} needs at least one expert")
         if mode == "proxy" and len(self.experts) != 2:
             raise CollmError("mode 'proxy' needs a pair made by collm.pair.proxy_tuning(expert, tuned, untuned, ...)")
+        if _stop_list(stop) and self.tokenizer is None:
+            raise CollmError("stop strings need a tokenizer")
+        threshold = self.threshold if threshold is None else float(threshold)
+        return Request(max_new_tokens, threshold, sampling, mode, tuple(_stop_list(stop)))
+
+    def _prepare(self, prompts, chat: bool, request: Request) -> list[list[int]]:
         ids = self.encode(prompts, chat=chat)
-        self._check_context(max(len(p) for p in ids) + max_new_tokens)
-        stops = _stop_list(stop)
-        raw = decode(
-            self.base, self.experts, self.head, ids, max_new_tokens=max_new_tokens, threshold=threshold,
-            sampling=sampling, mode=mode, eos_ids=self._eos_ids(),
-            pad_id=self._pad_id(), vocab=self.vocab, stop_check=self._stop_check(stops) if stops else None,
-            router=router, compile=compile, on_token=on_token,
-        )
-        texts = [self._text(t, s) for t, s in zip(raw.token_ids, raw.stopped_by)]
-        return GenerateOutput(texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
+        self._check_context(max(len(p) for p in ids) + request.max_new_tokens)
+        return ids
+
+    def _options(self, router, compile: bool) -> dict:
+        return dict(vocab=self.vocab, eos_ids=self._eos_ids(), pad_id=self._pad_id(), tokenizer=self.tokenizer,
+                    router=router, compile=compile, runners=self._runners)
 
     def encode(self, prompts, *, chat: bool = True) -> list[list[int]]:
         """Prompts (strings or ids) -> lists of token ids; raises CollmError on an empty or out-of-vocab prompt."""
@@ -209,21 +248,6 @@ class CoLLM:
                 return int(value)
         return 0
 
-    def _stop_check(self, stops: list[str]):
-        def check(row: int, ids: list[int]) -> str | None:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            return next((s for s in stops if s in text), None)
-
-        if self.tokenizer is None:
-            raise CollmError("stop strings need a tokenizer")
-        return check
-
-    def _text(self, ids: list[int], stopped_by: str | None) -> str:
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return text[: text.index(stopped_by)] if stopped_by else text
-
 
 def proxy_tuning(expert, tuned, untuned, tokenizer=None) -> CoLLM:
     """A pair that decodes by proxy tuning (Liu et al., 2024), the baseline the Co-LLM paper compares with:
@@ -238,7 +262,7 @@ def check_request(*, max_new_tokens: int, threshold: float | None, mode: str, st
     """Check what :meth:`CoLLM.generate` is asked for, before any model is needed (the CLI calls it before
     loading them); returns the sampling settings. Raises CollmError with what to fix."""
     if threshold is not None:
-        _check_threshold(threshold)
+        check_threshold(threshold)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise CollmError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if mode not in MODES:
@@ -248,15 +272,17 @@ def check_request(*, max_new_tokens: int, threshold: float | None, mode: str, st
     return Sampling(do_sample, temperature, top_p, seed)
 
 
+def _prompts_or_ids(prompts, input_ids):
+    """``generate(prompts)`` or ``generate(input_ids=...)``, the keyword ``transformers`` users type."""
+    if (prompts is None) == (input_ids is None):
+        raise CollmError("give the prompts (strings or token ids) or input_ids, not both and not neither")
+    return prompts if input_ids is None else input_ids
+
+
 def _stop_list(stop: list[str] | str | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) \
-            or not 0 <= threshold <= 1:
-        raise CollmError(f"threshold must be a number in [0, 1], got {threshold!r}")
-    return float(threshold)
 
 
 def _spec_in(run_dir: Path, spec: str) -> str:

@@ -4,8 +4,8 @@ Layout (see collm.decoding.engine): one token matrix ``Columns.seq`` (rows, widt
 prompts are left-padded, so a column means the same thing to every model and every row. A backbone has
 consumed ``seen`` columns; ``read(cols, end)`` consumes ``[seen, end)`` in one call and returns what the model
 says about the next token. A new kind of backbone (in-process, static-cache, remote engine, ...) implements
-this protocol and nothing in the loop changes. Counters live with the loop (``collm.decoding.engine.Stats``):
-a backbone reports what it consumed in ``Next.consumed`` and keeps no counters of its own.
+this protocol and nothing in the loop changes. Counters live with the loop (``collm.decoding.engine.Stats``),
+which knows from its own layout how many real tokens each read covered; a backbone keeps no counters.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ class Next:
     """(rows, hidden) last hidden state at the last column read, where ``hidden=True`` was asked."""
     tokens: torch.Tensor | None = None
     """(rows,) long: the tokens a picking backbone chose (-1 for rows it was not asked about)."""
-    consumed: int = 0
-    """Real (non-padding) token positions this call read, summed over rows: for the loop's stats."""
 
 
 @runtime_checkable
@@ -75,7 +73,8 @@ class Backbone(Protocol):
         ...
 
     def pad_left(self, columns: int) -> None:
-        """Prepend ``columns`` padding columns to every row (the token matrix grew on the left)."""
+        """Prepend ``columns`` padding columns to every row (the token matrix grew on the left); a negative
+        number drops that many leading columns, which are padding in every row (the matrix shrank)."""
         ...
 
     def fresh(self) -> "Backbone":

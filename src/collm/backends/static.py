@@ -1,6 +1,6 @@
 """The fast path: a static KV cache per model and one CUDA graph per catch-up length bucket.
 
-The plain path (decode._Model) calls the `transformers` forward with a growing cache: simple, exact, and on a
+The plain path (collm.backends.hf) calls the `transformers` forward with a growing cache: simple, exact, and on a
 GPU dominated by Python and kernel-launch overhead (~20 ms/token for a 1B model where reading its weights
 takes < 1 ms). Here each model keeps a preallocated cache and input buffers sized to the request; a forward
 over L new tokens is padded on the right to a bucket length (1, 2, 4, ... ``max_bucket``), so one captured
@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from transformers import StaticCache
 
+from collm.backends.base import Columns, Next
+from collm.errors import CollmError
+
 # Families whose logits are exactly lm_head(last_hidden_state): no logit scaling or soft-capping.
 MAX_BUCKET = 64  # longest catch-up served by a captured graph; longer ones run eagerly
 
@@ -25,7 +28,8 @@ def supported(model) -> bool:
 
 
 class StaticModel:
-    """One backbone on a static cache, with the same ``advance`` contract as ``decode._Model``.
+    """One backbone on a static cache (the Backbone protocol, collm.backends.base), for a fixed batch: rows
+    cannot join or leave (``fresh``/``extend``/``keep`` refuse).
 
     ``graphs=True`` (CUDA only) captures one graph per bucket on first use; ``graphs=False`` runs the same
     bucketed code eagerly, which is how the CPU tests check that bucketing changes no token.
@@ -52,10 +56,11 @@ class StaticModel:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._step = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.seen = self.calls = self.tokens = self.prefill_tokens = 0
+        self.seen = 0
         self.last_logits = None
-        self.pads = 0  # the request's left-padding positions, set by decode (no host sync to count tokens)
         self.reencode = False
+
+    picks = False
 
     def reset(self, mask: torch.Tensor) -> None:
         """Start a new request: its padding mask (B, width) goes into the static mask buffer."""
@@ -64,16 +69,30 @@ class StaticModel:
         self.seen = 0
         self.last_logits = None
 
-    def advance(self, seq, mask, positions, end: int, hidden: bool = False):
-        """Consume columns [seen, end) of ``seq``; return next-token logits (B, V) float32 and h (B, H)."""
+    def read(self, cols: Columns, end: int, *, hidden: bool = False, rows=None, sampling=None, step: int = 0) -> Next:
+        """Consume columns [seen, end) of ``cols``; next-token logits (B, V) float32 and h (B, H)."""
+        logits, h = self._advance(cols.seq, cols.positions, end, hidden)
+        return Next(logits=logits, hidden=h)
+
+    def keep(self, rows) -> None:
+        raise CollmError("static runners serve a fixed batch: rows cannot leave")
+
+    def pad_left(self, columns: int) -> None:
+        raise CollmError("static runners serve a fixed batch: columns cannot move")
+
+    def fresh(self):
+        raise CollmError("static runners serve a fixed batch: rows cannot join")
+
+    def extend(self, other) -> None:
+        raise CollmError("static runners serve a fixed batch: rows cannot join")
+
+    def _advance(self, seq, positions, end: int, hidden: bool):
         if end == self.seen and self.last_logits is not None and not self.reencode:
-            return self.last_logits, None  # nothing new: valid until this model's next forward (see decode)
+            return self.last_logits, None  # nothing new: valid until this model's next forward
         if self.reencode:  # the naive baseline: throw the cache away, re-read the prefix
             self.seen = 0
         start, length = self.seen, end - self.seen
         self.seen = end
-        self.calls += 1
-        self.tokens += length * self.batch - (self.pads if start == 0 else 0)
         if start == 0 or length > self.max_bucket:  # prefill and long catch-ups: exact length, eagerly
             return self._eager(seq[:, start:end], positions[:, start:end], start, hidden)
         bucket = 1 << (length - 1).bit_length()
@@ -111,7 +130,7 @@ class StaticModel:
             input_ids=self.ids[:, :length] if ids is None else ids,
             attention_mask=self.mask,
             position_ids=self.pos[:, :length] if pos is None else pos,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         states = out.last_hidden_state  # (B, L, H), after the final norm
@@ -132,14 +151,16 @@ class StaticModel:
         return graph, out
 
 
-def runner(model, vocab: int, batch: int, width: int, graphs: bool = True, compile: bool = False) -> StaticModel:
-    """The model's static runner for this batch size, reused while the request fits, so captured graphs
-    outlive one ``generate`` call. Capacity grows in steps of 256 columns; one runner per model is kept."""
+def runner(runners: dict, model, vocab: int, batch: int, width: int, graphs: bool = True,
+           compile: bool = False) -> StaticModel:
+    """The model's static runner for this batch size from ``runners`` (a cache the caller owns: the engine's,
+    never the model's), reused while the request fits, so captured graphs outlive one request. Capacity grows
+    in steps of 256 columns; one runner per model is kept."""
     width = -(-width // 256) * 256
-    current = getattr(model, "_collm_static", None)
-    if current is None or current.batch != batch or current.capacity < width + current.max_bucket \
-            or current.max_bucket != MAX_BUCKET or current.compiled != (compile and current.graphs_on):
+    current = runners.get(id(model))
+    if current is None or current.model is not model or current.batch != batch \
+            or current.capacity < width + current.max_bucket or current.max_bucket != MAX_BUCKET \
+            or current.compiled != (compile and current.graphs_on):
         current = StaticModel(model, vocab, batch, width, max_bucket=MAX_BUCKET, graphs=graphs, compile=compile)
-        model._collm_static = current
-    current.calls = current.tokens = current.prefill_tokens = 0
+        runners[id(model)] = current
     return current

@@ -36,7 +36,7 @@ class Sampling:
     def __post_init__(self):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature > 0 or math.isinf(self.temperature):
-            raise CollmError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+            raise CollmError(f"temperature must be > 0 (and finite), got {self.temperature!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise CollmError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:

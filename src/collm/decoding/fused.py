@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from collm.core.head import DeferralHead, logits_to_log_probs
 from collm.backends.static import StaticModel
+from collm.core.head import DeferralHead, logits_to_log_probs
+from collm.core.routing import defer_prob as _defer_prob
+from collm.core.routing import route
 
 MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (-1 = unused) so a captured graph serves any set
 
@@ -57,8 +59,9 @@ class FusedStep:
         self.head_weight = torch.zeros(max(head_outputs, 1), hidden_size, dtype=torch.float32, device=device)
         self.head_bias = torch.zeros(max(head_outputs, 1), dtype=torch.float32, device=device)
         self.experts_ids = torch.arange(1, num_experts + 1, device=device)
-        # [rows per expert (M), all done, then the step just finished: token (B), source (B), done before it (B)]
-        self.flags = torch.zeros(num_experts + 1 + 3 * batch, dtype=torch.long, device=device)
+        # [rows per expert (M), all done, then the step just finished: token (B), source (B), done before it (B),
+        #  then the step just routed: P(defer) as float32 bits (B)]
+        self.flags = torch.zeros(num_experts + 1 + 4 * batch, dtype=torch.long, device=device)
         self.graph = None
 
     def start(self, seq, positions, prompt_len: int, logits, hidden, *, head: DeferralHead | None,
@@ -107,8 +110,6 @@ class FusedStep:
         else:
             self._step()
         self.writer.seen += 1
-        self.writer.calls += 1
-        self.writer.tokens += self.writer.batch
         return self.flags.tolist()
 
     def finish(self) -> list[int]:
@@ -135,7 +136,8 @@ class FusedStep:
             logits = torch.where((choice == k + 1)[:, None], self.expert_logits[k], logits)
         token = torch.where(self.done, self.pad, logits.argmax(-1))  # (B,): finished rows write padding
         self.seq.index_copy_(1, self.n, token[:, None])
-        self.flags[self.num_experts + 1 :].copy_(torch.cat([token, choice, self.done.long()]))
+        self.flags[self.num_experts + 1 : self.num_experts + 1 + 3 * token.shape[0]].copy_(
+            torch.cat([token, choice, self.done.long()]))
         self.done |= (token[:, None] == self.eos).any(-1)
         self.n += 1
         self.step += 1
@@ -157,10 +159,10 @@ class FusedStep:
         if self.head_outputs:
             log_pz = logits_to_log_probs(torch.nn.functional.linear(self.hidden.float(), self.head_weight,
                                                                      self.head_bias))  # (B, M+1)
-            defer_p = -torch.expm1(log_pz[:, :1])
-            rule = torch.where(defer_p.squeeze(1) > self.threshold, log_pz[:, 1:].argmax(-1) + 1, 0)
-            choice = torch.where(override >= 0, override, rule)
-            self.defer_p.index_copy_(1, self.step, defer_p)
+            defer_p = _defer_prob(log_pz)  # (B,)
+            choice = torch.where(override >= 0, override, route(log_pz, self.threshold, defer_p))
+            self.defer_p.index_copy_(1, self.step, defer_p[:, None])
+            self.flags[-self.writer.batch :].copy_(defer_p.float().view(torch.int32).long())
         else:
             choice = override
         choice = choice.masked_fill(self.done, 0)
@@ -188,13 +190,13 @@ class FusedStep:
         return graph
 
 
-def fused_step(writer: StaticModel, vocab: int, num_experts: int, head: DeferralHead | None) -> FusedStep:
-    """The writer runner's fused step for this layout, kept on the runner so its graph outlives one request."""
+def fused_step(runners: dict, writer: StaticModel, vocab: int, num_experts: int,
+               head: DeferralHead | None) -> FusedStep:
+    """The writer runner's fused step for this layout, kept in ``runners`` (the engine's cache, beside the
+    static runners) so its graph outlives one request."""
     outputs = 0 if head is None else head.linear.out_features
     hidden = writer.lm_head.weight.shape[1]
-    key = (vocab, num_experts, outputs)
-    cached = getattr(writer, "_collm_fused", None)
-    if cached is None or cached[0] != key:
-        cached = (key, FusedStep(writer, vocab, num_experts, outputs, hidden))
-        writer._collm_fused = cached
-    return cached[1]
+    key = ("fused", id(writer), vocab, num_experts, outputs)
+    if key not in runners:
+        runners[key] = FusedStep(writer, vocab, num_experts, outputs, hidden)
+    return runners[key]

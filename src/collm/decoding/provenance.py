@@ -4,28 +4,19 @@ from __future__ import annotations
 
 from rich.text import Text
 
+from collm.decoding.detok import Detokenizer
+
 # expert k is drawn in STYLES[k]; the base keeps the terminal's own color
 STYLES = ["", "bold magenta", "bold cyan", "bold green", "bold yellow", "bold blue"]
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds, such that ``"".join(pieces)`` equals the decoded text.
-
-    Decoding tokens one at a time breaks characters split across byte-level tokens and drops the spaces
-    some tokenizers attach to the next token, so each piece is the difference of two prefix decodings.
-    """
-    pieces, text = [], ""
-    for end in range(1, len(ids) + 1):
-        piece, text = _extend(tokenizer, ids[:end], text)
-        pieces.append(piece)
+    """The text each token adds, such that ``"".join(pieces)`` equals the decoded text (collm.decoding.detok)."""
+    detok = Detokenizer(tokenizer)
+    pieces = [detok.add(t) for t in ids]
+    if pieces:
+        pieces[-1] += detok.flush()
     return pieces
-
-
-def _extend(tokenizer, ids: list[int], previous: str) -> tuple[str, str]:
-    """(what decoding ``ids`` adds to ``previous``, the text so far); the piece is "" while the last token
-    holds only part of a character, which then belongs to the token that completes it."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return (text[len(previous):], text) if text.startswith(previous) else ("", previous)
 
 
 def style_of(source: int) -> str:
@@ -53,13 +44,11 @@ class Stream:
 
     def __init__(self, console, tokenizer, row: int = 0):
         self.console, self.tokenizer, self.row = console, tokenizer, row
-        self.ids: list[int] = []
-        self.text = ""
+        self.detok = Detokenizer(tokenizer)
 
     def __call__(self, tokens: list[int], sources: list[int], done: list[bool]) -> None:
         if done[self.row]:
             return
-        self.ids.append(tokens[self.row])
-        piece, self.text = _extend(self.tokenizer, self.ids, self.text)
+        piece = self.detok.add(tokens[self.row])
         if piece:
             self.console.print(Text(piece, style=style_of(sources[self.row])), end="")

@@ -253,13 +253,14 @@ class _Runner:
     def __init__(self, config, base, expert, head, prompts, vocab):
         self.config, self.base, self.expert, self.head = config, base, expert, head
         self.prompts, self.vocab = prompts, vocab
+        self.runners: dict = {}  # static runners and captured graphs, reused across the timed calls
 
     def decode(self, mode: str, new_tokens: int, router=None, naive: bool = False) -> Decoded:
         return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=new_tokens,
                       threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
                       router=router, reencode_experts=naive, compile=self.config.compile,
                       fused=None if self.config.fused else False,
-                      prepack=None if self.config.prepack else False)
+                      prepack=None if self.config.prepack else False, runners=self.runners)
 
     def collab(self, f: float, naive: bool) -> Callable[[int], Decoded]:
         router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)

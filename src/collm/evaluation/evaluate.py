@@ -17,6 +17,7 @@ import torch
 
 from collm.data.answer import is_correct, normalize_number
 from collm.atomic import atomic_write, write_json
+from collm.core.routing import most_probable_expert
 from collm.errors import CollmError
 from collm.decoding.provenance import token_pieces
 
@@ -100,14 +101,14 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 def random_router(rate: float, seed: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """A router (see `collm.decoding.decode.Router`) that defers each token with probability `rate`, seeded."""
+    """A router (see `collm.core.request.Router`) that defers each token with probability `rate`, seeded."""
     generator: dict[str, torch.Generator] = {}
 
     def route(step: int, log_pz: torch.Tensor) -> torch.Tensor:
         if "g" not in generator:  # created on first use, on the device the head runs on
             generator["g"] = torch.Generator(device=log_pz.device).manual_seed(seed)
         defer = torch.rand(log_pz.shape[0], generator=generator["g"], device=log_pz.device) < rate
-        return torch.where(defer, log_pz[:, 1:].argmax(-1) + 1, 0)
+        return torch.where(defer, most_probable_expert(log_pz), 0)
 
     return route
 

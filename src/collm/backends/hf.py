@@ -1,0 +1,78 @@
+"""The in-process backbone: a ``transformers`` causal LM on a growing (dynamic) KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from collm.backends.base import Columns, Next
+
+
+class HFBackbone:
+    """One ``transformers`` model with its own KV cache in the shared column layout (see collm.backends.base).
+
+    ``reencode``: forget the cache and re-read the prefix at every read: the naive baseline for benchmarks.
+    The model object is only called, never modified.
+    """
+
+    picks = False
+
+    def __init__(self, model: torch.nn.Module, vocab: int, reencode: bool = False):
+        self.model, self.vocab, self.reencode = model, vocab, reencode
+        self.cache = DynamicCache(config=model.config)
+        self.seen = 0
+        self.last: Next | None = None
+
+    def read(self, cols: Columns, end: int, *, hidden: bool = False, rows=None, sampling=None, step: int = 0) -> Next:
+        """Consume columns [seen, end) in one forward. Where nothing is new (``end == seen``: a deferral right
+        after the up-front prefill) the last read's logits are returned without a forward."""
+        if end == self.seen and self.last is not None and not self.reencode and (self.last.hidden is not None
+                                                                                  or not hidden):
+            return self.last
+        if self.reencode:
+            self.cache, self.seen = DynamicCache(config=self.model.config), 0
+        start, self.seen = self.seen, end
+        out = self.model(
+            input_ids=cols.seq[:, start:end],
+            attention_mask=cols.mask[:, :end],
+            position_ids=cols.positions[:, start:end],
+            cache=self.cache,
+            use_cache=True,
+            output_hidden_states=hidden,
+            logits_to_keep=1,
+        )
+        self.last = Next(logits=out.logits[:, -1, : self.vocab].float(),
+                         hidden=out.hidden_states[-1][:, -1] if hidden else None)
+        return self.last
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        if self.last is not None:
+            self.last = Next(logits=self.last.logits[rows],
+                             hidden=None if self.last.hidden is None else self.last.hidden[rows])
+
+    def pad_left(self, columns: int) -> None:
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                if columns >= 0:
+                    layer.keys = F.pad(layer.keys, (0, 0, columns, 0))
+                    layer.values = F.pad(layer.values, (0, 0, columns, 0))
+                else:
+                    layer.keys, layer.values = layer.keys[:, :, -columns:], layer.values[:, :, -columns:]
+        self.seen += columns
+
+    def fresh(self) -> "HFBackbone":
+        return HFBackbone(self.model, self.vocab, self.reencode)
+
+    def extend(self, other: "HFBackbone") -> None:
+        assert other.seen == self.seen, "rows join only in the same column layout"
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        if self.last is not None and other.last is not None:
+            hidden = None if self.last.hidden is None or other.last.hidden is None else \
+                torch.cat([self.last.hidden, other.last.hidden])
+            self.last = Next(logits=torch.cat([self.last.logits, other.last.logits]), hidden=hidden)
+        else:
+            self.last = None

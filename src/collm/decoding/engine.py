@@ -1,0 +1,468 @@
+"""The decoding engine: one step at a time over a batch of rows that may join and leave between steps.
+
+Layout: one token matrix ``cols.seq`` (rows, width) shared by every model, prompts left-padded. The writer
+(the base; the expert in mode "expert") has consumed ``n`` columns; each expert has consumed ``seen <= n``.
+On a deferral expert k runs *one* read over columns ``[seen, n)`` of every row (its KV cache is append-only,
+so the prefix is never re-encoded), which keeps all caches in the same column layout. Rows that do not defer
+ride along: at batch 1 that is free and at small batches nearly so, since a decoding step is bound by reading
+the weights, not by the rows.
+
+Rows join at a step boundary: the experts first catch up to ``n``, the new rows' prompts are read by fresh
+backbones, and the two blocks are aligned by padding the shorter on the left, then concatenated. Finished or
+dropped rows leave at a step boundary (``elastic``) and free their cache rows; leading columns that are
+padding in every row are cut. ``decode`` (collm.decoding.decode) runs a fixed batch instead: finished rows
+ride along writing padding, which keeps a router's per-row tables and the static GPU runners in place.
+
+Where is what: the expert is called in :meth:`Engine._write` (and up front in :meth:`Engine._read_prompts`);
+the threshold is applied by :func:`collm.core.routing.route`, called from :meth:`Engine._route`; a new kind
+of backbone implements :class:`collm.backends.base.Backbone`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from collm.backends.base import Backbone, Columns
+from collm.backends.hf import HFBackbone
+from collm.core.head import DeferralHead
+from collm.core.request import Request, Router, Sampling, TokenEvent
+from collm.core.routing import defer_prob, route
+from collm.decoding.detok import Detokenizer
+from collm.decoding.sampling import generator_for, pick, pick_log_probs
+from collm.errors import CollmError
+
+GROW = 256  # the token matrix grows by this many columns at a time
+
+
+@dataclass
+class Stats:
+    """Counters of one engine, owned and written by its loop only."""
+
+    steps: int = 0
+    expert_calls: int = 0
+    """Expert reads at deferrals (and, in mode "expert", every read of the expert that writes)."""
+    expert_tokens: int = 0
+    """Real token positions those reads covered (padding excluded)."""
+    expert_prefill_tokens: int = 0
+    """Prompt positions the experts read up front, with the base."""
+    seconds: float = 0.0
+
+
+@dataclass
+class _Row:
+    handle: int
+    request: Request
+    prompt_len: int
+    lead: int  # leading padding columns of this row in the token matrix
+    detok: Detokenizer
+    generator: torch.Generator | None
+    override: int  # -1: the head routes; else the fixed writer (a row asking for "base" or "expert" alone)
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already sent in events
+    done: bool = False
+
+
+class Engine:
+    """Decodes rows together; see the module docstring. ``add``/``drop`` may be called from any thread, ``step``
+    from one thread at a time (it holds the models).
+
+    ``mode``: the batch's mode (collm.core.request.MODES). In mode "collm" a row may ask for "base" or "expert"
+    alone (it is then routed to that writer at every step). ``router``: replaces the threshold rule (its step
+    index counts the batch's steps). ``backbones``: a function (model, role) -> Backbone, to put the models on
+    other runners (static caches); default: in-process growing caches, or the object itself where a model
+    already is a Backbone (a remote engine). ``elastic``: drop finished rows between steps.
+    """
+
+    def __init__(self, base, experts: list, head: DeferralHead, *, vocab: int, eos_ids: tuple[int, ...] = (),
+                 pad_id: int = 0, tokenizer=None, mode: str = "collm", router: Router | None = None,
+                 reencode_experts: bool = False, backbones=None, elastic: bool = True):
+        self.base, self.experts, self.head, self.vocab = base, list(experts), head, vocab
+        self.eos_ids, self.pad_id, self.tokenizer = tuple(eos_ids), pad_id, tokenizer
+        self.mode, self.router, self.elastic = mode, router, elastic
+        self.reencode = reencode_experts
+        self.make = backbones or self._default_backbone
+        writer = self.experts[0] if mode == "expert" else base
+        self.helper_models = [] if mode in ("base", "expert") else self.experts
+        self.writer_model = writer
+        self.use_head = mode in ("collm", "compose")
+        # compose and proxy run their helpers every step; the naive baseline re-reads the prefix at every call
+        self.up_front = mode == "collm" and not reencode_experts
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, list[int], Request]] = []
+        self._dropped: set[int] = set()
+        self._next_handle = 0
+        self._reset()
+
+    # ---------------------------------------------------------------- the public surface
+
+    def add(self, prompt_ids: list[int], request: Request) -> int:
+        """Queue a row; it joins at the next step boundary. Returns its handle (the ``row`` of its events)."""
+        if not prompt_ids:
+            raise CollmError("the prompt is empty")
+        if request.mode != self.mode and not (self.mode == "collm" and request.mode in ("base", "expert")):
+            raise CollmError(f"a row in mode {request.mode!r} cannot join a batch in mode {self.mode!r}")
+        if request.mode == "expert" and not self.experts:
+            raise CollmError("mode 'expert' needs an expert")
+        with self._lock:
+            handle = self._next_handle
+            self._next_handle += 1
+            self._pending.append((handle, list(prompt_ids), request))
+        return handle
+
+    def drop(self, handle: int) -> None:
+        """The row leaves at the next step boundary (its client is gone); it gets no more events."""
+        with self._lock:
+            self._dropped.add(handle)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            pending = len(self._pending)
+        return pending + sum(not r.done for r in self.rows)
+
+    def step(self) -> list[TokenEvent]:
+        """One token for every active row; rows queued by ``add`` join first. Returns this step's events
+        ([] when no row is active)."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self._boundary()
+            if not any(not r.done for r in self.rows):
+                return []
+            events = self._step()
+        self.stats.seconds += time.perf_counter() - started
+        return events
+
+    # ---------------------------------------------------------------- one step
+
+    def _step(self) -> list[TokenEvent]:
+        n, rows = self.n, self.rows
+        choice, p_defer = self._route()
+        host = torch.cat([choice, self.done.long()]).tolist()  # sync 1: who writes, for control flow
+        choice_host = host[: len(rows)]
+        token, choice = self._write(choice, choice_host)
+        token = token.masked_fill(self.done, self.pad_id)
+        self._ensure_width(n + 1)
+        self.cols.seq[:, n] = token
+        self.cols.positions[:, n] = self.cols.positions[:, n - 1] + 1
+        token_host, choice_host, p_host = torch.stack([token.float(), choice.float(), p_defer]).tolist()  # sync 2
+        self.n = n + 1
+        self.stats.steps += 1
+        self.step_index += 1
+        events = [self._event(row, int(token_host[i]), int(choice_host[i]), p_host[i])
+                  for i, row in enumerate(rows) if not row.done]
+        alive = [i for i, row in enumerate(rows) if not row.done]
+        if self.elastic and len(alive) < len(rows):
+            self._keep(alive)  # finished rows leave now, so the writer reads only what goes on
+        else:
+            self.done = torch.tensor([row.done for row in rows], dtype=torch.bool, device=self.device)
+        if alive:
+            self._read_writer()
+        return events
+
+    def _route(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Who writes each row's next token (0 = the writer, k = expert k) and the head's P(Z != base)."""
+        rows = len(self.rows)
+        if not self.use_head:
+            zero = torch.zeros(rows, dtype=torch.long, device=self.device)
+            return zero, torch.zeros(rows, device=self.device)
+        log_pz = self.head.log_probs(self.hidden)  # (B, M+1)
+        p_defer = defer_prob(log_pz)
+        rule = self.router(self.step_index, log_pz) if self.router is not None else \
+            route(log_pz, self.thresholds, p_defer)
+        choice = torch.where(self.override >= 0, self.override, rule).masked_fill(self.done, 0)
+        return choice, p_defer.float()
+
+    def _write(self, choice: torch.Tensor, choice_host: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick each row's token from the model that writes it; experts catch up only where chosen."""
+        sampling = [r.request.sampling for r in self.rows]
+        generators = [r.generator for r in self.rows]
+        if self.mode == "compose":
+            return self._compose(sampling, generators)
+        if self.mode == "proxy":
+            return self._proxy(sampling, generators), choice
+        logits, picked = self.logits, {}
+        for k in sorted({c for c, row in zip(choice_host, self.rows) if c and not row.done}):
+            rows_k = [i for i, c in enumerate(choice_host) if c == k and not self.rows[i].done]
+            nxt = self._expert_read(k, rows=rows_k, sampling=sampling)
+            if nxt.tokens is not None:
+                picked[k] = nxt.tokens
+            else:
+                logits = torch.where((choice == k)[:, None], nxt.logits, logits)
+        token = pick(logits, sampling, generators)
+        for k, tokens in picked.items():
+            token = torch.where(choice == k, tokens.to(token.device), token)
+        return token, choice
+
+    def _expert_read(self, k: int, **kwargs):
+        """Expert k (1-based) catches up to the writer's column: the one place a deferral calls an expert."""
+        helper = self.helpers[k - 1]
+        start = 0 if getattr(helper, "reencode", False) else helper.seen  # the naive baseline re-reads it all
+        nxt = helper.read(self.cols, self.n, step=self.step_index, **kwargs)
+        if self.n > start or helper.picks:
+            self.stats.expert_calls += 1
+            self.stats.expert_tokens += self._real(start, self.n)
+        return nxt
+
+    def _compose(self, sampling, generators):
+        """Pick from the mixture sum_k pi_k P_k; every expert runs every step. Source: argmax_k pi_k P_k(token)."""
+        temperature = torch.tensor([s.temperature if s.do_sample else 1.0 for s in sampling],
+                                   device=self.device)[:, None]
+        parts = [F.log_softmax(self.logits / temperature, -1)]
+        for k in range(1, len(self.helpers) + 1):
+            parts.append(F.log_softmax(self._logits_of(self._expert_read(k)) / temperature, -1))
+        joint = self.head.log_probs(self.hidden)[:, :, None] + torch.stack(parts, 1)  # (B, M+1, V)
+        token = pick_log_probs(joint.logsumexp(1), sampling, generators)
+        source = joint.gather(2, token[:, None, None].expand(-1, joint.shape[1], 1)).squeeze(-1).argmax(-1)
+        return token, source.masked_fill(self.done, 0)
+
+    def _proxy(self, sampling, generators):
+        """Proxy tuning (Liu et al., 2024): log p_expert + log p_tuned - log p_untuned, where the writer (the
+        pair's base) is the tuned small model, expert 1 the large expert, expert 2 the untuned small model."""
+        temperature = torch.tensor([s.temperature if s.do_sample else 1.0 for s in sampling],
+                                   device=self.device)[:, None]
+        expert = self._logits_of(self._expert_read(1))
+        untuned = self._logits_of(self._expert_read(2))
+        scores = sum(sign * F.log_softmax(x / temperature, -1)
+                     for sign, x in ((1, expert), (1, self.logits), (-1, untuned)))
+        return pick_log_probs(F.log_softmax(scores, -1), sampling, generators)
+
+    @staticmethod
+    def _logits_of(nxt):
+        if nxt.logits is None:
+            raise CollmError("modes compose and proxy need each expert's full distribution: "
+                             "a remote expert cannot serve them")
+        return nxt.logits
+
+    def _event(self, row: _Row, token: int, source: int, p: float) -> TokenEvent:
+        """Host bookkeeping for one new token: its text piece, and whether it ends the row. Text that could be
+        the start of a stop string is held back until it is known not to be one, so no piece is ever taken back."""
+        row.ids.append(token)
+        text = row.text + row.detok.add(token)
+        reason = stopped_by = None
+        if token in self.eos_ids or len(row.ids) >= row.request.max_new_tokens:
+            text += row.detok.flush()
+        if row.request.stop and (hit := _find_stop(row.text, text[len(row.text):], row.request.stop)):
+            stopped_by, cut = hit
+            text, reason = text[:cut], "stop"
+        elif token in self.eos_ids:
+            reason = "stop"
+        elif len(row.ids) >= row.request.max_new_tokens:
+            reason = "length"
+        row.text = text
+        row.done = reason is not None
+        end = len(text) if row.done else len(text) - _held_back(text, row.request.stop)
+        piece, row.sent = text[row.sent : end], max(row.sent, end)
+        source = 1 if self.mode == "expert" else source
+        return TokenEvent(row.handle, token, piece, source, p if self.use_head else 0.0, row.done, reason,
+                          stopped_by)
+
+    # ---------------------------------------------------------------- joining and leaving
+
+    def _boundary(self) -> None:
+        """Apply what ``add`` and ``drop`` queued, and let finished rows go (elastic)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            dropped, self._dropped = self._dropped, set()
+        pending = [p for p in pending if p[0] not in dropped]
+        for row in self.rows:
+            if row.handle in dropped:
+                row.done = True
+        if self.elastic and self.rows:
+            keep = [i for i, r in enumerate(self.rows) if not r.done]
+            if len(keep) < len(self.rows):
+                self._keep(keep)
+        if pending:
+            self._join(pending)
+        if self.elastic and not self.rows:
+            self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[_Row] = []
+        self.writer: Backbone | None = None
+        self.helpers: list[Backbone] = []
+        self.n = 0
+        self.step_index = 0
+        self.cols = self.logits = self.hidden = None
+        self.done = self.thresholds = self.override = None
+        self.device = next(self.base.parameters()).device
+
+    def _keep(self, keep: list[int]) -> None:
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        for backbone in (self.writer, *self.helpers):
+            backbone.keep(index)
+        self.cols = Columns(*(t.index_select(0, index) for t in (self.cols.seq, self.cols.mask,
+                                                                    self.cols.positions)))
+        self.logits = self.logits.index_select(0, index)
+        self.hidden = None if self.hidden is None else self.hidden.index_select(0, index)
+        for name in ("done", "thresholds", "override"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self._trim()
+
+    def _trim(self) -> None:
+        """Cut leading columns that are padding in every row (rows with long prompts have left)."""
+        cut = min(r.lead for r in self.rows)
+        if cut <= 0:
+            return
+        for backbone in (self.writer, *self.helpers):
+            backbone.pad_left(-cut)
+        self.cols = Columns(*(t[:, cut:] for t in (self.cols.seq, self.cols.mask, self.cols.positions)))
+        self.n -= cut
+        for row in self.rows:
+            row.lead -= cut
+
+    def _join(self, pending: list[tuple[int, list[int], Request]]) -> None:
+        """New rows read their prompts with fresh backbones; then both blocks are aligned and concatenated."""
+        new_rows, cols = self._new_rows(pending)
+        width = cols.seq.shape[1]
+        if not self.rows:
+            self.cols, self.n, self.rows = cols, width, new_rows
+            self.writer = self.make(self.writer_model, "writer")
+            self.helpers = [self.make(m, "expert") for m in self.helper_models]
+            self.logits, self.hidden = self._read_prompts(self.writer, self.helpers, cols, width)
+            self._set_row_tensors()
+            return
+        for k, helper in enumerate(self.helpers, 1):  # experts catch up first, so all read to column n
+            if self.up_front and helper.seen < self.n and not helper.picks:
+                self._expert_read(k)
+        writer, helpers = self.writer.fresh(), [h.fresh() for h in self.helpers]
+        logits, hidden = self._read_prompts(writer, helpers, cols, width)
+        if width > self.n:
+            self._pad_left(self.writer, self.helpers, width - self.n, self.rows)
+            self.cols = _pad_columns(self.cols, width - self.n, self.pad_id)
+            self.n = width
+        elif width < self.n:
+            self._pad_left(writer, helpers, self.n - width, new_rows)
+            cols = _pad_columns(cols, self.n - width, self.pad_id)
+        self._ensure_width(self.cols.seq.shape[1])
+        cols = _widen(cols, self.cols.seq.shape[1], self.pad_id)
+        self.cols = Columns(*(torch.cat([a, b]) for a, b in zip(
+            (self.cols.seq, self.cols.mask, self.cols.positions), (cols.seq, cols.mask, cols.positions))))
+        self.writer.extend(writer)
+        for mine, theirs in zip(self.helpers, helpers):
+            mine.extend(theirs)
+        self.logits = torch.cat([self.logits, logits])
+        self.hidden = None if hidden is None else torch.cat([self.hidden, hidden])
+        self.rows += new_rows
+        self._set_row_tensors()
+
+    @staticmethod
+    def _pad_left(writer, helpers, columns: int, rows: list[_Row]) -> None:
+        for backbone in (writer, *helpers):
+            backbone.pad_left(columns)
+        for row in rows:
+            row.lead += columns
+
+    def _new_rows(self, pending) -> tuple[list[_Row], Columns]:
+        cols = layout([ids for _, ids, _ in pending], self.pad_id, self.device)
+        width = cols.seq.shape[1]
+        rows = []
+        for handle, ids, request in pending:
+            override = {"base": 0, "expert": 1}.get(request.mode, -1) if self.mode == "collm" else -1
+            rows.append(_Row(handle, request, len(ids), width - len(ids), Detokenizer(self.tokenizer),
+                             generator_for(request.sampling, self.device), override))
+        return rows, cols
+
+    def _set_row_tensors(self) -> None:
+        self.done = torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=self.device)
+        self.thresholds = torch.tensor([r.request.threshold for r in self.rows], device=self.device)
+        self.override = torch.tensor([r.override for r in self.rows], dtype=torch.long, device=self.device)
+
+    def _read_prompts(self, writer, helpers, cols: Columns, end: int):
+        """The writer reads the prompts, and in mode collm so do the experts, up front: a deferral then costs
+        one catch-up over the tokens written since, not a prompt-length prefill in the middle of decoding."""
+        nxt = writer.read(cols, end, hidden=self.use_head)
+        if self.mode == "expert":
+            self.stats.expert_calls += 1
+            self.stats.expert_tokens += _real_tokens(cols, 0, end)
+        if self.up_front:
+            for helper in helpers:
+                if not helper.picks:
+                    helper.read(cols, end)
+                self.stats.expert_prefill_tokens += _real_tokens(cols, 0, end)
+        return nxt.logits, nxt.hidden
+
+    def _read_writer(self) -> None:
+        start = self.writer.seen
+        nxt = self.writer.read(self.cols, self.n, hidden=self.use_head)
+        self.logits, self.hidden = nxt.logits, nxt.hidden
+        if self.mode == "expert":
+            self.stats.expert_calls += 1
+            self.stats.expert_tokens += self._real(start, self.n)
+
+    def _real(self, start: int, end: int) -> int:
+        """Real (non-padding) token positions in columns [start, end), summed over rows, from the host layout."""
+        return sum(max(0, end - max(start, row.lead)) for row in self.rows)
+
+    def _ensure_width(self, width: int) -> None:
+        if self.cols.seq.shape[1] < width:
+            self.cols = _widen(self.cols, width + GROW, self.pad_id)
+
+    def _default_backbone(self, model, role: str) -> Backbone:
+        """A model that already is a backbone (a remote engine) as it is; a ``transformers`` model in process."""
+        if isinstance(model, Backbone):
+            return model
+        return HFBackbone(model, self.vocab, reencode=self.reencode and role == "expert")
+
+
+def layout(prompts: list[list[int]], pad_id: int, device, extra: int = 0) -> Columns:
+    """Left-pad prompts into one (B, P + extra) matrix; mask and positions cover the extra columns too."""
+    prompt_len = max(len(p) for p in prompts)
+    rows, width = len(prompts), prompt_len + extra
+    seq = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.ones(rows, width, dtype=torch.long, device=device)
+    for row, ids in enumerate(prompts):
+        seq[row, prompt_len - len(ids) : prompt_len] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : prompt_len - len(ids)] = 0
+    # The same positions `transformers` gives left-padded rows, so outputs match its `generate` exactly.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return Columns(seq, mask, positions)
+
+
+def _real_tokens(cols: Columns, start: int, end: int) -> int:
+    return int(cols.mask[:, start:end].sum())
+
+
+def _pad_columns(cols: Columns, columns: int, pad_id: int) -> Columns:
+    """Prepend ``columns`` padding columns."""
+    return Columns(F.pad(cols.seq, (columns, 0), value=pad_id), F.pad(cols.mask, (columns, 0), value=0),
+                   F.pad(cols.positions, (columns, 0), value=1))
+
+
+def _widen(cols: Columns, width: int, pad_id: int) -> Columns:
+    """Append columns (not yet written) up to ``width``."""
+    extra = width - cols.seq.shape[1]
+    if extra <= 0:
+        return cols
+    return Columns(F.pad(cols.seq, (0, extra), value=pad_id), F.pad(cols.mask, (0, extra), value=1),
+                   F.pad(cols.positions, (0, extra), value=0))
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of ``text`` could begin a stop string (and so must not be sent yet)."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
+
+
+def _find_stop(text: str, piece: str, stops: tuple[str, ...]) -> tuple[str, int] | None:
+    """The stop string that the new ``piece`` completes, and where it starts in ``text + piece``."""
+    full = text + piece
+    hits = []
+    for stop in stops:
+        at = full.find(stop, max(0, len(text) - len(stop) + 1))
+        if at >= 0:
+            hits.append((at, stop))
+    if not hits:
+        return None
+    at, stop = min(hits)
+    return stop, at
