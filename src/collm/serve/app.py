@@ -26,10 +26,8 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 408, 413, 42
 def build_app(pair, config: ServeConfig | None = None, engine=None) -> FastAPI:
     """An app serving ``pair`` under ``config``'s name and limits. ``engine``: the engine to drive (default
     ``pair.engine()``; tests pass a scripted one)."""
-    from collm.serve._standin import engine_of  # TEMPORARY: pair.engine() once the engine lands
-
     config = config or ServeConfig(threshold=pair.threshold)
-    scheduler = Scheduler(engine if engine is not None else engine_of(pair),
+    scheduler = Scheduler(engine if engine is not None else pair.engine(),
                           max_concurrent=config.max_concurrent, max_waiting=config.max_waiting)
     serving = Serving(pair, scheduler, config)
 
