@@ -3,6 +3,8 @@ and not; greedy text equals `CoLLM.generate`'s; provenance is present and aligne
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -141,3 +143,32 @@ def test_models_health_and_sse_framing(url, client):
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_a_request_joining_a_running_one_gets_what_it_gets_alone(pair):
+    """The real engine: B joins while A decodes; both equal generate alone; A's client then leaves early and
+    its row is dropped (the engine goes idle long before A's 400 tokens)."""
+    want_b = pair.generate(["xyz"], max_new_tokens=30, threshold=0.5, chat=False)
+    want_a = pair.generate([PROMPT], max_new_tokens=40, threshold=0.5, chat=False)
+    app = build_app(pair, ServeConfig(model_name="tiny", max_tokens=400))
+    with live(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        a = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=400, temperature=0, stream=True,
+                                      extra_body={"threshold": 0.5})
+        a_chunks = iter(a)
+        a_text = "".join(next(a_chunks).choices[0].text for _ in range(3))
+        b = client.completions.create(model="tiny", prompt="xyz", max_tokens=30, temperature=0,
+                                      extra_body={"threshold": 0.5})
+        assert b.choices[0].text == want_b.texts[0]
+        assert [t["source"] for t in _dicts(b.choices[0].provenance)] == want_b.sources[0]
+        a_text += "".join(next(a_chunks).choices[0].text for _ in range(37))
+        assert a_text == want_a.texts[0]
+        a.close()
+        active = None
+        for _ in range(100):
+            active = httpx.get(f"{url}/health").json()["active_rows"]
+            if active == 0:
+                break
+            time.sleep(0.05)
+        assert active == 0
+        assert app.state.serving.scheduler.engine.stats.steps < 200, "A was dropped, not decoded to its end"
