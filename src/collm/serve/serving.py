@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from collm.core.request import Request, Sampling
 from collm.errors import CollmError
 from collm.serve.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
                                   CompletionChoice, CompletionRequest, CompletionResponse, TokenProvenance, Usage)
@@ -118,16 +117,13 @@ class Serving:
             max_tokens = max(1, min(self.config.max_tokens, self._context() - longest))
         try:
             self.pair._check_context(longest + max_tokens)
-            temperature = body.temperature
-            sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0, top_p=body.top_p,
-                                seed=body.seed if body.seed is not None else secrets.randbits(63))
-            threshold = self.config.threshold if body.threshold is None else body.threshold
-            request = Request(max_new_tokens=max_tokens, threshold=threshold, sampling=sampling, mode=body.mode,
-                              stop=tuple(body.stop or ()))
+            greedy = body.temperature == 0  # OpenAI's convention; collm's sampler wants a temperature > 0
+            request = self.pair.request(
+                max_new_tokens=max_tokens, threshold=self.config.threshold if body.threshold is None else body.threshold,
+                do_sample=not greedy, temperature=1.0 if greedy else body.temperature, top_p=body.top_p,
+                stop=body.stop, seed=secrets.randbits(63) if body.seed is None else body.seed, mode=body.mode)
         except CollmError as e:
             raise ApiError(400, str(e)) from None
-        if body.mode != "base" and not self.pair.experts:
-            raise ApiError(400, f"mode {body.mode!r} needs an expert and this server has none", "mode")
         return [Row(ids, request) for ids in prompts_ids]
 
     def _context(self) -> int:
