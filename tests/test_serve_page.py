@@ -3,6 +3,7 @@ type a prompt, move the threshold slider, press Generate, and check the streamed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,9 +55,9 @@ class Page:
         return value
 
 
-@pytest.fixture
-def browser(tmp_path):
-    profile = tmp_path / "profile"
+@contextlib.contextmanager
+def chromium_page(profile: Path):
+    """A headless Chromium with one blank tab, as a :class:`Page`; the browser is ended after."""
     proc = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              "--disable-dev-shm-usage", "--remote-debugging-address=127.0.0.1",
                              "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1000,700",
@@ -79,6 +80,12 @@ def browser(tmp_path):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    with chromium_page(tmp_path / "profile") as page:
+        yield page
 
 
 def test_playground_streams_tokens_colored_by_writer(browser, tmp_path):
