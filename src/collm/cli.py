@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import json
 import sys
+import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -330,52 +336,64 @@ def score(
                             dtype=dtype, device=device, overwrite=overwrite))
 
 
-@app.command()
-def train(
-    base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")],
-    data: Annotated[Path, typer.Option(help="Training JSONL (the file given to collm score).")],
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, then collm.json + head (+ adapter/weights).")],
-    scores: Annotated[Optional[list[Path]], typer.Option(help="Folder from collm score; repeat once per expert, in expert order.")] = None,
-    objective: Annotated[str, typer.Option(help="marginal (Co-LLM), sft (fine-tune the base; baseline) or weak (LM + BCE on pseudo-labels; baseline).")] = "marginal",
-    base_mode: Annotated[str, typer.Option(help="full, lora, or frozen (head only, on cached base outputs).")] = "lora",
-    weak_start: Annotated[bool, typer.Option(help="First fit the head to pseudo-labels (expert right, base wrong).")] = True,
-    weak_steps: Annotated[int, typer.Option(help="Optimizer steps of the weak start.")] = 300,
-    weak_lr: Annotated[float, typer.Option(help="Learning rate of the weak start.")] = 1e-2,
-    weak_max_tokens: Annotated[int, typer.Option(help="Target tokens whose hidden states the weak start caches.")] = 200_000,
-    weak_weight: Annotated[float, typer.Option(help="Weak objective: weight of the BCE term.")] = 1.0,
-    max_len: Annotated[int, typer.Option(help="Tokens per row; must match collm score.")] = 1024,
-    chat: Annotated[bool, typer.Option(help="Chat-template rendering of prompt/completion rows; must match collm score.")] = True,
-    add_eos: Annotated[bool, typer.Option(help="EOS after raw completions; must match collm score.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch per process.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (loss normalised by the step's tokens).")] = 1,
-    epochs: Annotated[float, typer.Option(help="Passes over the data (ignored with --max-steps).")] = 1.0,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the base (LoRA or full).")] = 2e-4,
-    head_lr: Annotated[float, typer.Option(help="Peak learning rate of the deferral head.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the base (never the head).")] = 0.0,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 0,
-    schedule: Annotated[str, typer.Option(help="Decay after warmup: cosine, linear or constant.")] = "cosine",
-    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a fraction of the peak.")] = 0.1,
-    clip: Annotated[float, typer.Option(help="Gradient-norm clipping; 0 disables.")] = 1.0,
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast.")] = "fp32",
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
-    lora_targets: Annotated[str, typer.Option(help="all-linear, or comma-separated module names.")] = "all-linear",
-    threshold: Annotated[float, typer.Option(help="Deferral threshold written into the run (collm calibrate refines it).")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seeds data order, LoRA init and the weak start.")] = 0,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps (and at the end).")] = 100,
-    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept on disk.")] = 2,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward in no-grad base passes.")] = 8192,
-    resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint (same settings).")] = True,
-    config: ConfigOption = None,
-):
-    """Train the deferral head (and base) by marginal likelihood; runs under `accelerate launch` too."""
+def dataclass_command(cls, name: str, run, *, short_help: str) -> None:
+    """Register command ``name`` whose options are the fields of dataclass ``cls``, each with its type, its
+    default and, as help, the docstring under the field: the config class is the one place an option is
+    described. ``run(config)`` does the work; ``--config FILE`` supplies values too."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `int | None`: an optional int
+            hint = typing.Optional[next(a for a in typing.get_args(hint) if a is not type(None))]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = ... if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        if default == []:
+            default = None
+        option = typer.Option(help=docs.get(f.name, ""), show_default=not required)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[hint, option]))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=ConfigOption))
+
+    def command(**values):
+        values.pop("config", None)
+        run(cls(**{k: v for k, v in values.items() if v is not None or k not in _list_fields(cls)}))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = short_help
+    command.__name__ = name
+    app.command(name)(command)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (Python keeps none at run time: read the source)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.replace("``", "").split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)}
+
+
+def _list_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+
+
+def _train(config) -> None:
     from collm.training import train as tr
 
-    values = {k: v for k, v in locals().items() if k not in ("config", "tr")}
-    values.update(data=str(data), out=str(out), scores=[str(p) for p in scores or []])
-    print(tr.train(tr.TrainConfig(**values)))
+    print(tr.train(config))
+
+
+def _register_train() -> None:
+    from collm.training.train import TrainConfig
+
+    dataclass_command(TrainConfig, "train", _train,
+                      short_help="Train the deferral head (and base) by marginal likelihood; runs under "
+                                 "`accelerate launch` too.")
+
+
+_register_train()
 
 
 @app.command("eval")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from collm.errors import CollmError
 from collm.evaluation.evaluate import deferral_summary, in_number  # noqa: F401 - re-exported for the package step
+from collm.evaluation.report import system_table
 
 ASSETS = Path(__file__).parent / "assets" / "gsm"
 MANIFEST = "manifest.json"
@@ -90,21 +91,8 @@ def _system(results: dict, name: str) -> dict:
 
 
 def table(results: dict) -> str:
-    """Markdown rows: accuracy with its 95% Wilson interval and the deferral rate; each system's note follows
-    the table as a numbered footnote (long notes do not fit a terminal's table)."""
-    lines = ["| System | Accuracy | 95% CI | Deferral rate |", "| --- | --- | --- | --- |"]
-    notes = []
-    for s in results["systems"]:
-        name = s["name"]
-        if s["note"]:
-            notes.append(s["note"])
-            name += f" ({len(notes)})"
-        if s["accuracy"] is None:
-            lines.append(f"| {name} | – | – | – |")
-        else:
-            lines.append(f"| {name} | {s['accuracy']:.3f} ({s['correct']}/{s['total']}) | "
-                         f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} |")
-    return "\n".join(lines + [""] + [f"({n}) {note}  " for n, note in enumerate(notes, 1)])
+    """Markdown rows: accuracy with its 95% Wilson interval and the deferral rate; notes as footnotes."""
+    return system_table(results, ("accuracy", "ci", "defer"), footnotes=True)
 
 
 def summarise(results: dict) -> dict:

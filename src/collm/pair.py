@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,9 @@ import torch
 from collm.atomic import write_json
 from collm.core.request import MODES, Request, Router, Sampling, check_threshold
 from collm.decoding.decode import Options, decode, run
+from collm.backends.prepack import available
 from collm.decoding.engine import Engine
+from collm.data.rows import pad_id
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
@@ -163,8 +164,10 @@ class CoLLM:
     def engine(self) -> Engine:
         """A decoding engine over this pair's models that rows can join and leave between steps (for serving):
         ``add(prompt_ids, Request) -> handle``, ``step() -> [TokenEvent]``, ``drop(handle)``."""
+        device = next(self.base.parameters()).device
         return Engine(self.base, self.experts, self.head, vocab=self.vocab, eos_ids=self._eos_ids(),
-                      pad_id=self._pad_id(), tokenizer=self.tokenizer, mode="collm" if self.experts else "base")
+                      pad_id=self._pad_id(), tokenizer=self.tokenizer, mode="collm" if self.experts else "base",
+                      prepack=available(device))
 
     def request(self, max_new_tokens: int = 128, threshold: float | None = None, do_sample: bool = False,
                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None, seed: int = 0,
@@ -243,10 +246,7 @@ class CoLLM:
         return tuple(sorted(ids))
 
     def _pad_id(self) -> int:
-        for value in (getattr(self.tokenizer, "pad_token_id", None), *self._eos_ids()):
-            if value is not None:
-                return int(value)
-        return 0
+        return pad_id(self.tokenizer, self._eos_ids())
 
 
 def proxy_tuning(expert, tuned, untuned, tokenizer=None) -> CoLLM:

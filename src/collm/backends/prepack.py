@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -40,22 +42,37 @@ def prepacked(models: Iterable[nn.Module]) -> Iterator[int]:
     """Within the block, float32 (and, see above, bfloat16) ``nn.Linear`` layers of ``models`` with at least
     MIN_PARAMS weights run on oneDNN with prepacked weights (inference only: the packed copy has no autograd;
     an input of another dtype takes the default path). Yields how many layers were switched; every layer
-    gets its own ``forward`` back on exit, also after an error. The packed copies stay cached on the layers
-    (one copy of each weight) and are rebuilt when a weight is changed in place or replaced. Where the copies
-    would take more than MEMORY_SHARE of physical memory, nothing switches."""
+    gets its own ``forward`` back when the last block using it exits, also after an error, so blocks may nest
+    and two engines over the same models (in two threads) never undo each other's switch. The packed copies
+    live in this module's registry (``PACKED``, one copy of each weight, dropped with the layer), never on
+    the layers, and are rebuilt when a weight is changed in place or replaced. Where the copies would take
+    more than MEMORY_SHARE of physical memory, nothing switches."""
     layers = list(dict.fromkeys(layer for model in models for layer in model.modules()  # a model may come twice
-                                if _eligible(layer) and "forward" not in layer.__dict__))
+                                if _eligible(layer)))
     if sum(layer.weight.nbytes for layer in layers) > MEMORY_SHARE * _physical_memory():
         layers = []
     switched: list[nn.Linear] = []
     try:
         for layer in layers:
-            layer.forward = _packed_forward(layer)
+            with _LOCK:
+                if _USERS.get(layer, 0) == 0:
+                    layer.forward = _packed_forward(layer)
+                _USERS[layer] = _USERS.get(layer, 0) + 1
             switched.append(layer)
         yield len(switched)
     finally:
-        for layer in switched:
-            del layer.forward
+        with _LOCK:
+            for layer in switched:
+                _USERS[layer] -= 1
+                if _USERS[layer] == 0:
+                    del _USERS[layer]
+                    layer.__dict__.pop("forward", None)
+
+
+# The packed copies (layer -> (weight stamp, packed weight)) and how many open blocks use each layer's switch.
+PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+_USERS: "weakref.WeakKeyDictionary[nn.Linear, int]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
 
 
 def _physical_memory() -> int:
@@ -67,7 +84,8 @@ def _physical_memory() -> int:
 
 def _eligible(layer: nn.Module) -> bool:
     return (type(layer) is nn.Linear and layer.weight.dtype in _packable_dtypes()
-            and layer.weight.device.type == "cpu" and layer.weight.numel() >= MIN_PARAMS)
+            and layer.weight.device.type == "cpu" and layer.weight.numel() >= MIN_PARAMS
+            and ("forward" not in layer.__dict__ or layer in _USERS))  # a forward someone else replaced: leave it
 
 
 @functools.cache
@@ -89,11 +107,10 @@ def _packed_forward(layer: nn.Linear):
 def _packed(layer: nn.Linear) -> torch.Tensor:
     """The layer's weight in oneDNN's layout, rebuilt if the weight was swapped or written since."""
     key = _stamp(layer.weight)
-    cached = layer.__dict__.get("_collm_packed")
+    cached = PACKED.get(layer)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = layer.__dict__["_collm_packed"] = (key, torch.ops.mkldnn._reorder_linear_weight(
-                layer.weight.detach(), ROWS_HINT))
+            cached = PACKED[layer] = (key, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), ROWS_HINT))
     return cached[1]
 
 

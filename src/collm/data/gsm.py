@@ -38,7 +38,8 @@ _ALLOWED_NODES = (
 )
 _PLACEHOLDER_RE = re.compile(r"\{(\w+),\s*([^}]+)\}")
 _EXPRESSION_RE = re.compile(r"\{([^{}]+)\}")
-_NOTE_RE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
+# A GSM8K calculation note, <<expression=result>>: what the math expert is trained on and checked against.
+NOTE_RE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
 _FINAL_RE = re.compile(r"####\s*(.+?)\s*$")
 _LINE_RETRIES = 30
 _SENTENCE_START_RE = re.compile(r"([.!?]\s+)([a-z])")
@@ -338,7 +339,7 @@ class Generator:
 
 def check_solution(solution: str, answer: str, where: str = "solution") -> None:
     """TemplateError unless every ``<<a=b>>`` note is true and the last line is ``#### answer``."""
-    for left, right in _NOTE_RE.findall(solution):
+    for left, right in NOTE_RE.findall(solution):
         if not _note_holds(left, right):
             raise TemplateError(f"{where}: note <<{left}={right}>> is false")
     final = _FINAL_RE.search(solution.strip().splitlines()[-1])

@@ -230,3 +230,13 @@ def length_order(examples: list[Example]) -> list[int]:
     """Indices longest first (ties by index): batches of similar lengths pad little, and a batch that does
     not fit in memory fails at once rather than at the end."""
     return sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+
+
+def pad_id(tokenizer, eos_ids: tuple[int, ...] = ()) -> int:
+    """The id that fills padding (never attended to, so any id works; a real one keeps embeddings in range):
+    the tokenizer's pad token, else ``eos_ids`` (else the tokenizer's EOS), else 0."""
+    eos = eos_ids or (getattr(tokenizer, "eos_token_id", None),)
+    for value in (getattr(tokenizer, "pad_token_id", None), *eos):
+        if value is not None:
+            return int(value)
+    return 0

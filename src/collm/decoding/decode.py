@@ -13,14 +13,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from collm.backends.prepack import available, prepacked
 from collm.backends.static import runner, supported
 from collm.core.head import DeferralHead
-from collm.core.request import MODES, Request, Router, Sampling, TokenEvent  # noqa: F401 - re-exported
-from collm.decoding.engine import Engine, Stats, _Row, layout
-from collm.decoding.detok import Detokenizer
+from collm.core.request import Request, Router, Sampling, TokenEvent
+from collm.decoding.engine import Engine, Stats, layout
 from collm.decoding.fused import MAX_EOS, fused_step
 
 
@@ -69,10 +66,10 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     device = next(base.parameters()).device
     mode = request.mode
     writer = experts[0] if mode == "expert" else base
-    helpers = [] if mode in ("base", "expert") else list(experts)
+    expert_models = [] if mode in ("base", "expert") else list(experts)
     static = options.static
     if static is None:
-        static = device.type == "cuda" and all(supported(m) for m in [writer, *helpers])
+        static = device.type == "cuda" and all(supported(m) for m in [writer, *expert_models])
     prepack = available(device) and not static if options.prepack is None else options.prepack
     fusable = (static and mode in ("collm", "base", "expert") and not request.sampling.do_sample
                and not options.reencode_experts and len(options.eos_ids) <= MAX_EOS
@@ -177,10 +174,10 @@ def _run_fused(base, experts, head, prompts, request: Request, options: Options,
     for prompt in prompts:
         engine.add(prompt, request)
     engine._boundary()  # the prompts are read (the writer, and the experts up front in mode collm)
-    writer, helpers, prompt_len = engine.writer, engine.helpers, engine.n
+    writer, expert_backbones, prompt_len = engine.writer, engine.expert_backbones, engine.n
     # the fused step owns its token matrix, with the new columns' positions laid out up front
     cols = layout(prompts, options.pad_id, engine.device, extra=request.max_new_tokens)
-    num_experts, rows = len(helpers), len(prompts)
+    num_experts, rows = len(expert_backbones), len(prompts)
     use_head = mode == "collm"
     state = fused_step(options.runners, writer, options.vocab, num_experts, head if use_head else None)
     table = getattr(options.router, "table", None)
@@ -194,11 +191,11 @@ def _run_fused(base, experts, head, prompts, request: Request, options: Options,
         routed_p = _floats(flags[num_experts + 1 + 3 * rows :])
         for k in range(1, num_experts + 1):
             if flags[k - 1]:
-                helper = helpers[k - 1]
-                if prompt_len + step > helper.seen:  # else the up-front read's logits serve, no forward
+                expert = expert_backbones[k - 1]
+                if prompt_len + step > expert.seen:  # else the up-front read's logits serve, no forward
                     stats.expert_calls += 1
-                    stats.expert_tokens += engine._real(helper.seen, prompt_len + step)
-                state.set_expert_logits(k, helper.read(_Cols(state), prompt_len + step).logits)
+                    stats.expert_tokens += engine._real(expert.seen, prompt_len + step)
+                state.set_expert_logits(k, expert.read(_Cols(state), prompt_len + step).logits)
         stats.steps = step + 1
         last = stats.steps == request.max_new_tokens
         flags = state.finish() if last else state.advance()

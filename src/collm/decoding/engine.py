@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 
 from collm.backends.base import Backbone, Columns
 from collm.backends.hf import HFBackbone
+from collm.backends.prepack import prepacked
 from collm.core.head import DeferralHead
-from collm.core.request import Request, Router, Sampling, TokenEvent
+from collm.core.request import Request, Router, TokenEvent
 from collm.core.routing import defer_prob, route
 from collm.decoding.detok import Detokenizer
 from collm.decoding.sampling import generator_for, pick, pick_log_probs
@@ -76,28 +78,31 @@ class Engine:
     alone (it is then routed to that writer at every step). ``router``: replaces the threshold rule (its step
     index counts the batch's steps). ``backbones``: a function (model, role) -> Backbone, to put the models on
     other runners (static caches); default: in-process growing caches, or the object itself where a model
-    already is a Backbone (a remote engine). ``elastic``: drop finished rows between steps.
+    already is a Backbone (a remote engine). ``elastic``: drop finished rows between steps. ``prepack``: run
+    the large CPU linear layers on prepacked oneDNN weights while a batch is open (collm.backends.prepack).
     """
 
     def __init__(self, base, experts: list, head: DeferralHead, *, vocab: int, eos_ids: tuple[int, ...] = (),
                  pad_id: int = 0, tokenizer=None, mode: str = "collm", router: Router | None = None,
-                 reencode_experts: bool = False, backbones=None, elastic: bool = True):
+                 reencode_experts: bool = False, backbones=None, elastic: bool = True, prepack: bool = False):
         self.base, self.experts, self.head, self.vocab = base, list(experts), head, vocab
         self.eos_ids, self.pad_id, self.tokenizer = tuple(eos_ids), pad_id, tokenizer
         self.mode, self.router, self.elastic = mode, router, elastic
         self.reencode = reencode_experts
         self.make = backbones or self._default_backbone
         writer = self.experts[0] if mode == "expert" else base
-        self.helper_models = [] if mode in ("base", "expert") else self.experts
+        self.expert_models = [] if mode in ("base", "expert") else self.experts
         self.writer_model = writer
         self.use_head = mode in ("collm", "compose")
-        # compose and proxy run their helpers every step; the naive baseline re-reads the prefix at every call
+        # compose and proxy run their experts every step; the naive baseline re-reads the prefix at every call
         self.up_front = mode == "collm" and not reencode_experts
         self.stats = Stats()
         self._lock = threading.Lock()
         self._pending: list[tuple[int, list[int], Request]] = []
         self._dropped: set[int] = set()
         self._next_handle = 0
+        self.prepack = prepack
+        self._packing = ExitStack()  # the prepacked block, open while the engine has rows
         self._reset()
 
     # ---------------------------------------------------------------- the public surface
@@ -202,10 +207,10 @@ class Engine:
 
     def _expert_read(self, k: int, **kwargs):
         """Expert k (1-based) catches up to the writer's column: the one place a deferral calls an expert."""
-        helper = self.helpers[k - 1]
-        start = 0 if getattr(helper, "reencode", False) else helper.seen  # the naive baseline re-reads it all
-        nxt = helper.read(self.cols, self.n, step=self.step_index, **kwargs)
-        if self.n > start or helper.picks:
+        expert = self.expert_backbones[k - 1]
+        start = 0 if getattr(expert, "reencode", False) else expert.seen  # the naive baseline re-reads all
+        nxt = expert.read(self.cols, self.n, step=self.step_index, **kwargs)
+        if self.n > start or expert.picks:
             self.stats.expert_calls += 1
             self.stats.expert_tokens += self._real(start, self.n)
         return nxt
@@ -215,7 +220,7 @@ class Engine:
         temperature = torch.tensor([s.temperature if s.do_sample else 1.0 for s in sampling],
                                    device=self.device)[:, None]
         parts = [F.log_softmax(self.logits / temperature, -1)]
-        for k in range(1, len(self.helpers) + 1):
+        for k in range(1, len(self.expert_backbones) + 1):
             parts.append(F.log_softmax(self._logits_of(self._expert_read(k)) / temperature, -1))
         joint = self.head.log_probs(self.hidden)[:, :, None] + torch.stack(parts, 1)  # (B, M+1, V)
         token = pick_log_probs(joint.logsumexp(1), sampling, generators)
@@ -284,9 +289,10 @@ class Engine:
             self._reset()
 
     def _reset(self) -> None:
+        self._packing.close()
         self.rows: list[_Row] = []
         self.writer: Backbone | None = None
-        self.helpers: list[Backbone] = []
+        self.expert_backbones: list[Backbone] = []
         self.n = 0
         self.step_index = 0
         self.cols = self.logits = self.hidden = None
@@ -299,7 +305,7 @@ class Engine:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.rows = [self.rows[i] for i in keep]
-        for backbone in (self.writer, *self.helpers):
+        for backbone in (self.writer, *self.expert_backbones):
             backbone.keep(index)
         self.cols = Columns(*(t.index_select(0, index) for t in (self.cols.seq, self.cols.mask,
                                                                     self.cols.positions)))
@@ -314,7 +320,7 @@ class Engine:
         cut = min(r.lead for r in self.rows)
         if cut <= 0:
             return
-        for backbone in (self.writer, *self.helpers):
+        for backbone in (self.writer, *self.expert_backbones):
             backbone.pad_left(-cut)
         self.cols = Columns(*(t[:, cut:] for t in (self.cols.seq, self.cols.mask, self.cols.positions)))
         self.n -= cut
@@ -326,30 +332,33 @@ class Engine:
         new_rows, cols = self._new_rows(pending)
         width = cols.seq.shape[1]
         if not self.rows:
+            if self.prepack:
+                self._packing.enter_context(prepacked(m for m in (self.base, *self.experts)
+                                                      if isinstance(m, torch.nn.Module)))
             self.cols, self.n, self.rows = cols, width, new_rows
             self.writer = self.make(self.writer_model, "writer")
-            self.helpers = [self.make(m, "expert") for m in self.helper_models]
-            self.logits, self.hidden = self._read_prompts(self.writer, self.helpers, cols, width)
+            self.expert_backbones = [self.make(m, "expert") for m in self.expert_models]
+            self.logits, self.hidden = self._read_prompts(self.writer, self.expert_backbones, cols, width)
             self._set_row_tensors()
             return
-        for k, helper in enumerate(self.helpers, 1):  # experts catch up first, so all read to column n
-            if self.up_front and helper.seen < self.n and not helper.picks:
+        for k, expert in enumerate(self.expert_backbones, 1):  # experts catch up first: all read to column n
+            if self.up_front and expert.seen < self.n and not expert.picks:
                 self._expert_read(k)
-        writer, helpers = self.writer.fresh(), [h.fresh() for h in self.helpers]
-        logits, hidden = self._read_prompts(writer, helpers, cols, width)
+        writer, expert_backbones = self.writer.fresh(), [h.fresh() for h in self.expert_backbones]
+        logits, hidden = self._read_prompts(writer, expert_backbones, cols, width)
         if width > self.n:
-            self._pad_left(self.writer, self.helpers, width - self.n, self.rows)
+            self._pad_left(self.writer, self.expert_backbones, width - self.n, self.rows)
             self.cols = _pad_columns(self.cols, width - self.n, self.pad_id)
             self.n = width
         elif width < self.n:
-            self._pad_left(writer, helpers, self.n - width, new_rows)
+            self._pad_left(writer, expert_backbones, self.n - width, new_rows)
             cols = _pad_columns(cols, self.n - width, self.pad_id)
         self._ensure_width(self.cols.seq.shape[1])
         cols = _widen(cols, self.cols.seq.shape[1], self.pad_id)
         self.cols = Columns(*(torch.cat([a, b]) for a, b in zip(
             (self.cols.seq, self.cols.mask, self.cols.positions), (cols.seq, cols.mask, cols.positions))))
         self.writer.extend(writer)
-        for mine, theirs in zip(self.helpers, helpers):
+        for mine, theirs in zip(self.expert_backbones, expert_backbones):
             mine.extend(theirs)
         self.logits = torch.cat([self.logits, logits])
         self.hidden = None if hidden is None else torch.cat([self.hidden, hidden])
@@ -357,8 +366,8 @@ class Engine:
         self._set_row_tensors()
 
     @staticmethod
-    def _pad_left(writer, helpers, columns: int, rows: list[_Row]) -> None:
-        for backbone in (writer, *helpers):
+    def _pad_left(writer, expert_backbones, columns: int, rows: list[_Row]) -> None:
+        for backbone in (writer, *expert_backbones):
             backbone.pad_left(columns)
         for row in rows:
             row.lead += columns
@@ -378,7 +387,7 @@ class Engine:
         self.thresholds = torch.tensor([r.request.threshold for r in self.rows], device=self.device)
         self.override = torch.tensor([r.override for r in self.rows], dtype=torch.long, device=self.device)
 
-    def _read_prompts(self, writer, helpers, cols: Columns, end: int):
+    def _read_prompts(self, writer, expert_backbones, cols: Columns, end: int):
         """The writer reads the prompts, and in mode collm so do the experts, up front: a deferral then costs
         one catch-up over the tokens written since, not a prompt-length prefill in the middle of decoding."""
         nxt = writer.read(cols, end, hidden=self.use_head)
@@ -386,9 +395,9 @@ class Engine:
             self.stats.expert_calls += 1
             self.stats.expert_tokens += _real_tokens(cols, 0, end)
         if self.up_front:
-            for helper in helpers:
-                if not helper.picks:
-                    helper.read(cols, end)
+            for expert in expert_backbones:
+                if not expert.picks:
+                    expert.read(cols, end)
                 self.stats.expert_prefill_tokens += _real_tokens(cols, 0, end)
         return nxt.logits, nxt.hidden
 

@@ -18,6 +18,7 @@ import torch
 from collm.data.answer import is_correct, normalize_number
 from collm.atomic import atomic_write, write_json
 from collm.core.routing import most_probable_expert
+from collm.evaluation.report import system_table
 from collm.errors import CollmError
 from collm.decoding.provenance import token_pieces
 
@@ -253,19 +254,7 @@ def _load_run(folder: str):
 
 def markdown_table(results: dict) -> str:
     """The systems as a Markdown table; rows without numbers show their note instead."""
-    lines = ["| System | Accuracy | 95% CI | Deferral rate | Deferred in numbers | Expert calls | Tokens/s | Note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for s in results["systems"]:
-        if s["accuracy"] is None:
-            lines.append(f"| {s['name']} | – | – | – | – | – | – | {s['note']} |")
-            continue
-        speed = f"{s['tokens_per_s']:.1f}" if s["tokens_per_s"] else "–"
-        share = s.get("share_in_numbers")
-        share = f"{share:.1%}" if share is not None else "–"
-        lines.append(f"| {s['name']} | {s['accuracy']:.3f} ({s['correct']}/{s['total']}) | "
-                     f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['defer_rate']:.3f} | {share} | "
-                     f"{s['expert_calls']} | {speed} | {s['note']} |")
-    return "\n".join(lines) + "\n"
+    return system_table(results, ("accuracy", "ci", "defer", "share", "calls", "speed"))
 
 
 def save_results(results: dict, json_path: str | Path | None = None, markdown_path: str | Path | None = None) -> None:

@@ -44,7 +44,7 @@ def render_html(results: dict, png: str | Path | bytes | None = None, system: st
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
              f"<style>{_STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>",
              f"<p class='meta'>{results.get('rows', 0)} problems; threshold {results.get('threshold')}</p>",
-             summary_table(results)]
+             system_table(results, ("accuracy", "ci", "defer", "calls", "speed"), html=True)]
     if png is not None:
         data = png if isinstance(png, bytes) else Path(png).read_bytes()
         parts.append(f"<h2>Accuracy against deferral rate</h2><img alt='accuracy against deferral rate' "
@@ -56,20 +56,40 @@ def render_html(results: dict, png: str | Path | bytes | None = None, system: st
     return "\n".join(parts)
 
 
-def summary_table(results: dict) -> str:
-    """The systems as an HTML table; a system that was not run shows its reason."""
-    head = ("<table class='summary'><tr><th>System</th><th>Accuracy</th><th>95% CI</th><th>Deferral rate</th>"
-            "<th>Expert calls</th><th>Tokens/s</th><th>Note</th></tr>")
-    rows = []
+# The columns a results table can show: header, and the cell of a system that was run.
+COLUMNS = {
+    "accuracy": ("Accuracy", lambda s: f"{s['accuracy']:.3f} ({s['correct']}/{s['total']})"),
+    "ci": ("95% CI", lambda s: f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]"),
+    "defer": ("Deferral rate", lambda s: f"{s['defer_rate']:.3f}"),
+    "share": ("Deferred in numbers", lambda s: "–" if s.get("share_in_numbers") is None
+              else f"{s['share_in_numbers']:.1%}"),
+    "calls": ("Expert calls", lambda s: f"{s['expert_calls']}"),
+    "speed": ("Tokens/s", lambda s: f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") else "–"),
+}
+
+
+def system_table(results: dict, columns: tuple[str, ...], *, html: bool = False, footnotes: bool = False) -> str:
+    """The one renderer of a results table (Markdown, or HTML with ``html``): a row per system with the named
+    COLUMNS; a system that was not run shows "–" and its note. Notes go in a last column, or with ``footnotes``
+    after the table, numbered (long notes do not fit a terminal's table)."""
+    header = ["System", *(COLUMNS[c][0] for c in columns)] + ([] if footnotes else ["Note"])
+    rows, notes = [], []
     for s in results["systems"]:
-        if s.get("accuracy") is None:
-            rows.append(f"<tr><td>{_e(s['name'])}</td><td colspan='5'>–</td><td>{_e(s['note'])}</td></tr>")
-            continue
-        speed = f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") else "–"
-        rows.append(f"<tr><td>{_e(s['name'])}</td><td>{s['accuracy']:.3f} ({s['correct']}/{s['total']})</td>"
-                    f"<td>[{s['ci_low']:.3f}, {s['ci_high']:.3f}]</td><td>{s['defer_rate']:.3f}</td>"
-                    f"<td>{s['expert_calls']}</td><td>{speed}</td><td>{_e(s.get('note', ''))}</td></tr>")
-    return head + "".join(rows) + "</table>"
+        name, note = s["name"], s.get("note") or ""
+        if footnotes and note:
+            notes.append(note)
+            name += f" ({len(notes)})"
+        cells = [name, *("–" if s.get("accuracy") is None else COLUMNS[c][1](s) for c in columns)]
+        rows.append(cells if footnotes else [*cells, note])
+    if html:
+        cell = lambda tag, v: f"<{tag}>{_e(str(v))}</{tag}>"  # noqa: E731
+        return ("<table class='summary'><tr>" + "".join(cell("th", h) for h in header) + "</tr>"
+                + "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows) + "</table>")
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if footnotes:
+        return "\n".join(lines + [""] + [f"({n}) {note}  " for n, note in enumerate(notes, 1)])
+    return "\n".join(lines) + "\n"
 
 
 def example_html(index: int, example: dict) -> str:

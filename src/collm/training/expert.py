@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from collm.data.gsm import NOTE_RE
 from collm.errors import CollmError
 
-_NOTE_RE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
 _PROMPTS = ("Calculate.", "Work out these calculations.", "Compute each line.", "Do the arithmetic.")
 
 
@@ -53,7 +53,7 @@ def gsm_notes(path: str | Path) -> list[tuple[str, str]]:
     notes = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
-            notes += [(a.strip(), b.strip()) for a, b in _NOTE_RE.findall(json.loads(line)["completion"])]
+            notes += [(a.strip(), b.strip()) for a, b in NOTE_RE.findall(json.loads(line)["completion"])]
     return notes
 
 
@@ -105,7 +105,7 @@ def _evaluate(expression: str) -> Fraction:
 def notes_correct(text: str) -> bool:
     """Whether every ``<<a=b>>`` note in `text` states the true value of its expression (False for a note
     that does not parse)."""
-    for expression, result in _NOTE_RE.findall(text):
+    for expression, result in NOTE_RE.findall(text):
         try:
             if _evaluate(expression) != Fraction(result.strip().replace(",", "")):
                 return False

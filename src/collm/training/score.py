@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from collm.atomic import atomic_write, write_json
-from collm.data.rows import DataConfig, EncodedData, Example, encode_file, length_order
+from collm.data.rows import DataConfig, EncodedData, Example, encode_file, length_order, pad_id
 from collm.errors import CollmError
 from collm.training.loss import argmax_is_gold, gold_log_probs
 from collm.backends.models import DTYPES, check_vocab, load_model, load_tokenizer, weight_files
@@ -191,14 +191,9 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     print(f"data: {data.stats.describe()}")
     out = Path(config.out)
     manifest = _start(out, config, data, expert_id)
-    _run_shards(model, data, manifest, out, config, _pad_id(data_tokenizer), forward)
+    _run_shards(model, data, manifest, out, config, pad_id(data_tokenizer), forward)
     return out
 
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
 
 
 def _start(out: Path, config: ScoreConfig, data: EncodedData, expert_id: str) -> dict:

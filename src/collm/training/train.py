@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from collm.atomic import atomic_folder, atomic_write, write_json
 from collm.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from collm.data.rows import DataConfig, EncodedData, encode_file
+from collm.data.rows import DataConfig, EncodedData, encode_file, pad_id
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.training.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
@@ -288,7 +288,7 @@ def _shared_base_pass(s: Setup, rows: list[int], hidden: bool) -> dict[int, RowO
     """Each process runs its share of ``rows``; every process gets all results."""
     acc = s.acc
     mine = rows[acc.process_index :: acc.num_processes]
-    local = base_pass(s.base, s.data.examples, mine, batch_tokens=s.config.batch_tokens, pad_id=_pad_id(s.tokenizer),
+    local = base_pass(s.base, s.data.examples, mine, batch_tokens=s.config.batch_tokens, pad_id=pad_id(s.tokenizer),
                       device=acc.device, hidden=hidden, autocast=acc.autocast)
     merged = {}
     for part in gather_object([local]) if acc.num_processes > 1 else [local]:
@@ -307,11 +307,6 @@ def _weak_start(s: Setup, outputs: dict[int, RowOutputs], labels: dict[int, torc
     s.acc.print(f"weak start: {fit.tokens} tokens, positive rate {fit.positive_rate:.4f}, "
                 f"BCE {fit.loss:.4f}, head defers on {fit.defer_rate:.4f}")
 
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
 
 
 # ---------------------------------------------------------------- the loop
@@ -372,7 +367,7 @@ def _forward(s: Setup, module, rows: list[int]):
         hidden = torch.cat([s.cache[i].hidden for i in rows]).to(s.acc.device)
         base_logp = torch.cat([s.cache[i].base_logp for i in rows]).to(s.acc.device)
         return base_logp, module(hidden)
-    ids, attention, targets = pad_batch([s.data.examples[i] for i in rows], _pad_id(s.tokenizer))
+    ids, attention, targets = pad_batch([s.data.examples[i] for i in rows], pad_id(s.tokenizer))
     device = s.acc.device
     base_logp, _, logits = module(ids.to(device), attention.to(device), targets.to(device))
     return base_logp, logits
