@@ -169,3 +169,13 @@ def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(pair):
         assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
         with httpx.stream("POST", f"{url}/v1/completions", json=_body(10, stream=True), timeout=30) as r:
             assert r.status_code == 200 and sum(1 for line in r.iter_lines() if '"text": "a"' in line) == 10
+
+
+def test_a_stream_past_the_timeout_ends_with_an_error_event(pair):
+    engine = ScriptedEngine(delay=0.02)
+    with _serve(pair, engine, request_timeout=0.5, max_tokens=400) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=_body(400, stream=True), timeout=30) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+        assert '"error"' in lines[-2] and "timeout" in lines[-2] and lines[-1] == "data: [DONE]"
+        assert engine.dropped == [0]
