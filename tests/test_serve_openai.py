@@ -170,5 +170,23 @@ def test_a_request_joining_a_running_one_gets_what_it_gets_alone(pair):
             if active == 0:
                 break
             time.sleep(0.05)
-        assert active == 0
-        assert app.state.serving.scheduler.engine.stats.steps < 200, "A was dropped, not decoded to its end"
+        engine = app.state.serving.scheduler.engine
+        assert active == 0 and engine.stats.steps < 200, "A was dropped, not decoded to its end"
+        for _ in range(100):  # and once idle, the engine holds no rows (their caches are freed)
+            if not engine.rows:
+                break
+            time.sleep(0.05)
+        assert not engine.rows
+
+
+def test_finished_rows_leave_the_engine_when_it_goes_idle(pair):
+    app = build_app(pair, ServeConfig(model_name="tiny"))
+    with live(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0)
+        engine = app.state.serving.scheduler.engine
+        for _ in range(100):
+            if not engine.rows:
+                break
+            time.sleep(0.05)
+        assert not engine.rows and engine.cols is None  # caches and token matrix released

@@ -46,6 +46,9 @@ class ScriptedEngine:  # (the tiny models' context, 512, still bounds max_tokens
                 self.dropped.append(handle)
 
     def step(self) -> list[TokenEvent]:
+        with self.lock:
+            if not self.rows:
+                return []
         time.sleep(self.delay)
         with self.lock:
             self.steps.append(set(self.rows))
