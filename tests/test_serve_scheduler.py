@@ -13,6 +13,7 @@ import pytest
 
 from collm.core.request import Request, TokenEvent
 from collm.serve.app import build_app
+from collm.serve.scheduler import Row, Scheduler
 from collm.serve.serving import ServeConfig
 from serve_live import live, tiny_pair
 
@@ -182,3 +183,20 @@ def test_a_stream_past_the_timeout_ends_with_an_error_event(pair):
             lines = [line for line in r.iter_lines() if line]
         assert '"error"' in lines[-2] and "timeout" in lines[-2] and lines[-1] == "data: [DONE]"
         assert engine.dropped == [0]
+
+
+def test_stopping_the_scheduler_drops_rows_still_decoding():
+    engine = ScriptedEngine(delay=0.02)
+
+    async def run():
+        scheduler = Scheduler(engine)
+        scheduler.start()
+        submission = await scheduler.submit([Row([5, 6], Request(max_new_tokens=400))])
+        events = aiter(submission)
+        await anext(events)  # one token in, then the server shuts down with the row still decoding
+        scheduler.stop()
+        assert engine.dropped == [0]
+        await events.aclose()
+
+    asyncio.run(run())
+    assert engine.active == 0 and engine.dropped == [0]

@@ -103,10 +103,17 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the worker; rows still decoding are dropped and one last step lets the engine free them."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                return  # a step still runs: the engine is not ours to touch
+        for handle in list(self._owner):
+            self.engine.drop(handle)
+        if self.engine.active:
+            self.engine.step()
 
     @property
     def running(self) -> int:
