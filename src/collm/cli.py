@@ -166,7 +166,8 @@ def serve(
     pair = _load_pair(run, base, expert, head, device, dtype)
     cfg = ServeConfig(model_name=model_name, threshold=pair.threshold if threshold is None else threshold, **limits)
     err.print(f"[dim]serving {model_name!r} on http://{host}:{port} (playground at /)[/dim]")
-    uvicorn.run(build_app(pair, cfg), host=host, port=port, log_level="warning")
+    # open streams get 5 s to finish on Ctrl-C; then their rows are dropped with the engine
+    uvicorn.run(build_app(pair, cfg), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:
