@@ -137,6 +137,9 @@ def test_models_health_and_sse_framing(url, client):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
     assert models[0].model_extra["experts"] == ["tiny-1"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-7")
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 3,
                                                              "stream": True}) as r:

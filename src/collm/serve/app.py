@@ -47,11 +47,18 @@ def build_app(pair, config: ServeConfig | None = None, engine=None) -> FastAPI:
     async def health():
         return {"status": "ok", "active_rows": scheduler.running}
 
+    info = getattr(pair, "specs", None) or getattr(pair, "info", {}) or {}
+    card = ModelCard(id=config.model_name, base=str(info.get("base", "")),
+                     experts=[str(e) for e in info.get("experts", [])])
+
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        info = getattr(pair, "specs", None) or getattr(pair, "info", {}) or {}
-        return ModelList(data=[ModelCard(id=config.model_name, base=str(info.get("base", "")),
-                                         experts=[str(e) for e in info.get("experts", [])])])
+        return ModelList(data=[card])
+
+    @app.get("/v1/models/{name}", response_model=ModelCard, responses=ERRORS)
+    async def model(name: str):
+        serving.check_model(name)
+        return card
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
