@@ -115,7 +115,7 @@ def generate(
     config: ConfigOption = None,
 ):
     """Answer prompts with a base and expert(s); each token is colored by the model that wrote it."""
-    from collm.pair import CoLLM, check_request
+    from collm.pair import check_request
 
     texts = _read_prompts(prompts, prompt_file) or [EXAMPLE_QUESTION]
     check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop, do_sample=do_sample,
@@ -127,11 +127,7 @@ def generate(
                   f"threshold {0.5 if threshold is None else threshold:g}, so the expert writes nothing; train a "
                   f"head (collm train), or pass --threshold below 0.5 or --head always", highlight=False, soft_wrap=True)
     warnings.filterwarnings("ignore", message="no head was given")  # the note above said it, before loading
-    with err.status("loading models"):
-        if run is not None:
-            pair = CoLLM.from_pretrained(run, device=device, dtype=dtype)
-        else:
-            pair = CoLLM.load(base, expert or [EMBEDDED_DEFAULT], head, device=device, dtype=dtype or "float32")
+    pair = _load_pair(run, base, expert, head, device, dtype)
     stream = None
     if not as_json and len(texts) == 1 and not stop:  # one answer, no text to trim: show it as it is written
         from collm.decoding.provenance import Stream, legend
@@ -152,6 +148,57 @@ def generate(
                           "defer_probs": out.defer_probs, "stopped_by": out.stopped_by, "stats": out.stats}))
         return
     _print_answers(pair, texts, out)
+
+
+def _load_pair(run: Optional[Path], base: str, expert: Optional[list[str]], head: Optional[str], device: str,
+               dtype: Optional[str]):
+    """The pair named by the model options that generate and serve share."""
+    from collm.pair import CoLLM
+
+    with err.status("loading models"):
+        if run is not None:
+            return CoLLM.from_pretrained(run, device=device, dtype=dtype)
+        return CoLLM.load(base, expert or [EMBEDDED_DEFAULT], head, device=device, dtype=dtype or "float32")
+
+
+@app.command()
+def serve(
+    run: Annotated[Optional[Path], typer.Option(help="A trained run folder (collm.json); replaces --base/--expert/--head.")] = None,
+    base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")] = EMBEDDED_DEFAULT,
+    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several). Default: the embedded model.")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: zero head (P=0.5).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Threshold for requests that give none, in [0, 1]. Default: the run's, else 0.5.")] = None,
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's, else float32.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    model_name: Annotated[str, typer.Option(help="The model name clients send (GET /v1/models lists it).")] = "collm",
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (and the chat default).")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; bigger gets 413.")] = 1 << 20,
+    max_concurrent: Annotated[int, typer.Option(help="Rows decoding together in one batch; later requests wait.")] = 16,
+    max_waiting: Annotated[int, typer.Option(help="Requests waiting for a slot; beyond that 429.")] = 64,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, waiting included; then 408.")] = 600.0,
+    config: ConfigOption = None,
+):
+    """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health) whose every
+    token carries who wrote it, with a playground page at /."""
+    import uvicorn
+
+    from collm.core.request import check_threshold
+    from collm.serve.app import build_app
+    from collm.serve.serving import ServeConfig
+
+    if threshold is not None:
+        check_threshold(threshold)
+    limits = dict(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                  max_concurrent=max_concurrent, max_waiting=max_waiting, request_timeout=request_timeout)
+    ServeConfig(model_name=model_name, **limits)  # refuse bad limits before minutes of loading
+    pair = _load_pair(run, base, expert, head, device, dtype)
+    cfg = ServeConfig(model_name=model_name, threshold=pair.threshold if threshold is None else threshold, **limits)
+    err.print(f"[dim]serving {model_name!r} on http://{host}:{port} (playground at /)[/dim]")
+    # open streams get 5 s to finish on Ctrl-C; then their rows are dropped with the engine
+    uvicorn.run(build_app(pair, cfg), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:
