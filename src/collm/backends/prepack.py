@@ -63,9 +63,11 @@ def prepacked(models: Iterable[nn.Module]) -> Iterator[int]:
     finally:
         with _LOCK:
             for layer in switched:
-                _USERS[layer] -= 1
-                if _USERS[layer] == 0:
-                    del _USERS[layer]
+                users = _USERS.get(layer, 1) - 1  # at interpreter exit the registry may be gone already
+                if users > 0:
+                    _USERS[layer] = users
+                else:
+                    _USERS.pop(layer, None)
                     layer.__dict__.pop("forward", None)
 
 
