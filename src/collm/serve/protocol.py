@@ -14,6 +14,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from collm.core.seed import MAX_SEED
+
 SERVED_MODES = ("collm", "base", "expert")
 
 # OpenAI options collm does not implement, with the value that means "off": anything else is refused.
@@ -39,7 +41,7 @@ class _Common(_Strict):
     max_tokens: StrictInt | None = Field(None, ge=1, description="Most new tokens (the server caps it).")
     temperature: float = Field(1.0, ge=0, le=2, description="0: greedy; otherwise sample at this temperature.")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: StrictInt | None = Field(None, ge=0, lt=2**63, description="Same seed, same sampled tokens; random if absent.")
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same sampled tokens; random if absent.")
     stop: StrictStr | list[StrictStr] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -121,7 +121,7 @@ class Serving:
             request = self.pair.request(
                 max_new_tokens=max_tokens, threshold=self.config.threshold if body.threshold is None else body.threshold,
                 do_sample=not greedy, temperature=1.0 if greedy else body.temperature, top_p=body.top_p,
-                stop=body.stop, seed=secrets.randbits(63) if body.seed is None else body.seed, mode=body.mode)
+                stop=body.stop, seed=secrets.randbits(32) if body.seed is None else body.seed, mode=body.mode)
         except CollmError as e:
             raise ApiError(400, str(e)) from None
         return [Row(ids, request) for ids in prompts_ids]
