@@ -123,3 +123,15 @@ def test_detokenizer_pieces_join_to_the_decoded_text():
 def test_generate_accepts_input_ids(pair):
     ids = torch.tensor([PROMPTS[0]])
     assert pair.generate(input_ids=ids, max_new_tokens=5).token_ids == pair.generate(ids, max_new_tokens=5).token_ids
+
+
+def test_engine_refuses_bad_rows_when_they_are_added(pair):
+    from collm.errors import CollmError
+
+    engine = pair.engine()
+    for prompt, message in [([], "empty"), ([1, pair.vocab], "outside the vocabulary"), ([1, -1], "outside")]:
+        with pytest.raises(CollmError, match=message):
+            engine.add(prompt, Request(4))
+    with pytest.raises(CollmError, match="cannot join"):
+        engine.add([1, 2], Request(4, mode="compose"))
+    assert engine.active == 0

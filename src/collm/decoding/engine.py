@@ -111,6 +111,10 @@ class Engine:
         """Queue a row; it joins at the next step boundary. Returns its handle (the ``row`` of its events)."""
         if not prompt_ids:
             raise CollmError("the prompt is empty")
+        bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise CollmError(f"the prompt holds token id {bad!r}, outside the vocabulary [0, {self.vocab})")
         if request.mode != self.mode and not (self.mode == "collm" and request.mode in ("base", "expert")):
             raise CollmError(f"a row in mode {request.mode!r} cannot join a batch in mode {self.mode!r}")
         if request.mode == "expert" and not self.experts:
