@@ -95,7 +95,9 @@ def test_playground_streams_tokens_colored_by_writer(browser, tmp_path):
     with live(build_app(pair, ServeConfig(model_name="tiny"))) as url:
         browser.call("Page.enable")
         browser.call("Page.navigate", url=f"{url}/")
-        browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#legend span').length === 2")
+        # the legend starts as "expert 1" and gets the experts' names from /v1/models: wait for them
+        browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#legend span').length === 2"
+                         " && document.querySelector('#legend .src-1').textContent.includes(':')")
         assert browser.js("document.querySelector('#legend .src-1').textContent") == "expert 1: tiny-1"
         browser.js("""(() => {
             const set = (id, value) => { const el = document.getElementById(id); el.value = value;
