@@ -135,3 +135,16 @@ def test_engine_refuses_bad_rows_when_they_are_added(pair):
     with pytest.raises(CollmError, match="cannot join"):
         engine.add([1, 2], Request(4, mode="compose"))
     assert engine.active == 0
+
+
+def test_joining_rows_do_not_make_the_experts_catch_up(pair):
+    """A row joining a batch whose expert has not read the latest columns gets an expert cache only as far as
+    the batch's (its prompt's tail is read with the next real deferral): with a head that never defers, the
+    experts read nothing but prompts, however rows arrive."""
+    from collm.core.head import DeferralHead
+
+    never = CoLLM(pair.base, pair.experts, DeferralHead.constant(pair.head.hidden_size, 0.0))
+    engine = never.engine()
+    arrivals = {0: [(PROMPTS[1], Request(NEW))], 4: [(PROMPTS[2], Request(NEW))], 7: [(PROMPTS[0][:2], Request(9))]}
+    run_engine(engine, arrivals)
+    assert engine.stats.expert_calls == 0 and engine.stats.expert_tokens == 0

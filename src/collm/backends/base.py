@@ -77,8 +77,9 @@ class Backbone(Protocol):
         number drops that many leading columns, which are padding in every row (the matrix shrank)."""
         ...
 
-    def fresh(self) -> "Backbone":
-        """An empty backbone over the same model, to read the prompts of rows about to join."""
+    def fresh(self, rows: int) -> "Backbone":
+        """An empty backbone over the same model for ``rows`` rows about to join (it may be padded to the
+        batch's ``seen`` without reading anything: those rows' tokens all lie past it)."""
         ...
 
     def extend(self, other: "Backbone") -> None:

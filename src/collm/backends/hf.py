@@ -18,8 +18,9 @@ class HFBackbone:
 
     picks = False
 
-    def __init__(self, model: torch.nn.Module, vocab: int, reencode: bool = False):
+    def __init__(self, model: torch.nn.Module, vocab: int, reencode: bool = False, rows: int = 0):
         self.model, self.vocab, self.reencode = model, vocab, reencode
+        self.rows = rows  # known before any read for a backbone made by ``fresh``, whose cache may stay empty
         self.cache = DynamicCache(config=model.config)
         self.seen = 0
         self.last: Next | None = None
@@ -62,12 +63,15 @@ class HFBackbone:
                     layer.keys, layer.values = layer.keys[:, :, -columns:], layer.values[:, :, -columns:]
         self.seen += columns
 
-    def fresh(self) -> "HFBackbone":
-        return HFBackbone(self.model, self.vocab, self.reencode)
+    def fresh(self, rows: int) -> "HFBackbone":
+        return HFBackbone(self.model, self.vocab, self.reencode, rows)
 
     def extend(self, other: "HFBackbone") -> None:
         assert other.seen == self.seen, "rows join only in the same column layout"
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            if getattr(theirs, "keys", None) is None:  # joining rows with nothing read yet: all padding so far
+                empty = mine.keys.new_zeros((other.rows, *mine.keys.shape[1:]))
+                theirs.keys, theirs.values = empty, empty
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
         if self.last is not None and other.last is not None:

@@ -264,7 +264,7 @@ class RemoteBackbone:
     def pad_left(self, columns: int) -> None:
         self.seen += columns
 
-    def fresh(self) -> "RemoteBackbone":
+    def fresh(self, rows: int = 0) -> "RemoteBackbone":
         return RemoteBackbone(self.expert)
 
     def extend(self, other: "RemoteBackbone") -> None:

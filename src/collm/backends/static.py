@@ -80,7 +80,7 @@ class StaticModel:
     def pad_left(self, columns: int) -> None:
         raise CollmError("static runners serve a fixed batch: columns cannot move")
 
-    def fresh(self):
+    def fresh(self, rows: int = 0):
         raise CollmError("static runners serve a fixed batch: rows cannot join")
 
     def extend(self, other) -> None:

@@ -354,18 +354,19 @@ class Engine:
             self.logits, self.hidden = self._read_prompts(self.writer, self.expert_backbones, cols, width)
             self._set_row_tensors()
             return
-        for k, expert in enumerate(self.expert_backbones, 1):  # experts catch up first: all read to column n
-            if self.up_front and expert.seen < self.n and not expert.picks:
-                self._expert_read(k)
-        writer, expert_backbones = self.writer.fresh(), [h.fresh() for h in self.expert_backbones]
-        logits, hidden = self._read_prompts(writer, expert_backbones, cols, width)
-        if width > self.n:
-            self._pad_left(self.writer, self.expert_backbones, width - self.n, self.rows)
-            self.cols = _pad_columns(self.cols, width - self.n, self.pad_id)
-            self.n = width
-        elif width < self.n:
-            self._pad_left(writer, expert_backbones, self.n - width, new_rows)
-            cols = _pad_columns(cols, self.n - width, self.pad_id)
+        writer = self.writer.fresh(len(new_rows))
+        nxt = writer.read(cols, width, hidden=self.use_head)
+        logits, hidden = nxt.logits, nxt.hidden
+        compact, n = cols, max(self.n, width)
+        if n > self.n:
+            self._pad_left(self.writer, self.expert_backbones, n - self.n, self.rows)
+            self.cols = _pad_columns(self.cols, n - self.n, self.pad_id)
+            self.n = n
+        if n > width:
+            self._pad_left(writer, [], n - width, new_rows)
+            cols = _pad_columns(cols, n - width, self.pad_id)
+        expert_backbones = [self._join_expert(expert, compact, n - width, len(new_rows))
+                            for expert in self.expert_backbones]
         self._ensure_width(self.cols.seq.shape[1])
         cols = _widen(cols, self.cols.seq.shape[1], self.pad_id)
         self.cols = Columns(*(torch.cat([a, b]) for a, b in zip(
@@ -377,6 +378,18 @@ class Engine:
         self.hidden = None if hidden is None else torch.cat([self.hidden, hidden])
         self.rows += new_rows
         self._set_row_tensors()
+
+    def _join_expert(self, expert, compact: Columns, shift: int, rows: int):
+        """Joining rows' cache for ``expert``, read as far as the batch's expert has read (``expert.seen``), so
+        the blocks align without making the expert catch up first. ``compact``: the new rows' prompts, to be
+        placed at column ``shift``; what lies past ``seen`` is read with the next catch-up, with everyone's."""
+        new = expert.fresh(rows)
+        upto = expert.seen - shift  # the compact columns the batch's expert has read
+        if upto > 0 and not expert.picks:
+            new.read(compact, upto)
+            self.stats.expert_prefill_tokens += _real_tokens(compact, 0, upto)
+        new.pad_left(expert.seen - new.seen)
+        return new
 
     @staticmethod
     def _pad_left(writer, expert_backbones, columns: int, rows: list[_Row]) -> None:

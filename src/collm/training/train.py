@@ -599,5 +599,11 @@ def train(config: TrainConfig) -> Path:
     check_out(Path(config.out))
     Path(config.out).mkdir(parents=True, exist_ok=True)
     s = setup(config)
-    fit(s)
-    return finish(s)
+    try:
+        fit(s)
+        return finish(s)
+    finally:
+        # the process group's threads must stop before the interpreter does: left running, one of two
+        # `accelerate launch` processes sometimes aborted at exit ("terminate called without an active
+        # exception", exit -6) after writing everything
+        s.acc.end_training()
