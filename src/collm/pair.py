@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from collm.backends.prepack import available
-from collm.core.request import MODES, Request, Router, Sampling, check_threshold
+from collm.core.request import Request, Router, Sampling, check_threshold
 from collm.data.rows import pad_id
 from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
@@ -184,22 +184,22 @@ class CoLLM:
 
     def _request(self, max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode,
                  router=None) -> Request:
-        sampling = check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop,
-                                 do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        threshold = self.threshold if threshold is None else threshold
+        request = check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop,
+                                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         if mode != "base" and not self.experts:
             raise CollmError(f"mode {mode!r} needs at least one expert")
         if mode == "proxy" and len(self.experts) != 2:
             raise CollmError("mode 'proxy' needs a pair made by collm.pair.proxy_tuning(expert, tuned, untuned, ...)")
         if _stop_list(stop) and self.tokenizer is None:
             raise CollmError("stop strings need a tokenizer")
-        threshold = self.threshold if threshold is None else float(threshold)
         if self._default_head and mode == "collm" and router is None and len(self.experts) == 1 \
                 and threshold >= 0.5:
             self._default_head = False
             warnings.warn(f"no head was given: the zero head gives P(defer) = 0.5, which never exceeds threshold "
                           f"{threshold:g}, so the expert writes nothing; train a head, or pass a threshold below "
                           "0.5", UserWarning, stacklevel=3)
-        return Request(max_new_tokens, threshold, sampling, mode, tuple(_stop_list(stop)))
+        return request
 
     def _prepare(self, prompts, chat: bool, request: Request) -> list[list[int]]:
         ids = self.encode(prompts, chat=chat)
@@ -272,18 +272,12 @@ def proxy_tuning(expert, tuned, untuned, tokenizer=None) -> CoLLM:
 
 
 def check_request(*, max_new_tokens: int, threshold: float | None, mode: str, stop: list[str] | str | None,
-                  do_sample: bool, temperature: float, top_p: float, seed: int) -> Sampling:
+                  do_sample: bool, temperature: float, top_p: float, seed: int) -> Request:
     """Check what :meth:`CoLLM.generate` is asked for, before any model is needed (the CLI calls it before
-    loading them); returns the sampling settings. Raises CollmError with what to fix."""
-    if threshold is not None:
-        check_threshold(threshold)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise CollmError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if mode not in MODES:
-        raise CollmError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if any(not s for s in _stop_list(stop)):
-        raise CollmError("stop strings must be non-empty")
-    return Sampling(do_sample, temperature, top_p, seed)
+    loading them): the :class:`Request` it makes, whose checks are the only ones. ``threshold=None`` (the
+    pair's, not known yet) is checked as 0.5. Raises CollmError with what to fix."""
+    return Request(max_new_tokens, 0.5 if threshold is None else threshold,
+                   Sampling(do_sample, temperature, top_p, seed), mode, tuple(_stop_list(stop)))
 
 
 def _prompts_or_ids(prompts, input_ids):

@@ -65,7 +65,7 @@ class Request:
         if self.mode not in MODES:
             raise CollmError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
-            raise CollmError("stop must be a list of non-empty strings")
+            raise CollmError("stop strings must be non-empty (a list of strings)")
 
 
 def check_threshold(threshold) -> float:

@@ -367,7 +367,6 @@ class Engine:
             cols = _pad_columns(cols, n - width, self.pad_id)
         expert_backbones = [self._join_expert(expert, compact, n - width, len(new_rows))
                             for expert in self.expert_backbones]
-        self._ensure_width(self.cols.seq.shape[1])
         cols = _widen(cols, self.cols.seq.shape[1], self.pad_id)
         self.cols = Columns(*(torch.cat([a, b]) for a, b in zip(
             (self.cols.seq, self.cols.mask, self.cols.positions), (cols.seq, cols.mask, cols.positions))))
