@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=320)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", choices=("right", "all"), default="right",
+                   help="right: rows whose answer is right and that ended (training text in the model's style); "
+                        "all: every row, as written (the base's own trajectories, where a router decides)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = pick_rows(a.data, a.rows, a.seed)
@@ -65,7 +68,7 @@ def main() -> None:
               f"{out.stats.get('new_tokens')} tokens in {time.time() - t:.0f} s", flush=True)
     done = [json.loads(line) for c in sorted(a.out.glob("chunk-*.jsonl")) for line in c.read_text().splitlines()]
     kept = [{k: r[k] for k in ("prompt", "completion", "answer", "template")} for r in done
-            if r["correct"] and r["finished"]]
+            if a.keep == "all" or (r["correct"] and r["finished"])]
     atomic_write(a.out / "train.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
     print(json.dumps({"generated": len(done), "right": sum(r["correct"] for r in done), "kept": len(kept)}))
 

@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=44)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--extra-thresholds", default="", help="comma-separated: more Co-LLM rows, for the plot")
+    p.add_argument("--only", default="", help="comma-separated: decode just these (base,expert), then stop; "
+                   "the rows that do not depend on the head can run while it is being trained")
     a = p.parse_args()
     rows = read_rows(a.data)[::a.every]
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
@@ -57,6 +59,13 @@ def main() -> None:
               f"{result['seconds']:.0f} s", flush=True)
         return result
 
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    if only:
+        if not only <= {"base", "expert"}:
+            p.error("--only takes base and/or expert")
+        for name in sorted(only):
+            system(f"{name} alone", mode=name)
+        return
     eta = read_run_config(a.run)["threshold"]
     systems = [system("base alone", mode="base"), system("expert alone", mode="expert"),
                system("Co-LLM", threshold=eta)]

@@ -9,6 +9,7 @@ from collm.errors import CollmError
 from collm.training.loss import (
     class_weights,
     defer_prob,
+    disagreement_labels,
     gold_log_probs,
     lm_nll,
     marginal_nll,
@@ -112,6 +113,18 @@ def test_weak_labels():
     two = torch.tensor([[True, True], [False, True], [True, False], [False, False]])
     logp = torch.tensor([[-1.0, -0.1], [-1.0, -0.1], [-1.0, -0.1], [-1.0, -0.1]])
     assert weak_labels(torch.zeros(4, dtype=torch.bool), two, logp).tolist() == [2, 2, 1, 0]
+
+
+def test_disagreement_labels_mark_where_exactly_one_model_has_gold():
+    base_ok = torch.tensor([True, True, False, False])
+    expert_ok = torch.tensor([True, False, True, False])
+    assert disagreement_labels(base_ok, expert_ok).tolist() == [0, 1, 1, 0]
+    # On the base's own greedy text the base is always right, so the paper's rule never defers; this one
+    # defers where the expert would have written something else.
+    assert weak_labels(base_ok[:2], expert_ok[:2]).tolist() == [0, 0]
+    assert disagreement_labels(base_ok, expert_ok.unsqueeze(-1)).tolist() == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="one expert"):
+        disagreement_labels(base_ok, torch.stack([expert_ok, expert_ok], -1))
 
 
 def test_class_weighted_bce_balances_rare_positives():

@@ -242,6 +242,20 @@ def test_baselines_sft_and_weak(known_case):
     assert _losses(sft)[-1] < _losses(sft)[0]
     weak = train(config(known_case, "weak", objective="weak", base_mode="frozen", epochs=4))
     assert heldout_auroc(known_case, weak) >= 0.95
+    # The untrained base is nearly never right, so "exactly one is right" is "the expert is right": digits.
+    disagree = train(config(known_case, "disagree", objective="weak", base_mode="frozen", epochs=4,
+                            weak_label="disagree"))
+    assert heldout_auroc(known_case, disagree) >= 0.95
+
+
+def test_a_run_from_before_a_config_field_existed_resumes(known_case):
+    run = train(config(known_case, "old", base_mode="frozen", max_steps=2, weak_steps=5))
+    saved = json.loads((run / "train_config.json").read_text())
+    del saved["weak_label"]  # as a run saved before the field was added
+    (run / "train_config.json").write_text(json.dumps(saved))
+    train(config(known_case, "old", base_mode="frozen", max_steps=2, weak_steps=5))  # resumes, no refusal
+    with pytest.raises(CollmError, match="other settings .*weak_label"):
+        train(config(known_case, "old", base_mode="frozen", max_steps=2, weak_steps=5, weak_label="disagree"))
 
 
 def test_two_experts_softmax_head(known_case, tmp_path):
@@ -278,6 +292,8 @@ def test_two_experts_softmax_head(known_case, tmp_path):
         ({"scores": []}, "needs --scores"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"threshold": 1.5}, "threshold"),
+        ({"weak_label": "gold"}, "weak_label must be one of paper, disagree"),
+        ({"weak_label": "disagree", "scores": ["s", "t"]}, "one expert"),
     ],
 )
 def test_bad_configs_are_one_line_errors(overrides, message):

@@ -104,6 +104,21 @@ def weak_labels(
     return torch.where(any_right & ~base_correct.bool(), best, torch.zeros_like(best))
 
 
+def disagreement_labels(base_correct: torch.Tensor, expert_correct: torch.Tensor) -> torch.Tensor:
+    """Pseudo-labels Z_t (long, ``(...)``): 1 where exactly one of base and expert has the gold token as argmax.
+
+    On text one of the two models wrote greedily, these are the positions where the other model would have
+    written another token: on the base's own solutions, where the expert disagrees with it (labels the paper's
+    rule can never give there, since the base is always right on its own greedy text); on the expert's, where
+    the base would stray. One expert only: with several, which one should write is not defined by agreement.
+    """
+    if expert_correct.dim() > base_correct.dim():
+        if expert_correct.shape[-1] != 1:
+            raise ValueError("disagreement labels are defined for one expert")
+        expert_correct = expert_correct.squeeze(-1)
+    return (base_correct.bool() ^ expert_correct.bool()).long()
+
+
 def class_weights(labels: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights ``(num_classes,)`` normalised so the mean token weight is 1.
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,7 +27,8 @@ from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file, pa
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.core.seed import check_seed
-from collm.training.loss import class_weights, defer_prob, lm_nll, marginal_token_nll, masked_mean, weak_bce, weak_labels
+from collm.training.loss import (class_weights, defer_prob, disagreement_labels, lm_nll, marginal_token_nll,
+                                 masked_mean, weak_bce, weak_labels)
 from collm.backends.models import context_length, load_model
 from collm.run import HEAD_FILE, seal, write_run_config
 from collm.training.score import Scores, load_scores, pad_batch, target_outputs
@@ -35,6 +36,7 @@ from collm.training.weak import RowOutputs, base_pass, fit_weak_start
 
 TRAIN_CONFIG = "train_config.json"  # written first: it marks a folder as a run collm train owns
 OBJECTIVES = ("marginal", "sft", "weak")
+WEAK_LABELS = ("paper", "disagree")
 BASE_MODES = ("full", "lora", "frozen")
 SCHEDULES = ("cosine", "linear", "constant")
 # Fields that do not change the trajectory: a run may resume with them changed.
@@ -61,6 +63,10 @@ class TrainConfig:
     base outputs (fast; the base runs once)."""
     weak_start: bool = True
     """Marginal objective: first fit the head to pseudo-labels (expert right, base wrong), in-process."""
+    weak_label: str = "paper"
+    """Pseudo-labels of the weak start and the weak objective: paper (expert's argmax is gold, base's is not)
+    or disagree (exactly one of them has gold as argmax; for training text a model wrote itself, such as the
+    base's own solutions, where the paper's rule never fires; one expert only)."""
     weak_steps: int = 300
     """Optimizer steps of the weak start (and nothing else: it is cheap, on cached hidden states)."""
     weak_lr: float = 1e-2
@@ -126,6 +132,9 @@ class TrainConfig:
         _one_of("base_mode", self.base_mode, BASE_MODES)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("precision", self.precision, ("fp32", "bf16"))
+        _one_of("weak_label", self.weak_label, WEAK_LABELS)
+        if self.weak_label == "disagree" and len(self.scores) > 1:
+            raise CollmError("weak_label disagree is defined for one expert; with several use weak_label paper")
         if self.objective != "sft" and not self.scores:
             raise CollmError(f"objective {self.objective!r} needs --scores from collm score (one per expert)")
         if self.objective == "sft" and self.base_mode == "frozen":
@@ -263,7 +272,8 @@ def _base_pass_and_weak_start(s: Setup) -> None:
     labels = {}
     for i, o in outputs.items():
         expert_logp, expert_hit = row_scores(s.scores, i)
-        labels[i] = weak_labels(o.base_hit, expert_hit, expert_logp)
+        labels[i] = (disagreement_labels(o.base_hit, expert_hit) if c.weak_label == "disagree"
+                     else weak_labels(o.base_hit, expert_hit, expert_logp))
     if frozen:
         s.cache = outputs
     if weak_obj:
@@ -492,7 +502,8 @@ def _resume(s: Setup, module, optimizer, scheduler) -> int:
 
 
 def _check_same_run(old: dict, new: dict, where: Path) -> None:
-    changed = [k for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # a field added later: its default was the rule
+    changed = [k for k in new if k not in _RESUME_FREE and old.get(k, defaults.get(k)) != new[k]]
     if changed:
         raise CollmError(f"{where.parent} was trained with other settings ({', '.join(changed)}): "
                          f"use another --out, or --no-resume to start over")
