@@ -1,5 +1,8 @@
-"""Batch-1 decoding speed on real held-out problems: base alone, expert alone, Co-LLM at the run's threshold,
+"""Decoding speed on real held-out problems: base alone, expert alone, Co-LLM at the run's threshold,
 and `transformers` assisted generation (speculative decoding, the base drafting for the expert).
+
+Batch 1 (ms/token), and with ``--batch B`` also tokens/s at batch B for collm's systems (B prompts at once,
+new tokens over the whole call's wall time, prefill included); assisted generation takes one sequence at a time.
 
     OMP_NUM_THREADS=1 python bench/qwen_speed.py --run runs/qwen/collm --data runs/qwen/data/gsm/test.jsonl \
         --prompts 4 --new-tokens 96 --json bench/results/cpu_qwen_speed.json --markdown bench/results/cpu_qwen_speed.md
@@ -53,10 +56,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
+    p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     a = p.parse_args()
-    rows = [json.loads(x) for x in Path(a.data).read_text().splitlines() if x.strip()][::5][:a.prompts]
+    every = [json.loads(x) for x in Path(a.data).read_text().splitlines() if x.strip()][::5]
+    rows = every[:a.prompts]
     pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
     eta = pair.threshold if a.threshold is None else a.threshold
     prompts = pair.encode([r["prompt"] for r in rows])
@@ -86,17 +91,37 @@ def main() -> None:
                "deferral_rate": deferred / total if name.startswith("Co-LLM") else None}
         print(json.dumps(row), flush=True)
         results.append(row)
+    batched = []
+    if a.batch:
+        ids = pair.encode([r["prompt"] for r in every[:a.batch]])
+        if len(ids) < a.batch:
+            raise SystemExit(f"--batch {a.batch}: the data has only {len(ids)} prompts at every 5th row")
+        for name, mode in (("base alone", "base"), ("expert alone", "expert"), (f"Co-LLM (eta={eta:g})", "collm")):
+            started = time.perf_counter()
+            out = pair.generate(ids, max_new_tokens=a.new_tokens, mode=mode, threshold=eta)
+            seconds = time.perf_counter() - started
+            new = sum(len(t) for t in out.token_ids)
+            row = {"system": name, "batch": a.batch, "tokens_per_s": new / seconds, "new_tokens": new,
+                   "deferral_rate": (sum(sum(1 for x in s if x) for s in out.sources) / new) if mode == "collm" else None}
+            print(json.dumps(row), flush=True)
+            batched.append(row)
     by = {r["system"]: r["ms_per_token"] for r in results}
     f = next(r["deferral_rate"] for r in results if r["system"].startswith("Co-LLM"))
     tau = by["base alone"] + f * by["expert alone"]
     summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
-               "new_tokens": a.new_tokens, "dtype": a.dtype, "threads": torch.get_num_threads(), "systems": results}
+               "new_tokens": a.new_tokens, "dtype": a.dtype, "threads": torch.get_num_threads(), "systems": results,
+               "batched": batched}
     if a.json:
         write_json(a.json, summary)
     lines = ["| System | ms/token (batch 1) | decoded tokens | deferral rate |", "| --- | --- | --- | --- |"]
     for r in results:
         rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
         lines.append(f"| {r['system']} | {r['ms_per_token']:.1f} | {r['decoded_tokens']} | {rate} |")
+    if batched:
+        lines += ["", f"| System | tokens/s (batch {a.batch}) | new tokens | deferral rate |", "| --- | --- | --- | --- |"]
+        for r in batched:
+            rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
+            lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['new_tokens']} | {rate} |")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
                  f"{len(prompts)} prompts, {a.new_tokens} new tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
     text = "\n".join(lines) + "\n"

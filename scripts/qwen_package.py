@@ -1,0 +1,67 @@
+"""Ship the Qwen run: the router's head, collm.json, training config and rows, results, speed and plots.
+
+    python scripts/qwen_package.py --runs runs/qwen --router router --out src/collm/assets/qwen
+
+Copies measured files only, then writes what `collm demo --pair qwen` reads: ``problems.json`` (three held-out
+problems where Co-LLM is right and its base wrong first) and ``results.md`` (the table of the evaluation), and a
+``manifest.json`` with the sha256 of every file. The shipped results keep every answer's text and sources but
+not its per-token ids and probabilities (the full files stay in the run folder), so the folder stays small.
+Files this script shipped before and no longer ships are removed only when the old manifest lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from collm.atomic import write_json
+from collm.demo import pick_examples, write_manifest
+from collm.evaluation.evaluate import markdown_table
+
+HEAVY = ("tokens", "defer_probs")  # per-token lists: kept in the run folder, not shipped
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--router", default="router")
+    p.add_argument("--eval", default="eval-test220")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    runs, out = a.runs, a.out
+    results_path = runs / a.eval / "results.json"
+    if not results_path.exists():
+        raise SystemExit(f"{results_path} is missing: run the evaluation stage first")
+    old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {"files": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    files = {runs / a.router / n: n for n in ("collm.json", "head.safetensors", "train_config.json")}
+    files |= {runs / "calibration.png": "calibration.png", runs / "speed.json": "speed.json",
+              runs / "speed.md": "speed.md", runs / "base_style/train.jsonl": "train_rows.jsonl",
+              runs / "plot_accuracy_vs_deferral.png": "accuracy_vs_deferral.png",
+              runs / "plot_accuracy_vs_ms.png": "accuracy_vs_ms.png", runs / a.eval / "results.md": "test_results.md"}
+    shipped = set()
+    for src, name in files.items():
+        if src.exists():
+            shutil.copyfile(src, out / name)
+            shipped.add(name)
+    results = json.loads(results_path.read_text())
+    light = {**results, "systems": [{**s, "examples": [{k: v for k, v in e.items() if k not in HEAVY}
+                                                       for e in s["examples"]]} for s in results["systems"]]}
+    write_json(out / "test_results.json", light)
+    rows = results["systems"][0]["examples"]
+    write_json(out / "problems.json", {"problems": [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"]}
+                                                    for i in pick_examples(results)],
+                                       "chosen": "held-out test templates: Co-LLM right and its base wrong first"})
+    (out / "results.md").write_text(f"### Held-out test templates ({results['rows']} problems, threshold "
+                                    f"{results['threshold']:g})\n\n" + markdown_table(results))
+    shipped |= {"test_results.json", "problems.json", "results.md", "manifest.json"}
+    for name in sorted(set(old["files"]) - shipped):  # shipped by an earlier run of this script, not now
+        (out / name).unlink(missing_ok=True)
+        print("removed", name, "(listed in the old manifest, not shipped now)")
+    print(write_manifest(out)["total_bytes"], "bytes shipped")
+
+
+if __name__ == "__main__":
+    main()
