@@ -74,8 +74,8 @@ log "2b. base-style rows: the base's greedy solutions to $BASE_ROWS training pro
 until_ base_style
 
 log "3. expert scores"
-collm score --expert $EXPERT --data "$R/own_style/train.jsonl" --out "$R/scores" --tokenizer $BASE --max-len 512 --dtype $DT \
-  --batch-tokens 4096
+[[ -f $R/collm/collm.json && -f $R/weak/collm.json ]] || collm score --expert $EXPERT --data "$R/own_style/train.jsonl" \
+  --out "$R/scores" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096
 collm score --expert $EXPERT --data "$R/base_style/train.jsonl" --out "$R/scores-base" --tokenizer $BASE --max-len 512 \
   --dtype $DT --batch-tokens 4096
 until_ score

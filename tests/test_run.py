@@ -17,7 +17,7 @@ def run_main(argv):
     from collm.run import main
 
     main(argv)
-from conftest import make_llama, make_tokenizer, save_tiny
+from conftest import invoke, make_llama, make_tokenizer, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,9 @@ def test_manifest_that_is_not_json_or_absent_is_a_one_line_error(run):
     (run / MANIFEST).unlink()
     with pytest.raises(CollmError) as e:
         CoLLM.from_pretrained(run)
-    assert "python -m collm.run seal" in one_line(e)
-    run_main(["seal", str(run)])  # the user vouches for the files as they are
+    assert f"collm seal {run}" in one_line(e)
+    result = invoke("seal", run)  # the user vouches for the files as they are
+    assert result.exit_code == 0 and json.loads(result.stdout)["files"] >= 2
     assert CoLLM.from_pretrained(run).threshold == 0.3
 
 

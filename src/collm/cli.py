@@ -495,6 +495,18 @@ def calibrate(
     print(json.dumps({"threshold": record["chosen"]["threshold"], "chosen": record["chosen"]}))
 
 
+@app.command()
+def seal(
+    run: Annotated[Path, typer.Argument(help="Run folder to record as it is now.")],
+):
+    """Record a run's files as they are now (sha256 in manifest.json): for runs saved before manifests, or
+    files you changed on purpose. Every load checks the manifest."""
+    from collm.run import seal as seal_run
+
+    manifest = seal_run(run)
+    print(json.dumps({"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"]}))
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())

@@ -8,7 +8,7 @@
 Every load checks the manifest first: one changed byte in a copied head once turned a 12.5% deferral rate
 into 100% without a word. A file that differs, is missing, or was added to a folder the run loads from is a
 one-line error naming it. A run without a manifest (made before manifests existed, or by hand) is refused
-with the command that records its files as they are: ``python -m collm.run seal DIR``.
+with the command that records its files as they are: ``collm seal DIR``.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def verify_manifest(folder: str | Path, *, missing: str | None = None) -> dict:
     if not path.is_file():
         raise CollmError(missing or f"{folder} has no {MANIFEST} (the sha256 of its files), so they cannot be "
                                     f"checked: save the run again, or record its files as they are now with "
-                                    f"`python -m collm.run seal {folder}`")
+                                    f"`collm seal {folder}`")
     manifest = read_json(path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("sha256"), str)
@@ -205,11 +205,11 @@ def _check_covered(run_dir: Path, config: dict, manifest: dict) -> None:
     for file in run_files(run_dir, config):
         if file.relative_to(run_dir).as_posix() not in listed:
             raise CollmError(f"{file} is not in {run_dir / MANIFEST}: it was added after the run was saved; "
-                             f"remove it, or record the run as it is now with `python -m collm.run seal {run_dir}`")
+                             f"remove it, or record the run as it is now with `collm seal {run_dir}`")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m collm.run seal DIR``: record a run's files as they are (a run saved before manifests)."""
+    """``python -m collm.run seal DIR`` (the same as ``collm seal DIR``): record a run's files as they are."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
