@@ -36,7 +36,7 @@ EXPERT=qwen2.5-coder-1.5b-instruct
 ROWS=${ROWS:-64}
 BASE_ROWS=${BASE_ROWS:-160}
 MAX_DEFER=${MAX_DEFER:-0.3}
-THRESHOLDS=${THRESHOLDS:-0.5,0.7,0.85}
+THRESHOLDS=${THRESHOLDS:-0.5,0.6,0.7}
 # The head that routes in the Co-LLM rows. On the expert's own text the marginal-likelihood head saturates
 # (P(defer) >= 0.98 on 95% of training tokens: the expert wrote every token, so it always explains it better),
 # and the paper's weak head defers like random deferral (README); the router trained on the base's own text

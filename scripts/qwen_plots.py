@@ -37,7 +37,8 @@ def main() -> None:
             label=f"Co-LLM, validation ({points[0]['total']} problems)")
     for t, q in ((q["threshold"], q) for q in points):
         ax.annotate(f"η={t:g}", (q["defer_rate"], q["accuracy"]), textcoords="offset points", xytext=(4, 4))
-    for name, marker in (("Co-LLM", "s"), ("random deferral", "x"), ("base alone", "v"), ("expert alone", "^")):
+    for name, marker in (("Co-LLM", "s"), ("random deferral", "x"), ("Co-LLM, weak-supervision head", "P"),
+                         ("base alone", "v"), ("expert alone", "^")):
         if name in systems:
             s = systems[name]
             ax.plot(s["defer_rate"], s["accuracy"], marker, label=f"{name}, test ({s['total']})")
