@@ -35,8 +35,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=44)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--extra-thresholds", default="", help="comma-separated: more Co-LLM rows, for the plot")
-    p.add_argument("--only", default="", help="comma-separated: decode just these (base,expert), then stop; "
-                   "the rows that do not depend on the head can run while it is being trained")
+    p.add_argument("--only", default="", help="comma-separated: decode just these (base, expert, weak, random), "
+                   "then stop; rows that need no calibrated router can run while it is being trained")
+    p.add_argument("--random-rate", type=float, help="with --only random: the deferral probability")
+    p.add_argument("--random-rate-from", default="given", help="with --only random: where the rate comes from")
     a = p.parse_args()
     rows = read_rows(a.data)[::a.every]
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
@@ -44,7 +46,7 @@ def main() -> None:
     pair = None
     trained = None
 
-    def system(name: str, **kwargs) -> dict:
+    def system(name: str, note: str = "", **kwargs) -> dict:
         nonlocal pair, trained
         path = a.out / f"system-{re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')}.json"
         if path.exists():
@@ -53,32 +55,42 @@ def main() -> None:
             pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
             trained = pair.head
         pair.head = kwargs.pop("head", trained)
-        result = asdict(run_system(pair, rows, name, config, **kwargs))
+        result = asdict(run_system(pair, rows, name, config, **kwargs)) | ({"note": note} if note else {})
         write_json(path, result)
         print(f"{name}: {result['correct']}/{result['total']}, deferral {result['defer_rate']:.3f}, "
               f"{result['seconds']:.0f} s", flush=True)
         return result
 
+    def weak() -> dict:
+        weak_eta = read_run_config(a.weak_run)["threshold"]
+        return system("Co-LLM, weak-supervision head", threshold=weak_eta,
+                      head=DeferralHead.load(a.weak_run / "head.safetensors"),
+                      note=f"the paper's pseudo-labels on the expert's own text (run {a.weak_run}), threshold {weak_eta:g}")
+
+    def randomised(rate: float, where: str) -> dict:
+        return system("random deferral", router=random_router(rate, config.seed),
+                      note=f"each token deferred with probability {rate:.3f} ({where})")
+
     only = {x.strip() for x in a.only.split(",") if x.strip()}
-    if only:
-        if not only <= {"base", "expert"}:
-            p.error("--only takes base and/or expert")
-        for name in sorted(only):
-            system(f"{name} alone", mode=name)
+    if only:  # rows that need no calibrated threshold, or a given random rate: run them beside other jobs
+        if not only <= {"base", "expert", "weak", "random"} or ("weak" in only and not a.weak_run) or \
+                ("random" in only and a.random_rate is None):
+            p.error("--only takes base, expert, weak (with --weak-run) and random (with --random-rate)")
+        for name in ("base", "expert"):
+            if name in only:
+                system(f"{name} alone", mode=name)
+        if "weak" in only:
+            weak()
+        if "random" in only:
+            randomised(a.random_rate, a.random_rate_from)
         return
     eta = read_run_config(a.run)["threshold"]
     systems = [system("base alone", mode="base"), system("expert alone", mode="expert"),
                system("Co-LLM", threshold=eta)]
     rate = systems[-1]["defer_rate"]
-    randomised = system("random deferral", router=random_router(rate, config.seed))
-    randomised["note"] = f"each token deferred with probability {rate:.3f} (Co-LLM's measured rate)"
-    systems.append(randomised)
+    systems.append(randomised(rate, "Co-LLM's measured rate on these problems"))
     if a.weak_run:
-        weak_eta = read_run_config(a.weak_run)["threshold"]
-        weak = system("Co-LLM, weak-supervision head", threshold=weak_eta,
-                      head=DeferralHead.load(a.weak_run / "head.safetensors"))
-        weak["note"] = f"run {a.weak_run}, threshold {weak_eta:g}"
-        systems.append(weak)
+        systems.append(weak())
     for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
         systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
     results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "systems": systems,
