@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
+    p.add_argument("--no-hf", action="store_true", help="collm's systems only (no transformers generate)")
     p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -73,6 +74,8 @@ def main() -> None:
         "transformers generate, expert": lambda ids: hf_system(expert, ids),
         "speculative decoding (transformers assisted, base drafts)": lambda ids: hf_system(expert, ids, base),
     }
+    if a.no_hf:
+        systems = {k: v for k, v in systems.items() if k in ("base alone", "expert alone") or k.startswith("Co-LLM")}
     hf_system(expert, prompts[0], base)(4)  # warm-up: first calls allocate and pick kernels
     collm_system(pair, prompts[0], "collm", eta)(4)
     results = []

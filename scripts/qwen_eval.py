@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=44)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--extra-thresholds", default="", help="comma-separated: more Co-LLM rows, for the plot")
-    p.add_argument("--only", default="", help="comma-separated: decode just these (base, expert, weak, random), "
+    p.add_argument("--only", default="", help="comma-separated: decode just these (base, expert, collm, weak, "
+                   "random), "
                    "then stop; rows that need no calibrated router can run while it is being trained")
     p.add_argument("--random-rate", type=float, help="with --only random: the deferral probability")
     p.add_argument("--random-rate-from", default="given", help="with --only random: where the rate comes from")
@@ -73,12 +74,14 @@ def main() -> None:
 
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if only:  # rows that need no calibrated threshold, or a given random rate: run them beside other jobs
-        if not only <= {"base", "expert", "weak", "random"} or ("weak" in only and not a.weak_run) or \
+        if not only <= {"base", "expert", "collm", "weak", "random"} or ("weak" in only and not a.weak_run) or \
                 ("random" in only and a.random_rate is None):
-            p.error("--only takes base, expert, weak (with --weak-run) and random (with --random-rate)")
+            p.error("--only takes base, expert, collm, weak (with --weak-run) and random (with --random-rate)")
         for name in ("base", "expert"):
             if name in only:
                 system(f"{name} alone", mode=name)
+        if "collm" in only:
+            system("Co-LLM", threshold=read_run_config(a.run)["threshold"])
         if "weak" in only:
             weak()
         if "random" in only:
