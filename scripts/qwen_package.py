@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from collm.atomic import write_json
-from collm.demo import pick_examples, write_manifest
+from collm.demo import write_manifest
+from collm.demo.package import pick_examples
 from collm.evaluation.evaluate import markdown_table
 
 HEAVY = ("tokens", "defer_probs")  # per-token lists: kept in the run folder, not shipped
