@@ -62,7 +62,7 @@ class TrainConfig:
     """full: train every base weight; lora: train LoRA adapters; frozen: train the head only, on cached
     base outputs (fast; the base runs once)."""
     weak_start: bool = True
-    """Marginal objective: first fit the head to pseudo-labels (expert right, base wrong), in-process."""
+    """Marginal objective: first fit the head to pseudo-labels (``weak_label``), in-process."""
     weak_label: str = "paper"
     """Pseudo-labels of the weak start and the weak objective: paper (expert's argmax is gold, base's is not)
     or disagree (exactly one of them has gold as argmax; for training text a model wrote itself, such as the
