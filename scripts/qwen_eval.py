@@ -36,8 +36,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--extra-thresholds", default="", help="comma-separated: more Co-LLM rows, for the plot")
     p.add_argument("--only", default="", help="comma-separated: decode just these (base, expert, collm, weak, "
-                   "random), "
-                   "then stop; rows that need no calibrated router can run while it is being trained")
+                   "random), then stop; rows that need no calibrated router can run while it is being trained")
     p.add_argument("--random-rate", type=float, help="with --only random: the deferral probability")
     p.add_argument("--random-rate-from", default="given", help="with --only random: where the rate comes from")
     a = p.parse_args()

@@ -6,7 +6,8 @@ Copies measured files only, then writes what `collm demo --pair qwen` reads: ``p
 problems where Co-LLM is right and its base wrong first) and ``results.md`` (the table of the evaluation), and a
 ``manifest.json`` with the sha256 of every file. The shipped results keep every answer's text and sources but
 not its per-token ids and probabilities (the full files stay in the run folder), so the folder stays small.
-Files this script shipped before and no longer ships are removed only when the old manifest lists them.
+Files this packaging shipped before and no longer ships (its own file names, listed in the old manifest)
+are removed; any other file in the folder is left alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from collm.demo.package import pick_examples
 from collm.evaluation.evaluate import markdown_table
 
 HEAVY = ("tokens", "defer_probs")  # per-token lists: kept in the run folder, not shipped
+WRITTEN = {"test_results.json", "problems.json", "results.md"}  # made here, not copied
+# Names the packaging step wrote before this script (qwen.sh's inline packaging): removed when still there.
+EARLIER = {"test44_results.json", "test44_results.md", "test220_results.json", "test220_results.md"}
 
 
 def main() -> None:
@@ -57,8 +61,9 @@ def main() -> None:
                                        "chosen": "held-out test templates: Co-LLM right and its base wrong first"})
     (out / "results.md").write_text(f"### Held-out test templates ({results['rows']} problems, threshold "
                                     f"{results['threshold']:g})\n\n" + markdown_table(results))
-    shipped |= {"test_results.json", "problems.json", "results.md", "manifest.json"}
-    for name in sorted(set(old["files"]) - shipped):  # shipped by an earlier run of this script, not now
+    shipped |= WRITTEN
+    ours = set(files.values()) | WRITTEN | EARLIER  # a name this packaging writes; anything else is not ours
+    for name in sorted((set(old["files"]) & ours) - shipped):  # shipped before, and not now
         (out / name).unlink(missing_ok=True)
         print("removed", name, "(listed in the old manifest, not shipped now)")
     print(write_manifest(out)["total_bytes"], "bytes shipped")
