@@ -83,6 +83,18 @@ def save_tiny(model, tokenizer, folder) -> str:
     return str(folder)
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to load a pair fails the test: for settings that must be refused before loading."""
+    from collm.pair import CoLLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(CoLLM, "load", no_loading)
+    monkeypatch.setattr(CoLLM, "from_pretrained", no_loading)
+
+
 def invoke(*args):
     """Run a `collm` command in process; an error other than the exit it asks for is raised as it is."""
     from typer.testing import CliRunner

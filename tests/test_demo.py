@@ -109,14 +109,9 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     (["--count", "100"], "--count must be between 1 and 3"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
 ])
-def test_demo_refuses_bad_settings_before_loading(monkeypatch, args, message):
+def test_demo_refuses_bad_settings_before_loading(no_model_loading, args, message):
     from collm.cli import app
-    from collm.pair import CoLLM
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(CoLLM, "from_pretrained", no_loading)
     result = CliRunner().invoke(app, ["demo", *args])
     assert isinstance(result.exception, CollmError) and message in str(result.exception)
 

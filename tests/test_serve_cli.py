@@ -25,15 +25,9 @@ runner = CliRunner()
     (["--max-concurrent", "0"], "max_concurrent must be at least 1"),
     (["--request-timeout", "0"], "request_timeout > 0"),
 ])
-def test_serve_refuses_bad_settings_before_loading_any_model(monkeypatch, args, message):
+def test_serve_refuses_bad_settings_before_loading_any_model(no_model_loading, args, message):
     from collm.errors import CollmError
-    from collm.pair import CoLLM
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(CoLLM, "load", no_loading)
-    monkeypatch.setattr(CoLLM, "from_pretrained", no_loading)
     result = runner.invoke(app, ["serve", *args])
     assert isinstance(result.exception, CollmError) and message in str(result.exception)
 
