@@ -248,6 +248,24 @@ def test_baselines_sft_and_weak(known_case):
     assert heldout_auroc(known_case, disagree) >= 0.95
 
 
+def test_the_weak_objective_with_a_trained_base_starts_from_the_weak_fit(known_case):
+    # A LoRA base moves the head's inputs while the head learns; starting it from the fit on the original
+    # base's states (as the marginal objective does) gives base and head a working router from step one.
+    started = train(config(known_case, "weak-lora", objective="weak", base_mode="lora", max_steps=2))
+    fit = json.loads((started / "collm.json").read_text())["training"]["weak_fit"]
+    assert fit is not None and 0.1 < fit["positive_rate"] < 0.4
+    assert heldout_auroc(known_case, started) >= 0.95
+    first = json.loads((started / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["defer_rate"] > 0.1 and first["mean_pi"] != 0.5  # the first step's head is the fitted one
+    cold = train(config(known_case, "weak-lora-cold", objective="weak", base_mode="lora", max_steps=2,
+                        weak_start=False))
+    assert json.loads((cold / "collm.json").read_text())["training"]["weak_fit"] is None
+    first = json.loads((cold / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["defer_rate"] == 0.0 and first["mean_pi"] == 0.5  # a zero head: π = 1/2 everywhere
+    frozen = train(config(known_case, "weak-frozen", objective="weak", base_mode="frozen", max_steps=2))
+    assert json.loads((frozen / "collm.json").read_text())["training"]["weak_fit"] is None
+
+
 def test_a_run_from_before_a_config_field_existed_resumes(known_case):
     run = train(config(known_case, "old", base_mode="frozen", max_steps=2, weak_steps=5))
     saved = json.loads((run / "train_config.json").read_text())

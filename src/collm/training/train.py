@@ -62,7 +62,9 @@ class TrainConfig:
     """full: train every base weight; lora: train LoRA adapters; frozen: train the head only, on cached
     base outputs (fast; the base runs once)."""
     weak_start: bool = True
-    """Marginal objective: first fit the head to pseudo-labels (``weak_label``), in-process."""
+    """Marginal objective, and the weak objective with a trained base (lora, full): first fit the head to
+    pseudo-labels (``weak_label``) on the original base's hidden states, in-process, then train base and head
+    together from there. (With a frozen base the weak objective is that same fit, so it has no weak start.)"""
     weak_label: str = "paper"
     """Pseudo-labels of the weak start and the weak objective: paper (expert's argmax is gold, base's is not)
     or disagree (exactly one of them has gold as argmax; for training text a model wrote itself, such as the
@@ -264,7 +266,7 @@ def _base_pass_and_weak_start(s: Setup) -> None:
     """One no-grad pass of the original base over the rows that need it, shared across processes."""
     c, n = s.config, len(s.data.examples)
     frozen, weak_obj = c.base_mode == "frozen", c.objective == "weak"
-    weak_start = c.objective == "marginal" and c.weak_start and c.weak_steps > 0
+    weak_start = c.weak_start and c.weak_steps > 0 and (c.objective == "marginal" or weak_obj and not frozen)
     if not (frozen or weak_obj or weak_start):
         return
     rows = list(range(n)) if frozen or weak_obj else _weak_rows(s.data, c)
@@ -282,7 +284,10 @@ def _base_pass_and_weak_start(s: Setup) -> None:
                                                            len(s.scores) + 1)
         s.acc.print(f"pseudo-labels: positive rate {float((flat > 0).float().mean()):.4f}")
     if weak_start:
-        _weak_start(s, outputs, labels, _weak_rows(s.data, c) if frozen else rows)
+        _weak_start(s, outputs, labels, _weak_rows(s.data, c) if frozen or weak_obj else rows)
+        if not frozen:  # the trained base recomputes its states; keep only the labels
+            for o in outputs.values():
+                o.hidden = None
 
 
 def _weak_rows(data: EncodedData, c: TrainConfig) -> list[int]:
