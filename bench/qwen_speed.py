@@ -57,6 +57,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
     p.add_argument("--no-hf", action="store_true", help="collm's systems only (no transformers generate)")
+    p.add_argument("--systems", default="base,expert,collm,generate,speculative",
+                   help="batch-1 systems, comma-separated: base, expert, collm, generate (transformers, expert), "
+                        "speculative (transformers assisted), proxy (proxy tuning; a run with a tuned base)")
     p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -67,16 +70,32 @@ def main() -> None:
     eta = pair.threshold if a.threshold is None else a.threshold
     prompts = pair.encode([r["prompt"] for r in rows])
     base, expert = pair.base, pair.experts[0]
+    chosen = {x.strip() for x in a.systems.split(",") if x.strip()} - ({"generate", "speculative"} if a.no_hf else set())
+    unknown = chosen - {"base", "expert", "collm", "generate", "speculative", "proxy"}
+    if unknown or not {"base", "expert", "collm"} <= chosen:
+        raise SystemExit(f"--systems: base, expert and collm are needed (for τ(f)); unknown: {sorted(unknown)}")
+    tuned = pair.info.get("base_weights", "original") != "original"
+    if "proxy" in chosen and not tuned:
+        raise SystemExit("--systems proxy: proxy tuning needs a run whose base is tuned (LoRA or full)")
     systems = {
-        "base alone": lambda ids: collm_system(pair, ids, "base", eta),
-        "expert alone": lambda ids: collm_system(pair, ids, "expert", eta),
-        f"Co-LLM (eta={eta:g})": lambda ids: collm_system(pair, ids, "collm", eta),
-        "transformers generate, expert": lambda ids: hf_system(expert, ids),
-        "speculative decoding (transformers assisted, base drafts)": lambda ids: hf_system(expert, ids, base),
+        "base": ("tuned base alone" if tuned else "base alone", lambda ids: collm_system(pair, ids, "base", eta)),
+        "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta)),
+        "collm": (f"Co-LLM (eta={eta:g})", lambda ids: collm_system(pair, ids, "collm", eta)),
+        "generate": ("transformers generate, expert", lambda ids: hf_system(expert, ids)),
+        "speculative": ("speculative decoding (transformers assisted, base drafts)",
+                        lambda ids: hf_system(expert, ids, base)),
     }
-    if a.no_hf:
-        systems = {k: v for k, v in systems.items() if k in ("base alone", "expert alone") or k.startswith("Co-LLM")}
-    hf_system(expert, prompts[0], base)(4)  # warm-up: first calls allocate and pick kernels
+    if "proxy" in chosen:
+        from collm.backends.models import load_model
+        from collm.pair import proxy_tuning
+
+        untuned, _ = load_model(pair.info["base"], dtype=a.dtype)
+        both = proxy_tuning(expert, base, untuned, pair.tokenizer)
+        systems["proxy"] = ("proxy tuning (expert + tuned - untuned base)",
+                            lambda ids: collm_system(both, ids, "proxy", eta))
+    systems = dict(v for k, v in systems.items() if k in chosen)
+    if "speculative" in chosen:
+        hf_system(expert, prompts[0], base)(4)  # warm-up: first calls allocate and pick kernels
     collm_system(pair, prompts[0], "collm", eta)(4)
     results = []
     for name, make in systems.items():
@@ -99,7 +118,8 @@ def main() -> None:
         ids = pair.encode([r["prompt"] for r in every[:a.batch]])
         if len(ids) < a.batch:
             raise SystemExit(f"--batch {a.batch}: the data has only {len(ids)} prompts at every 5th row")
-        for name, mode in (("base alone", "base"), ("expert alone", "expert"), (f"Co-LLM (eta={eta:g})", "collm")):
+        for name, mode in (("tuned base alone" if tuned else "base alone", "base"), ("expert alone", "expert"),
+                           (f"Co-LLM (eta={eta:g})", "collm")):
             started = time.perf_counter()
             out = pair.generate(ids, max_new_tokens=a.new_tokens, mode=mode, threshold=eta)
             seconds = time.perf_counter() - started
@@ -110,7 +130,7 @@ def main() -> None:
             batched.append(row)
     by = {r["system"]: r["ms_per_token"] for r in results}
     f = next(r["deferral_rate"] for r in results if r["system"].startswith("Co-LLM"))
-    tau = by["base alone"] + f * by["expert alone"]
+    tau = by["tuned base alone" if tuned else "base alone"] + f * by["expert alone"]
     summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
                "new_tokens": a.new_tokens, "dtype": a.dtype, "threads": torch.get_num_threads(), "systems": results,
                "batched": batched}

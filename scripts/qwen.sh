@@ -42,6 +42,7 @@ THRESHOLDS=${THRESHOLDS:-0.5,0.6,0.7}
 # and the paper's weak head defers like random deferral (README); the router trained on the base's own text
 # to predict where the expert would write another token routes instead.
 ROUTER=${ROUTER:-router}
+SUFFIX=; [[ $ROUTER == router ]] || SUFFIX=-$ROUTER  # each router's calibration, speed and evaluation files
 NEW=320          # new tokens per answer, as in the issue's zero-shot figures
 DT=bfloat16      # decoding dtype (the issue's speed figures are bf16)
 D=$R/data/gsm
@@ -88,26 +89,41 @@ HEAD="--base $BASE --data $R/own_style/train.jsonl --scores $R/scores --base-mod
 [[ -f $R/router/collm.json ]] || collm train --base $BASE --data $R/base_style/train.jsonl --scores $R/scores-base \
   --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 \
   --objective weak --weak-label disagree --out "$R/router"
+# The same router with the base tuned too (LoRA, as the paper tunes the base with the head): the head starts from
+# the frozen fit, then base and head train together (LM loss on the base's own text + the head's BCE), 2 epochs.
+[[ -f $R/router-lora/collm.json ]] || OMP_NUM_THREADS=${TRAIN_THREADS:-2} collm train --base $BASE \
+  --data $R/base_style/train.jsonl --scores $R/scores-base --base-mode lora --precision bf16 --max-len 512 \
+  --head-lr 1e-3 --batch-size 8 --epochs 2 --save-every 5 --batch-tokens 4096 --objective weak \
+  --weak-label disagree --out "$R/router-lora"
 until_ train
 
 log "5. calibrate η of the $ROUTER head on validation templates (every 3rd row), deferral rate <= $MAX_DEFER"
 CAL="--data $D/validation_every3.jsonl --max-defer $MAX_DEFER --thresholds $THRESHOLDS --max-new-tokens $NEW \
   --batch-size 37 --dtype $DT --no-baselines"
-[[ -f $R/calibrated-$ROUTER ]] || { collm calibrate --run "$R/$ROUTER" --png "$R/calibration.png" $CAL; touch "$R/calibrated-$ROUTER"; }
+[[ -f $R/calibrated-$ROUTER ]] || { collm calibrate --run "$R/$ROUTER" --png "$R/calibration$SUFFIX.png" $CAL
+                                   touch "$R/calibrated-$ROUTER"; }
 until_ calibrate
 
 log "6. speed on held-out prompts: ms/token at batch 1, tokens/s at batch 8 (pause other jobs: a quiet machine)"
-[[ -f $R/speed.json ]] || python3 bench/qwen_speed.py --run "$R/$ROUTER" --data "$D/test.jsonl" --prompts 8 \
-  --new-tokens 64 --batch 8 --dtype $DT --json "$R/speed.json" --markdown "$R/speed.md"
+# Whole answers (NEW tokens, as evaluated: the router defers more early in an answer than late), every 5th test
+# row; the batch-8 column decodes the first 8 of them at once. A tuned base adds proxy tuning.
+SPEED=speed$SUFFIX-${SPEED_PROMPTS:-6}x$NEW
+SYSTEMS=base,expert,collm,speculative; [[ $ROUTER != *lora* ]] || SYSTEMS+=,proxy
+[[ -f $R/$SPEED.json ]] || OMP_NUM_THREADS=${SPEED_THREADS:-2} python3 bench/qwen_speed.py --run "$R/$ROUTER" \
+  --data "$D/test.jsonl" --prompts ${SPEED_PROMPTS:-6} --new-tokens $NEW --systems $SYSTEMS --batch 8 --dtype $DT \
+  --json "$R/$SPEED.json" --markdown "$R/$SPEED.md"
 until_ bench
 
 log "7. every system on all 220 held-out test problems (resumable per system)"
+EVAL=$R/eval-test220$SUFFIX
+REUSE=(); [[ $EVAL == "$R/eval-test220" || ! -f $R/eval-test220/results.json ]] || REUSE=(--reuse "$R/eval-test220")
 python3 scripts/qwen_eval.py --run "$R/$ROUTER" --weak-run "$R/weak" --data "$D/test.jsonl" --every 1 \
-  --max-new-tokens $NEW --batch-size 55 --dtype $DT --out "$R/eval-test220"
+  --max-new-tokens $NEW --batch-size 55 --dtype $DT --out "$EVAL" "${REUSE[@]}"
 until_ eval
 
 log "8. plots and the shipped artifacts (head, config, results; sha256 manifest) -> src/collm/assets/qwen"
-python3 scripts/qwen_plots.py --eval "$R/eval-test220/results.json" --speed "$R/speed.json" \
-  --calibration "$R/$ROUTER/collm.json" --out "$R/plot"
-python3 scripts/qwen_package.py --runs "$R" --router "$ROUTER" --out src/collm/assets/qwen
+python3 scripts/qwen_plots.py --eval "$EVAL/results.json" --speed "$R/$SPEED.json" \
+  --calibration "$R/$ROUTER/collm.json" --out "$R/plot$SUFFIX"
+python3 scripts/qwen_package.py --runs "$R" --router "$ROUTER" --eval "eval-test220$SUFFIX" --speed "$SPEED" \
+  --calibration "calibration$SUFFIX.png" --plots "plot$SUFFIX" --out src/collm/assets/qwen
 log "done"

@@ -39,23 +39,33 @@ def main() -> None:
                    "random), then stop; rows that need no calibrated router can run while it is being trained")
     p.add_argument("--random-rate", type=float, help="with --only random: the deferral probability")
     p.add_argument("--random-rate-from", default="given", help="with --only random: where the rate comes from")
+    p.add_argument("--reuse", type=Path, help="an earlier --out of this script: take its base-alone and expert-"
+                   "alone answers when it decoded the same rows the same way (the untuned models did not change)")
     a = p.parse_args()
     rows = read_rows(a.data)[::a.every]
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.reuse:
+        reuse(a.reuse, a.out, rows, config, a.dtype)
+    tuned = read_run_config(a.run).get("base_weights", "original") != "original"
     pair = None
     trained = None
 
-    def system(name: str, note: str = "", **kwargs) -> dict:
+    def loaded() -> CoLLM:
         nonlocal pair, trained
-        path = a.out / f"system-{re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')}.json"
-        if path.exists():
-            return json.loads(path.read_text())
         if pair is None:
             pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
             trained = pair.head
+        return pair
+
+    def system(name: str, note: str = "", **kwargs) -> dict:
+        path = a.out / f"system-{re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        loaded()
         pair.head = kwargs.pop("head", trained)
-        result = asdict(run_system(pair, rows, name, config, **kwargs)) | ({"note": note} if note else {})
+        decoder = kwargs.pop("pair", None) or pair
+        result = asdict(run_system(decoder, rows, name, config, **kwargs)) | ({"note": note} if note else {})
         write_json(path, result)
         print(f"{name}: {result['correct']}/{result['total']}, deferral {result['defer_rate']:.3f}, "
               f"{result['seconds']:.0f} s", flush=True)
@@ -71,14 +81,48 @@ def main() -> None:
         return system("random deferral", router=random_router(rate, config.seed),
                       note=f"each token deferred with probability {rate:.3f} ({where})")
 
+    def untuned_base():
+        from collm.backends.models import load_model
+
+        model, _ = load_model(read_run_config(a.run)["base"], dtype=a.dtype)
+        return model
+
+    def base_alone() -> dict:
+        if not tuned:
+            return system("base alone", mode="base")
+        path = a.out / "system-base-alone.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        untuned = CoLLM(untuned_base(), [], None, loaded().tokenizer)
+        return system("base alone", mode="base", pair=untuned, note="the untuned base")
+
+    def tuned_alone() -> dict:
+        return system("tuned base alone", mode="base", note=f"the base with the LoRA adapter of run {a.run}")
+
+    def proxy() -> dict:
+        from collm.pair import proxy_tuning
+
+        path = a.out / "system-proxy-tuning.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        both = proxy_tuning(loaded().experts[0], pair.base, untuned_base(), pair.tokenizer)
+        return system("proxy tuning", mode="proxy", pair=both, note="expert + tuned base - untuned base")
+
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if only:  # rows that need no calibrated threshold, or a given random rate: run them beside other jobs
-        if not only <= {"base", "expert", "collm", "weak", "random"} or ("weak" in only and not a.weak_run) or \
-                ("random" in only and a.random_rate is None):
-            p.error("--only takes base, expert, collm, weak (with --weak-run) and random (with --random-rate)")
-        for name in ("base", "expert"):
-            if name in only:
-                system(f"{name} alone", mode=name)
+        if not only <= {"base", "expert", "collm", "weak", "random", "tuned", "proxy"} or \
+                ("weak" in only and not a.weak_run) or ("random" in only and a.random_rate is None) or \
+                (only & {"tuned", "proxy"} and not tuned):
+            p.error("--only takes base, expert, collm, weak (with --weak-run), random (with --random-rate), and "
+                    "tuned and proxy (for a run whose base is tuned)")
+        if "base" in only:
+            base_alone()
+        if "expert" in only:
+            system("expert alone", mode="expert")
+        if "tuned" in only:
+            tuned_alone()
+        if "proxy" in only:
+            proxy()
         if "collm" in only:
             system("Co-LLM", threshold=read_run_config(a.run)["threshold"])
         if "weak" in only:
@@ -87,12 +131,13 @@ def main() -> None:
             randomised(a.random_rate, a.random_rate_from)
         return
     eta = read_run_config(a.run)["threshold"]
-    systems = [system("base alone", mode="base"), system("expert alone", mode="expert"),
-               system("Co-LLM", threshold=eta)]
+    systems = [base_alone(), system("expert alone", mode="expert"), system("Co-LLM", threshold=eta)]
     rate = systems[-1]["defer_rate"]
     systems.append(randomised(rate, "Co-LLM's measured rate on these problems"))
     if a.weak_run:
         systems.append(weak())
+    if tuned:
+        systems += [tuned_alone(), proxy()]
     for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
         systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
     results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "systems": systems,
@@ -102,6 +147,27 @@ def main() -> None:
 
     write_html(a.out / "report.html", results)
     print(markdown_table(results))
+
+
+def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype: str) -> None:
+    """Copy the base-alone and expert-alone answers of an earlier evaluation into ``out`` when that run decoded
+    the same prompts with the same settings; otherwise say why and decode them again."""
+    try:
+        old = json.loads((earlier / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--reuse {earlier}: no readable results.json there ({e}); drop --reuse")
+    same = old.get("config") == json.loads(json.dumps(asdict(config))) and old.get("rows") == len(rows) and old.get("dtype", dtype) == dtype
+    for name in ("base-alone", "expert-alone"):
+        source, target = earlier / f"system-{name}.json", out / f"system-{name}.json"
+        if target.exists() or not source.exists():
+            continue
+        result = json.loads(source.read_text())
+        prompts = [e["prompt"] for e in result.get("examples", [])]
+        if not same or prompts != [r["prompt"] for r in rows]:
+            print(f"--reuse: {source} decoded other rows or settings; decoding {name} again")
+            continue
+        note = (result.get("note", "") + f" (decoded for {earlier.name}, same rows and settings)").strip()
+        write_json(target, result | {"note": note})
 
 
 if __name__ == "__main__":

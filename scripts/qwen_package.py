@@ -22,6 +22,7 @@ from collm.demo import write_manifest
 from collm.demo.package import pick_examples
 from collm.evaluation.evaluate import markdown_table
 
+ADAPTER = ("base_adapter/adapter_config.json", "base_adapter/adapter_model.safetensors")
 HEAVY = ("tokens", "defer_probs")  # per-token lists: kept in the run folder, not shipped
 WRITTEN = {"test_results.json", "problems.json", "results.md"}  # made here, not copied
 # Names the packaging step wrote before this script (qwen.sh's inline packaging): removed when still there.
@@ -32,7 +33,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--router", default="router")
-    p.add_argument("--eval", default="eval-test220")
+    p.add_argument("--eval", default="eval-test220", help="the evaluation folder in --runs")
+    p.add_argument("--speed", default="speed", help="the speed results in --runs (<name>.json and .md)")
+    p.add_argument("--calibration", default="calibration.png", help="the calibration plot in --runs")
+    p.add_argument("--plots", default="plot", help="prefix of the two plots in --runs (<prefix>_accuracy_vs_*.png)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     runs, out = a.runs, a.out
@@ -42,13 +46,15 @@ def main() -> None:
     old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {"files": {}}
     out.mkdir(parents=True, exist_ok=True)
     files = {runs / a.router / n: n for n in ("collm.json", "head.safetensors", "train_config.json")}
-    files |= {runs / "calibration.png": "calibration.png", runs / "speed.json": "speed.json",
-              runs / "speed.md": "speed.md", runs / "base_style/train.jsonl": "train_rows.jsonl",
-              runs / "plot_accuracy_vs_deferral.png": "accuracy_vs_deferral.png",
-              runs / "plot_accuracy_vs_ms.png": "accuracy_vs_ms.png", runs / a.eval / "results.md": "test_results.md"}
+    files |= {runs / a.router / n: n for n in ADAPTER}  # a router that tuned the base (LoRA) ships its adapter
+    files |= {runs / a.calibration: "calibration.png", runs / f"{a.speed}.json": "speed.json",
+              runs / f"{a.speed}.md": "speed.md", runs / "base_style/train.jsonl": "train_rows.jsonl",
+              runs / f"{a.plots}_accuracy_vs_deferral.png": "accuracy_vs_deferral.png",
+              runs / f"{a.plots}_accuracy_vs_ms.png": "accuracy_vs_ms.png", runs / a.eval / "results.md": "test_results.md"}
     shipped = set()
     for src, name in files.items():
         if src.exists():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, out / name)
             shipped.add(name)
     results = json.loads(results_path.read_text())
