@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--systems", default="base,expert,collm,generate,speculative",
                    help="batch-1 systems, comma-separated: base, expert, collm, generate (transformers, expert), "
                         "speculative (transformers assisted), proxy (proxy tuning; a run with a tuned base)")
+    p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned: adds its tuned base alone and, with "
+                   "proxy in --systems, proxy tuning with it (default: --run itself, when its base is tuned)")
     p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -75,8 +77,17 @@ def main() -> None:
     if unknown or not {"base", "expert", "collm"} <= chosen:
         raise SystemExit(f"--systems: base, expert and collm are needed (for τ(f)); unknown: {sorted(unknown)}")
     tuned = pair.info.get("base_weights", "original") != "original"
-    if "proxy" in chosen and not tuned:
-        raise SystemExit("--systems proxy: proxy tuning needs a run whose base is tuned (LoRA or full)")
+    tuned_base = base if tuned else None
+    if a.tuned_run is not None and not tuned:
+        tuned_pair = CoLLM.from_pretrained(a.tuned_run, dtype=a.dtype)
+        if tuned_pair.info.get("base_weights", "original") == "original":
+            raise SystemExit(f"--tuned-run {a.tuned_run}: that run's base is not tuned (collm.json base_weights)")
+        tuned_base = tuned_pair.base
+        tuned_alone = CoLLM(tuned_base, [], None, pair.tokenizer)
+        del tuned_pair  # its expert copy is not needed
+        chosen.add("tuned")
+    if "proxy" in chosen and tuned_base is None:
+        raise SystemExit("--systems proxy: proxy tuning needs a tuned base (--tuned-run, or a run whose base is tuned)")
     systems = {
         "base": ("tuned base alone" if tuned else "base alone", lambda ids: collm_system(pair, ids, "base", eta)),
         "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta)),
@@ -85,18 +96,19 @@ def main() -> None:
         "speculative": ("speculative decoding (transformers assisted, base drafts)",
                         lambda ids: hf_system(expert, ids, base)),
     }
+    if "tuned" in chosen:
+        systems["tuned"] = ("tuned base alone", lambda ids: collm_system(tuned_alone, ids, "base", eta))
     if "proxy" in chosen:
         from collm.backends.models import load_model
         from collm.pair import proxy_tuning
 
-        untuned, _ = load_model(pair.info["base"], dtype=a.dtype)
-        both = proxy_tuning(expert, base, untuned, pair.tokenizer)
+        untuned = load_model(pair.info["base"], dtype=a.dtype)[0] if tuned else base
+        both = proxy_tuning(expert, tuned_base, untuned, pair.tokenizer)
         systems["proxy"] = ("proxy tuning (expert + tuned - untuned base)",
                             lambda ids: collm_system(both, ids, "proxy", eta))
     systems = dict(v for k, v in systems.items() if k in chosen)
-    if "speculative" in chosen:
-        hf_system(expert, prompts[0], base)(4)  # warm-up: first calls allocate and pick kernels
-    collm_system(pair, prompts[0], "collm", eta)(4)
+    for make in systems.values():  # warm-up: each system's first call allocates and picks kernels
+        make(prompts[0])(4)
     results = []
     for name, make in systems.items():
         t_dec = n_dec = deferred = total = 0.0

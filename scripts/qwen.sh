@@ -16,13 +16,16 @@
 #   3. score    collm score: the expert's log P(token) (and whether it is its argmax) on both, once
 #   4. train    heads on the frozen base (base outputs cached once, head-only steps): marginal likelihood after
 #               the weak start and the paper's weak supervision, on the expert's text; the router: pseudo-
-#               labels "the expert would write another token" (weak_label=disagree) on the base's own text
+#               labels "the expert would write another token" (weak_label=disagree) on the base's own text;
+#               router-lora: the same with the base LoRA-tuned too (head from the frozen fit; 27 min, 2 threads)
 #   5. calibrate η of the routing head (ROUTER) on every 3rd validation-template row (37 problems),
 #               deferral rate <= MAX_DEFER
-#   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding
-#               (bench/qwen_speed.py; run it on a quiet machine)
+#   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
+#               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
-#               base, expert, Co-LLM (router at η), random deferral at its rate, the paper's weak head
+#               base, expert, Co-LLM (router at η), random deferral at its rate, the paper's weak head, the
+#               tuned base alone (TUNED's LoRA base) and proxy tuning with it
+# ROUTER=router-lora evaluates the LoRA router instead (its own calibration, speed and evaluation files).
 #   8. package  plots, then head + collm.json + results + manifest (sha256) into src/collm/assets/qwen
 #               (scripts/qwen_package.py)
 # Times measured on this machine (2 cores, OMP_NUM_THREADS=1, shared): see README "Qwen2.5-Coder pair".
@@ -43,6 +46,8 @@ THRESHOLDS=${THRESHOLDS:-0.5,0.6,0.7}
 # to predict where the expert would write another token routes instead.
 ROUTER=${ROUTER:-router}
 SUFFIX=; [[ $ROUTER == router ]] || SUFFIX=-$ROUTER  # each router's calibration, speed and evaluation files
+# The run whose LoRA-tuned base gives the "tuned base alone" and proxy-tuning rows (empty: none).
+TUNED=${TUNED-router-lora}; TUNED_ARGS=(); [[ -z $TUNED || $TUNED == "$ROUTER" ]] || TUNED_ARGS=(--tuned-run "$R/$TUNED")
 NEW=320          # new tokens per answer, as in the issue's zero-shot figures
 DT=bfloat16      # decoding dtype (the issue's speed figures are bf16)
 D=$R/data/gsm
@@ -108,17 +113,17 @@ log "6. speed on held-out prompts: ms/token at batch 1, tokens/s at batch 8 (pau
 # Whole answers (NEW tokens, as evaluated: the router defers more early in an answer than late), every 5th test
 # row; the batch-8 column decodes the first 8 of them at once. A tuned base adds proxy tuning.
 SPEED=speed$SUFFIX-${SPEED_PROMPTS:-6}x$NEW
-SYSTEMS=base,expert,collm,speculative; [[ $ROUTER != *lora* ]] || SYSTEMS+=,proxy
+SYSTEMS=base,expert,collm,speculative; [[ -z $TUNED ]] || SYSTEMS+=,proxy
 [[ -f $R/$SPEED.json ]] || OMP_NUM_THREADS=${SPEED_THREADS:-2} python3 bench/qwen_speed.py --run "$R/$ROUTER" \
   --data "$D/test.jsonl" --prompts ${SPEED_PROMPTS:-6} --new-tokens $NEW --systems $SYSTEMS --batch 8 --dtype $DT \
-  --json "$R/$SPEED.json" --markdown "$R/$SPEED.md"
+  --json "$R/$SPEED.json" --markdown "$R/$SPEED.md" "${TUNED_ARGS[@]}"
 until_ bench
 
 log "7. every system on all 220 held-out test problems (resumable per system)"
 EVAL=$R/eval-test220$SUFFIX
 REUSE=(); [[ $EVAL == "$R/eval-test220" || ! -f $R/eval-test220/results.json ]] || REUSE=(--reuse "$R/eval-test220")
 python3 scripts/qwen_eval.py --run "$R/$ROUTER" --weak-run "$R/weak" --data "$D/test.jsonl" --every 1 \
-  --max-new-tokens $NEW --batch-size 55 --dtype $DT --out "$EVAL" "${REUSE[@]}"
+  --max-new-tokens $NEW --batch-size 55 --dtype $DT --out "$EVAL" "${REUSE[@]}" "${TUNED_ARGS[@]}"
 until_ eval
 
 log "8. plots and the shipped artifacts (head, config, results; sha256 manifest) -> src/collm/assets/qwen"

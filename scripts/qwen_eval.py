@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--random-rate-from", default="given", help="with --only random: where the rate comes from")
     p.add_argument("--reuse", type=Path, help="an earlier --out of this script: take its base-alone and expert-"
                    "alone answers when it decoded the same rows the same way (the untuned models did not change)")
+    p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned (LoRA or full): adds its tuned base "
+                   "alone and proxy tuning with it (default: --run itself, when its base is tuned)")
     a = p.parse_args()
     rows = read_rows(a.data)[::a.every]
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
@@ -48,8 +50,12 @@ def main() -> None:
     if a.reuse:
         reuse(a.reuse, a.out, rows, config, a.dtype)
     tuned = read_run_config(a.run).get("base_weights", "original") != "original"
+    tuned_run = a.tuned_run or (a.run if tuned else None)
+    if tuned_run is not None and read_run_config(tuned_run).get("base_weights", "original") == "original":
+        p.error(f"--tuned-run {tuned_run}: that run's base is not tuned (collm.json base_weights)")
     pair = None
     trained = None
+    extra = {}  # the tuned run's pair, when it is not --run
 
     def loaded() -> CoLLM:
         nonlocal pair, trained
@@ -96,8 +102,19 @@ def main() -> None:
         untuned = CoLLM(untuned_base(), [], None, loaded().tokenizer)
         return system("base alone", mode="base", pair=untuned, note="the untuned base")
 
+    def tuned_pair() -> CoLLM:
+        if tuned_run == a.run:
+            return loaded()
+        if "tuned" not in extra:
+            extra["tuned"] = CoLLM.from_pretrained(tuned_run, dtype=a.dtype)
+        return extra["tuned"]
+
     def tuned_alone() -> dict:
-        return system("tuned base alone", mode="base", note=f"the base with the LoRA adapter of run {a.run}")
+        path = a.out / "system-tuned-base-alone.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        return system("tuned base alone", mode="base", pair=tuned_pair(),
+                      note=f"the base with the adapter of run {tuned_run}")
 
     def proxy() -> dict:
         from collm.pair import proxy_tuning
@@ -105,16 +122,17 @@ def main() -> None:
         path = a.out / "system-proxy-tuning.json"
         if path.exists():
             return json.loads(path.read_text())
-        both = proxy_tuning(loaded().experts[0], pair.base, untuned_base(), pair.tokenizer)
-        return system("proxy tuning", mode="proxy", pair=both, note="expert + tuned base - untuned base")
+        both = proxy_tuning(loaded().experts[0], tuned_pair().base, untuned_base(), pair.tokenizer)
+        return system("proxy tuning", mode="proxy", pair=both,
+                      note=f"expert + tuned base - untuned base (the base of run {tuned_run})")
 
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if only:  # rows that need no calibrated threshold, or a given random rate: run them beside other jobs
         if not only <= {"base", "expert", "collm", "weak", "random", "tuned", "proxy"} or \
                 ("weak" in only and not a.weak_run) or ("random" in only and a.random_rate is None) or \
-                (only & {"tuned", "proxy"} and not tuned):
+                (only & {"tuned", "proxy"} and tuned_run is None):
             p.error("--only takes base, expert, collm, weak (with --weak-run), random (with --random-rate), and "
-                    "tuned and proxy (for a run whose base is tuned)")
+                    "tuned and proxy (with --tuned-run, or a run whose base is tuned)")
         if "base" in only:
             base_alone()
         if "expert" in only:
@@ -136,7 +154,7 @@ def main() -> None:
     systems.append(randomised(rate, "Co-LLM's measured rate on these problems"))
     if a.weak_run:
         systems.append(weak())
-    if tuned:
+    if tuned_run is not None:
         systems += [tuned_alone(), proxy()]
     for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
         systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
