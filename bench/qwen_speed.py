@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--run", required=True, help="trained run folder (collm.json with the calibrated threshold)")
     p.add_argument("--data", required=True, help="JSONL with prompts (held-out test problems)")
     p.add_argument("--prompts", type=int, default=4, help="prompts, every 5th row from the first")
+    p.add_argument("--spread", action="store_true", help="take the prompts evenly spaced over the whole file "
+                   "(every len/N-th row: the test file runs template by template, so the first rows cover few)")
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
@@ -66,7 +68,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     a = p.parse_args()
-    every = [json.loads(x) for x in Path(a.data).read_text().splitlines() if x.strip()][::5]
+    every = [json.loads(x) for x in Path(a.data).read_text().splitlines() if x.strip()]
+    every = every[::max(1, len(every) // max(a.prompts, a.batch))] if a.spread else every[::5]
     rows = every[:a.prompts]
     pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
     eta = pair.threshold if a.threshold is None else a.threshold
@@ -129,7 +132,7 @@ def main() -> None:
     if a.batch:
         ids = pair.encode([r["prompt"] for r in every[:a.batch]])
         if len(ids) < a.batch:
-            raise SystemExit(f"--batch {a.batch}: the data has only {len(ids)} prompts at every 5th row")
+            raise SystemExit(f"--batch {a.batch}: the data has only {len(ids)} prompts at the chosen rows")
         for name, mode in (("tuned base alone" if tuned else "base alone", "base"), ("expert alone", "expert"),
                            (f"Co-LLM (eta={eta:g})", "collm")):
             started = time.perf_counter()
@@ -144,7 +147,8 @@ def main() -> None:
     f = next(r["deferral_rate"] for r in results if r["system"].startswith("Co-LLM"))
     tau = by["tuned base alone" if tuned else "base alone"] + f * by["expert alone"]
     summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
-               "new_tokens": a.new_tokens, "dtype": a.dtype, "threads": torch.get_num_threads(), "systems": results,
+               "new_tokens": a.new_tokens, "rows": "spread" if a.spread else "every 5th", "dtype": a.dtype,
+               "threads": torch.get_num_threads(), "systems": results,
                "batched": batched}
     if a.json:
         write_json(a.json, summary)
@@ -158,7 +162,7 @@ def main() -> None:
             rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
             lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['new_tokens']} | {rate} |")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
-                 f"{len(prompts)} prompts, {a.new_tokens} new tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
+                 f"{len(prompts)} prompts ({'evenly spaced' if a.spread else 'every 5th row'}), {a.new_tokens} new tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.markdown:

@@ -110,13 +110,13 @@ CAL="--data $D/validation_every3.jsonl --max-defer $MAX_DEFER --thresholds $THRE
 until_ calibrate
 
 log "6. speed on held-out prompts: ms/token at batch 1, tokens/s at batch 8 (pause other jobs: a quiet machine)"
-# Whole answers (NEW tokens, as evaluated: the router defers more early in an answer than late), every 5th test
-# row; the batch-8 column decodes the first 8 of them at once. A tuned base adds proxy tuning.
-SPEED=speed$SUFFIX-${SPEED_PROMPTS:-6}x$NEW
+# Whole answers (NEW tokens, as evaluated: the router defers more early in an answer than late) to 8 test rows
+# evenly spaced over the file (8 of the 20 templates); the batch-8 column decodes them at once.
+SPEED=speed$SUFFIX-${SPEED_PROMPTS:-8}x$NEW
 SYSTEMS=base,expert,collm,speculative; [[ -z $TUNED ]] || SYSTEMS+=,proxy
 [[ -f $R/$SPEED.json ]] || OMP_NUM_THREADS=${SPEED_THREADS:-2} python3 bench/qwen_speed.py --run "$R/$ROUTER" \
-  --data "$D/test.jsonl" --prompts ${SPEED_PROMPTS:-6} --new-tokens $NEW --systems $SYSTEMS --batch 8 --dtype $DT \
-  --json "$R/$SPEED.json" --markdown "$R/$SPEED.md" "${TUNED_ARGS[@]}"
+  --data "$D/test.jsonl" --spread --prompts ${SPEED_PROMPTS:-8} --new-tokens $NEW --systems $SYSTEMS --batch 8 \
+  --dtype $DT --json "$R/$SPEED.json" --markdown "$R/$SPEED.md" "${TUNED_ARGS[@]}"
 until_ bench
 
 log "7. every system on all 220 held-out test problems (resumable per system)"

@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SPEED_NAMES = {"base alone": "base alone", "expert alone": "expert alone", "Co-LLM": "Co-LLM (eta="}
+SPEED_NAMES = {"base alone": "base alone", "expert alone": "expert alone", "Co-LLM": "Co-LLM (eta=",
+               "tuned base alone": "tuned base alone", "proxy tuning": "proxy tuning"}
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     for t, q in ((q["threshold"], q) for q in points):
         ax.annotate(f"η={t:g}", (q["defer_rate"], q["accuracy"]), textcoords="offset points", xytext=(4, 4))
     for name, marker in (("Co-LLM", "s"), ("random deferral", "x"), ("Co-LLM, weak-supervision head", "P"),
-                         ("base alone", "v"), ("expert alone", "^")):
+                         ("base alone", "v"), ("expert alone", "^"), ("tuned base alone", "<")):
         if name in systems:
             s = systems[name]
             ax.plot(s["defer_rate"], s["accuracy"], marker, label=f"{name}, test ({s['total']})")
