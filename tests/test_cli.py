@@ -221,5 +221,5 @@ def test_train_options_are_the_config_fields():
     options = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
     for f in dataclasses.fields(TrainConfig):
         assert f.name in options, f.name
-    assert options["weak_start"].help.startswith("Marginal objective: first fit the head to pseudo-labels")
+    assert options["weak_start"].help.startswith("Marginal objective, and the weak objective with a trained base")
     assert options["base"].required and options["lr"].default == TrainConfig.lr
