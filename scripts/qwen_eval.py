@@ -20,7 +20,8 @@ from pathlib import Path
 
 from collm.atomic import write_json
 from collm.core.head import DeferralHead
-from collm.evaluation.evaluate import EvalConfig, markdown_table, random_router, read_rows, run_system, save_results
+from collm.evaluation.evaluate import (EvalConfig, markdown_table, missing, random_router, read_rows, run_system,
+                                       save_results)
 from collm.pair import CoLLM, read_run_config
 
 
@@ -43,6 +44,8 @@ def main() -> None:
                    "alone answers when it decoded the same rows the same way (the untuned models did not change)")
     p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned (LoRA or full): adds its tuned base "
                    "alone and proxy tuning with it (default: --run itself, when its base is tuned)")
+    p.add_argument("--no-proxy", default="", metavar="WHY", help="with a tuned base: leave proxy tuning out of the "
+                   "table, saying why (it runs three models every step: the longest row)")
     a = p.parse_args()
     rows = read_rows(a.data)[::a.every]
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
@@ -155,7 +158,7 @@ def main() -> None:
     if a.weak_run:
         systems.append(weak())
     if tuned_run is not None:
-        systems += [tuned_alone(), proxy()]
+        systems += [tuned_alone(), proxy() if not a.no_proxy else asdict(missing("proxy tuning", a.no_proxy))]
     for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
         systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
     results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "systems": systems,
