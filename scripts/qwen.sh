@@ -25,9 +25,10 @@
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
 #               base, expert, Co-LLM (router at η), random deferral at its rate, the paper's weak head, the
 #               tuned base alone (TUNED's LoRA base) and proxy tuning with it
-# ROUTER=router-lora evaluates the LoRA router instead (its own calibration, speed and evaluation files).
 #   8. package  plots, then head + collm.json + results + manifest (sha256) into src/collm/assets/qwen
 #               (scripts/qwen_package.py)
+# ROUTER=router-lora evaluates the LoRA router instead (its own calibration, speed and evaluation files);
+# TUNED= (empty) leaves out the tuned-base rows. Proxy tuning alone needs ~13 GB: run stage 7 by itself.
 # Times measured on this machine (2 cores, OMP_NUM_THREADS=1, shared): see README "Qwen2.5-Coder pair".
 set -euo pipefail
 cd "$(dirname "$0")/.."
