@@ -75,7 +75,8 @@ def main() -> None:
     eta = pair.threshold if a.threshold is None else a.threshold
     prompts = pair.encode([r["prompt"] for r in rows])
     base, expert = pair.base, pair.experts[0]
-    chosen = {x.strip() for x in a.systems.split(",") if x.strip()} - ({"generate", "speculative"} if a.no_hf else set())
+    chosen = {x.strip() for x in a.systems.split(",") if x.strip()}
+    chosen -= {"generate", "speculative"} if a.no_hf else set()
     unknown = chosen - {"base", "expert", "collm", "generate", "speculative", "proxy"}
     if unknown or not {"base", "expert", "collm"} <= chosen:
         raise SystemExit(f"--systems: base, expert and collm are needed (for τ(f)); unknown: {sorted(unknown)}")

@@ -161,7 +161,7 @@ def main() -> None:
         systems += [tuned_alone(), proxy() if not a.no_proxy else asdict(missing("proxy tuning", a.no_proxy))]
     for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
         systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
-    results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "systems": systems,
+    results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "dtype": a.dtype, "systems": systems,
                "run": str(a.run), "data": f"{a.data} (every {a.every})"}
     save_results(results, a.out / "results.json", a.out / "results.md")
     from collm.evaluation.report import write_html
@@ -177,7 +177,9 @@ def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype:
         old = json.loads((earlier / "results.json").read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--reuse {earlier}: no readable results.json there ({e}); drop --reuse")
-    same = old.get("config") == json.loads(json.dumps(asdict(config))) and old.get("rows") == len(rows) and old.get("dtype", dtype) == dtype
+    # results record the decoding dtype since --reuse exists; older ones (without it) are taken as this dtype
+    same = (old.get("config") == json.loads(json.dumps(asdict(config))) and old.get("rows") == len(rows)
+            and old.get("dtype", dtype) == dtype)
     for name in ("base-alone", "expert-alone"):
         source, target = earlier / f"system-{name}.json", out / f"system-{name}.json"
         if target.exists() or not source.exists():
