@@ -81,6 +81,7 @@ def main() -> None:
     if unknown or not {"base", "expert", "collm"} <= chosen:
         raise SystemExit(f"--systems: base, expert and collm are needed (for τ(f)); unknown: {sorted(unknown)}")
     tuned = pair.info.get("base_weights", "original") != "original"
+    base_name = "tuned base alone" if tuned else "base alone"
     tuned_base = base if tuned else None
     if a.tuned_run is not None and not tuned:
         tuned_pair = CoLLM.from_pretrained(a.tuned_run, dtype=a.dtype)
@@ -93,7 +94,7 @@ def main() -> None:
     if "proxy" in chosen and tuned_base is None:
         raise SystemExit("--systems proxy: proxy tuning needs a tuned base (--tuned-run, or a run whose base is tuned)")
     systems = {
-        "base": ("tuned base alone" if tuned else "base alone", lambda ids: collm_system(pair, ids, "base", eta)),
+        "base": (base_name, lambda ids: collm_system(pair, ids, "base", eta)),
         "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta)),
         "collm": (f"Co-LLM (eta={eta:g})", lambda ids: collm_system(pair, ids, "collm", eta)),
         "generate": ("transformers generate, expert", lambda ids: hf_system(expert, ids)),
@@ -134,8 +135,7 @@ def main() -> None:
         ids = pair.encode([r["prompt"] for r in every[:a.batch]])
         if len(ids) < a.batch:
             raise SystemExit(f"--batch {a.batch}: the data has only {len(ids)} prompts at the chosen rows")
-        for name, mode in (("tuned base alone" if tuned else "base alone", "base"), ("expert alone", "expert"),
-                           (f"Co-LLM (eta={eta:g})", "collm")):
+        for name, mode in ((base_name, "base"), ("expert alone", "expert"), (f"Co-LLM (eta={eta:g})", "collm")):
             started = time.perf_counter()
             out = pair.generate(ids, max_new_tokens=a.new_tokens, mode=mode, threshold=eta)
             seconds = time.perf_counter() - started
@@ -146,7 +146,7 @@ def main() -> None:
             batched.append(row)
     by = {r["system"]: r["ms_per_token"] for r in results}
     f = next(r["deferral_rate"] for r in results if r["system"].startswith("Co-LLM"))
-    tau = by["tuned base alone" if tuned else "base alone"] + f * by["expert alone"]
+    tau = by[base_name] + f * by["expert alone"]
     summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
                "new_tokens": a.new_tokens, "rows": "spread" if a.spread else "every 5th", "dtype": a.dtype,
                "threads": torch.get_num_threads(), "systems": results,
@@ -163,7 +163,8 @@ def main() -> None:
             rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
             lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['new_tokens']} | {rate} |")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
-                 f"{len(prompts)} prompts ({'evenly spaced' if a.spread else 'every 5th row'}), {a.new_tokens} new tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
+                 f"{len(prompts)} prompts ({'evenly spaced' if a.spread else 'every 5th row'}), {a.new_tokens} new "
+                 f"tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.markdown:

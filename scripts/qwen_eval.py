@@ -73,7 +73,8 @@ def main() -> None:
             return json.loads(path.read_text())
         loaded()
         pair.head = kwargs.pop("head", trained)
-        decoder = kwargs.pop("pair", None) or pair
+        other = kwargs.pop("pair", None)  # loads another pair only when the row is not decoded yet
+        decoder = other() if other else pair
         result = asdict(run_system(decoder, rows, name, config, **kwargs)) | ({"note": note} if note else {})
         write_json(path, result)
         print(f"{name}: {result['correct']}/{result['total']}, deferral {result['defer_rate']:.3f}, "
@@ -99,11 +100,8 @@ def main() -> None:
     def base_alone() -> dict:
         if not tuned:
             return system("base alone", mode="base")
-        path = a.out / "system-base-alone.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        untuned = CoLLM(untuned_base(), [], None, loaded().tokenizer)
-        return system("base alone", mode="base", pair=untuned, note="the untuned base")
+        return system("base alone", mode="base", pair=lambda: CoLLM(untuned_base(), [], None, pair.tokenizer),
+                      note="the untuned base")
 
     def tuned_pair() -> CoLLM:
         if tuned_run == a.run:
@@ -113,20 +111,14 @@ def main() -> None:
         return extra["tuned"]
 
     def tuned_alone() -> dict:
-        path = a.out / "system-tuned-base-alone.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        return system("tuned base alone", mode="base", pair=tuned_pair(),
+        return system("tuned base alone", mode="base", pair=tuned_pair,
                       note=f"the base with the adapter of run {tuned_run}")
 
     def proxy() -> dict:
         from collm.pair import proxy_tuning
 
-        path = a.out / "system-proxy-tuning.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        both = proxy_tuning(loaded().experts[0], tuned_pair().base, untuned_base(), pair.tokenizer)
-        return system("proxy tuning", mode="proxy", pair=both,
+        return system("proxy tuning", mode="proxy",
+                      pair=lambda: proxy_tuning(pair.experts[0], tuned_pair().base, untuned_base(), pair.tokenizer),
                       note=f"expert + tuned base - untuned base (the base of run {tuned_run})")
 
     only = {x.strip() for x in a.only.split(",") if x.strip()}

@@ -284,7 +284,7 @@ def _base_pass_and_weak_start(s: Setup) -> None:
                                                            len(s.scores) + 1)
         s.acc.print(f"pseudo-labels: positive rate {float((flat > 0).float().mean()):.4f}")
     if weak_start:
-        _weak_start(s, outputs, labels, _weak_rows(s.data, c) if frozen or weak_obj else rows)
+        _weak_start(s, outputs, labels, _weak_rows(s.data, c))  # `rows` when only the weak start needed the pass
         if not frozen:  # the trained base recomputes its states; keep only the labels
             for o in outputs.values():
                 o.hidden = None
