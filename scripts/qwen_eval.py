@@ -92,6 +92,8 @@ def main() -> None:
                       note=f"each token deferred with probability {rate:.3f} ({where})")
 
     def untuned_base():
+        if not tuned:  # --run's own base (one copy fewer: proxy tuning holds three models)
+            return loaded().base
         from collm.backends.models import load_model
 
         model, _ = load_model(read_run_config(a.run)["base"], dtype=a.dtype)
@@ -106,8 +108,8 @@ def main() -> None:
     def tuned_pair() -> CoLLM:
         if tuned_run == a.run:
             return loaded()
-        if "tuned" not in extra:
-            extra["tuned"] = CoLLM.from_pretrained(tuned_run, dtype=a.dtype)
+        if "tuned" not in extra:  # its base only: a second copy of the expert took 3 GB (bf16) for nothing
+            extra["tuned"] = CoLLM(CoLLM.from_pretrained(tuned_run, dtype=a.dtype).base, [], None, loaded().tokenizer)
         return extra["tuned"]
 
     def tuned_alone() -> dict:
