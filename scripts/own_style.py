@@ -4,6 +4,9 @@ Both Qwen2.5-Coder instruct models write markdown solutions, far from GSM8K's ``
 on GSM's gold text learns where the expert predicts *GSM's* next token, not where the base goes wrong in its own
 writing. So the head trains on the expert's own solutions (the base is scored on them too).
 
+With ``--run`` a trained Co-LLM pair writes instead (greedy, at the run's threshold): its mixed answers are the
+prefixes a router really reads at decoding time (on-policy rows; keep them all with ``--keep all``).
+
     python scripts/own_style.py --model qwen2.5-coder-1.5b-instruct --data runs/qwen/data/gsm/train.jsonl \
         --rows 160 --out runs/qwen/own_style
 
@@ -34,7 +37,9 @@ def pick_rows(path: Path, n: int, seed: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="the model that writes alone (a model spec)")
+    group.add_argument("--run", type=Path, help="a trained run folder: its Co-LLM pair writes, at its threshold")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rows", type=int, default=160)
@@ -53,16 +58,20 @@ def main() -> None:
         chunk = a.out / f"chunk-{k:03d}.jsonl"
         if chunk.exists():
             continue
-        if pair is None:  # one model writes alone: the same object serves as base, no expert ever runs
+        if pair is None and a.run:
+            pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
+        elif pair is None:  # one model writes alone: the same object serves as base, no expert ever runs
             model, tokenizer = load_model(a.model, dtype=a.dtype)
             pair = CoLLM(base=model, experts=[model], head=None, tokenizer=tokenizer)
         batch = rows[start:start + a.batch_size]
         t = time.time()
-        out = pair.generate([r["prompt"] for r in batch], max_new_tokens=a.max_new_tokens, mode="base")
+        out = pair.generate([r["prompt"] for r in batch], max_new_tokens=a.max_new_tokens,
+                            mode="collm" if a.run else "base")
         lines = [json.dumps({"prompt": r["prompt"], "completion": text, "answer": r["answer"],
                              "template": r.get("template"), "correct": is_correct(text, r["answer"]),
-                             "finished": len(ids) < a.max_new_tokens})
-                 for r, text, ids in zip(batch, out.texts, out.token_ids)]
+                             "finished": len(ids) < a.max_new_tokens,
+                             "deferred": sum(1 for s in sources if s) / max(len(ids), 1)})
+                 for r, text, ids, sources in zip(batch, out.texts, out.token_ids, out.sources)]
         atomic_write(chunk, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
         print(f"batch {k}: {sum(json.loads(x)['correct'] for x in lines)}/{len(batch)} right, "
               f"{out.stats.get('new_tokens')} tokens in {time.time() - t:.0f} s", flush=True)
