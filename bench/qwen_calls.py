@@ -52,7 +52,7 @@ def main() -> None:
         started = time.perf_counter()
         out = pair.generate([ids], max_new_tokens=a.new_tokens)
         total = time.perf_counter() - started
-        prefill = sum(dt for _, width, dt in calls[:2])  # both models read the prompt up front
+        prefill = sum(dt for *_, dt in calls[:2])  # both models read the prompt up front
         groups = defaultdict(list)
         for name, width, dt in calls[2:]:
             groups[name if name == "base" else f"expert, {'1 token' if width == 1 else '2+ tokens'}"].append(dt)

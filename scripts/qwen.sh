@@ -28,7 +28,7 @@
 #   8. package  plots, then head + collm.json + results + manifest (sha256) into src/collm/assets/qwen
 #               (scripts/qwen_package.py)
 # ROUTER=router-lora evaluates the LoRA router instead (its own calibration, speed and evaluation files);
-# TUNED= (empty) leaves out the tuned-base rows. Proxy tuning alone needs ~13 GB: run stage 7 by itself.
+# TUNED= (empty) leaves out the tuned-base rows. Proxy tuning holds three models (12 GB in use here): run stage 7 alone.
 # Times measured on this machine (2 cores, OMP_NUM_THREADS=1, shared): see README "Qwen2.5-Coder pair".
 set -euo pipefail
 cd "$(dirname "$0")/.."
