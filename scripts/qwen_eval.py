@@ -40,8 +40,9 @@ def main() -> None:
                    "random), then stop; rows that need no calibrated router can run while it is being trained")
     p.add_argument("--random-rate", type=float, help="with --only random: the deferral probability")
     p.add_argument("--random-rate-from", default="given", help="with --only random: where the rate comes from")
-    p.add_argument("--reuse", type=Path, help="an earlier --out of this script: take its base-alone and expert-"
-                   "alone answers when it decoded the same rows the same way (the untuned models did not change)")
+    p.add_argument("--reuse", type=Path, help="an earlier --out of this script: take its rows that do not depend on "
+                   "--run's head (base alone, expert alone; the weak head, tuned base and proxy tuning when its note "
+                   "names the same --weak-run / --tuned-run) when it decoded the same rows the same way")
     p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned (LoRA or full): adds its tuned base "
                    "alone and proxy tuning with it (default: --run itself, when its base is tuned)")
     p.add_argument("--no-proxy", default="", metavar="WHY", help="with a tuned base: leave proxy tuning out of the "
@@ -50,12 +51,18 @@ def main() -> None:
     rows = read_rows(a.data)[::a.every]
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.reuse:
-        reuse(a.reuse, a.out, rows, config, a.dtype)
     tuned = read_run_config(a.run).get("base_weights", "original") != "original"
     tuned_run = a.tuned_run or (a.run if tuned else None)
     if tuned_run is not None and read_run_config(tuned_run).get("base_weights", "original") == "original":
         p.error(f"--tuned-run {tuned_run}: that run's base is not tuned (collm.json base_weights)")
+    if a.reuse:
+        # rows that --run's head does not touch; the others only when they came from the same runs
+        runs = {"base-alone": None, "expert-alone": None}
+        if a.weak_run:
+            runs["co-llm-weak-supervision-head"] = a.weak_run
+        if tuned_run is not None and tuned_run != a.run:
+            runs |= {"tuned-base-alone": tuned_run, "proxy-tuning": tuned_run}
+        reuse(a.reuse, a.out, rows, config, a.dtype, runs)
     pair = None
     trained = None
     extra = {}  # the tuned run's pair, when it is not --run
@@ -164,9 +171,11 @@ def main() -> None:
     print(markdown_table(results))
 
 
-def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype: str) -> None:
-    """Copy the base-alone and expert-alone answers of an earlier evaluation into ``out`` when that run decoded
-    the same prompts with the same settings; otherwise say why and decode them again."""
+def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype: str,
+          runs: dict[str, Path | None]) -> None:
+    """Copy the rows named in ``runs`` (file stem -> the run they must come from, named in their note; None: the
+    untrained models) of an earlier evaluation into ``out`` when that evaluation decoded the same prompts with
+    the same settings; otherwise say why and decode them again."""
     try:
         old = json.loads((earlier / "results.json").read_text())
     except (OSError, ValueError) as e:
@@ -174,7 +183,7 @@ def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype:
     # results record the decoding dtype since --reuse exists; older ones (without it) are taken as this dtype
     same = (old.get("config") == json.loads(json.dumps(asdict(config))) and old.get("rows") == len(rows)
             and old.get("dtype", dtype) == dtype)
-    for name in ("base-alone", "expert-alone"):
+    for name, run in runs.items():
         source, target = earlier / f"system-{name}.json", out / f"system-{name}.json"
         if target.exists() or not source.exists():
             continue
@@ -182,6 +191,9 @@ def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype:
         prompts = [e["prompt"] for e in result.get("examples", [])]
         if not same or prompts != [r["prompt"] for r in rows]:
             print(f"--reuse: {source} decoded other rows or settings; decoding {name} again")
+            continue
+        if run is not None and not re.search(rf"run {re.escape(str(run))}(\)|,|$)", result.get("note", "")):
+            print(f"--reuse: {source} does not name run {run} in its note; decoding {name} again")
             continue
         note = (result.get("note", "") + f" (decoded for {earlier.name}, same rows and settings)").strip()
         write_json(target, result | {"note": note})
