@@ -1,4 +1,4 @@
-"""Ship the Qwen run: the router's head, collm.json, training config and rows, results, speed and plots.
+"""Ship the Qwen run: the router's head, collm.json, training config and its training rows, results, speed and plots.
 
     python scripts/qwen_package.py --runs runs/qwen --router router --out src/collm/assets/qwen
 
@@ -29,6 +29,15 @@ WRITTEN = {"test_results.json", "problems.json", "results.md"}  # made here, not
 EARLIER = {"test44_results.json", "test44_results.md", "test220_results.json", "test220_results.md"}
 
 
+def train_rows(run: Path) -> Path:
+    """The rows the router was trained on, as its train_config.json names them."""
+    data = Path(json.loads((run / "train_config.json").read_text())["data"])
+    if not data.exists():
+        raise SystemExit(f"{data} (the training rows named in {run}/train_config.json) is missing: run from the "
+                         "repository root, where the run was trained")
+    return data
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, required=True)
@@ -48,7 +57,7 @@ def main() -> None:
     files = {runs / a.router / n: n for n in ("collm.json", "head.safetensors", "train_config.json")}
     files |= {runs / a.router / n: n for n in ADAPTER}  # a router that tuned the base (LoRA) ships its adapter
     files |= {runs / a.calibration: "calibration.png", runs / f"{a.speed}.json": "speed.json",
-              runs / f"{a.speed}.md": "speed.md", runs / "base_style/train.jsonl": "train_rows.jsonl",
+              runs / f"{a.speed}.md": "speed.md", train_rows(runs / a.router): "train_rows.jsonl",
               runs / f"{a.plots}_accuracy_vs_deferral.png": "accuracy_vs_deferral.png",
               runs / f"{a.plots}_accuracy_vs_ms.png": "accuracy_vs_ms.png", runs / a.eval / "results.md": "test_results.md"}
     shipped = set()
