@@ -36,8 +36,9 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.plot([q["defer_rate"] for q in points], [q["accuracy"] for q in points], "o-",
             label=f"Co-LLM, validation ({points[0]['total']} problems)")
-    for t, q in ((q["threshold"], q) for q in points):
-        ax.annotate(f"η={t:g}", (q["defer_rate"], q["accuracy"]), textcoords="offset points", xytext=(4, 4))
+    for i, q in enumerate(points):  # alternate above and below: neighbouring η often share an accuracy
+        ax.annotate(f"η={q['threshold']:g}", (q["defer_rate"], q["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4) if i % 2 == 0 else (4, -12))
     for name, marker in (("Co-LLM", "s"), ("random deferral", "x"), ("Co-LLM, weak-supervision head", "P"),
                          ("base alone", "v"), ("expert alone", "^"), ("tuned base alone", "<")):
         if name in systems:
