@@ -24,6 +24,7 @@ from collm.evaluation.evaluate import (EvalConfig, markdown_table, missing, rand
                                        save_results)
 from collm.pair import CoLLM, read_run_config
 
+WEAK = "Co-LLM, weak-supervision head"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,11 +58,11 @@ def main() -> None:
         p.error(f"--tuned-run {tuned_run}: that run's base is not tuned (collm.json base_weights)")
     if a.reuse:
         # rows that --run's head does not touch; the others only when they came from the same runs
-        runs = {"base-alone": None, "expert-alone": None}
+        runs = {"base alone": None, "expert alone": None}
         if a.weak_run:
-            runs["co-llm-weak-supervision-head"] = a.weak_run
+            runs[WEAK] = a.weak_run
         if tuned_run is not None and tuned_run != a.run:
-            runs |= {"tuned-base-alone": tuned_run, "proxy-tuning": tuned_run}
+            runs |= {"tuned base alone": tuned_run, "proxy tuning": tuned_run}
         reuse(a.reuse, a.out, rows, config, a.dtype, runs)
     pair = None
     trained = None
@@ -75,7 +76,7 @@ def main() -> None:
         return pair
 
     def system(name: str, note: str = "", **kwargs) -> dict:
-        path = a.out / f"system-{re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')}.json"
+        path = system_file(a.out, name)
         if path.exists():
             return json.loads(path.read_text())
         loaded()
@@ -90,7 +91,7 @@ def main() -> None:
 
     def weak() -> dict:
         weak_eta = read_run_config(a.weak_run)["threshold"]
-        return system("Co-LLM, weak-supervision head", threshold=weak_eta,
+        return system(WEAK, threshold=weak_eta,
                       head=DeferralHead.load(a.weak_run / "head.safetensors"),
                       note=f"the paper's pseudo-labels on the expert's own text (run {a.weak_run}), threshold {weak_eta:g}")
 
@@ -171,9 +172,14 @@ def main() -> None:
     print(markdown_table(results))
 
 
+def system_file(folder: Path, name: str) -> Path:
+    """Where one system's results live: its name, lower-case, runs of other characters as one dash."""
+    return folder / f"system-{re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')}.json"
+
+
 def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype: str,
           runs: dict[str, Path | None]) -> None:
-    """Copy the rows named in ``runs`` (file stem -> the run they must come from, named in their note; None: the
+    """Copy the systems named in ``runs`` (system name -> the run it must come from, named in its note; None: the
     untrained models) of an earlier evaluation into ``out`` when that evaluation decoded the same prompts with
     the same settings; otherwise say why and decode them again."""
     try:
@@ -184,7 +190,7 @@ def reuse(earlier: Path, out: Path, rows: list[dict], config: EvalConfig, dtype:
     same = (old.get("config") == json.loads(json.dumps(asdict(config))) and old.get("rows") == len(rows)
             and old.get("dtype", dtype) == dtype)
     for name, run in runs.items():
-        source, target = earlier / f"system-{name}.json", out / f"system-{name}.json"
+        source, target = system_file(earlier, name), system_file(out, name)
         if target.exists() or not source.exists():
             continue
         result = json.loads(source.read_text())

@@ -20,7 +20,7 @@ from pathlib import Path
 from collm.atomic import write_json
 from collm.demo import write_manifest
 from collm.demo.package import pick_examples
-from collm.evaluation.report import system_table
+from collm.evaluation.evaluate import markdown_table
 
 ADAPTER = ("base_adapter/adapter_config.json", "base_adapter/adapter_model.safetensors")
 HEAVY = ("tokens", "defer_probs")  # per-token lists: kept in the run folder, not shipped
@@ -75,9 +75,8 @@ def main() -> None:
                                                     for i in pick_examples(results)],
                                        "chosen": "held-out test templates: Co-LLM right and its base wrong first"})
     # notes as footnotes: a Note column wraps the demo's terminal table into a column of words
-    table = system_table(results, ("accuracy", "ci", "defer", "share", "calls", "speed"), footnotes=True)
     (out / "results.md").write_text(f"### Held-out test templates ({results['rows']} problems, threshold "
-                                    f"{results['threshold']:g})\n\n" + table)
+                                    f"{results['threshold']:g})\n\n" + markdown_table(results, footnotes=True))
     shipped |= WRITTEN
     ours = set(files.values()) | WRITTEN | EARLIER  # a name this packaging writes; anything else is not ours
     for name in sorted((set(old["files"]) & ours) - shipped):  # shipped before, and not now

@@ -274,9 +274,10 @@ def _load_run(folder: str):
     return CoLLM.from_pretrained(folder)
 
 
-def markdown_table(results: dict) -> str:
-    """The systems as a Markdown table; rows without numbers show their note instead."""
-    return system_table(results, ("accuracy", "ci", "defer", "share", "calls", "speed"))
+def markdown_table(results: dict, footnotes: bool = False) -> str:
+    """The systems as a Markdown table; rows without numbers show their note instead. Notes go in a last
+    column, or with ``footnotes`` below the table (narrow enough for a terminal)."""
+    return system_table(results, ("accuracy", "ci", "defer", "share", "calls", "speed"), footnotes=footnotes)
 
 
 def save_results(results: dict, json_path: str | Path | None = None, markdown_path: str | Path | None = None) -> None:
