@@ -21,7 +21,8 @@
 #   5. calibrate η of the router on every 3rd validation-template row (37 problems), deferral rate <= MAX_DEFER
 #   5b. policy  the on-policy router (ROUTER=router-policy, the default): the calibrated router writes answers to
 #               BASE_ROWS other training problems (its own prefixes, deferrals included, right or wrong); scored
-#               with the base-style rows, router-policy is trained on both the same way and calibrated the same way
+#               with the base-style rows (their stage-3 scores reused), router-policy is trained on both the same
+#               way and calibrated the same way
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
@@ -122,7 +123,7 @@ if [[ $ROUTER == router-policy ]]; then
   [[ -f $R/mixed_style.jsonl ]] || { cat "$R/base_style/train.jsonl" "$R/policy_style/train.jsonl" > "$R/mixed_style.tmp"
                                      mv "$R/mixed_style.tmp" "$R/mixed_style.jsonl"; }
   [[ -f $R/router-policy/collm.json ]] || collm score --expert $EXPERT --data "$R/mixed_style.jsonl" \
-    --out "$R/scores-mixed" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096
+    --out "$R/scores-mixed" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/scores-base"
   [[ -f $R/router-policy/collm.json ]] || collm train --base $BASE --data "$R/mixed_style.jsonl" \
     --scores "$R/scores-mixed" --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 \
     --save-every 100 --batch-tokens 4096 --objective weak --weak-label disagree --out "$R/router-policy"

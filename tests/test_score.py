@@ -221,3 +221,55 @@ def test_disk_full_mid_shard_is_one_line_then_the_same_command_resumes(tmp_path,
     score(config("a"), model, tok)
     score(config("b"), model, tok)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_reuse_copies_rows_scored_before_and_scores_only_the_new_ones(tmp_path):
+    from collm.training.score import target_outputs
+
+    model, tok = make_llama(1), make_tokenizer()
+    old = write_rows(tmp_path / "old.jsonl", n=6)
+    score(ScoreConfig(expert="tiny", data=str(old), out=str(tmp_path / "s-old"), shard_rows=4), model, tok)
+    new_rows = write_rows(tmp_path / "extra.jsonl", n=4, seed=1).read_text().splitlines(keepends=True)
+    old_rows = old.read_text().splitlines(keepends=True)
+    grown = tmp_path / "grown.jsonl"  # new rows interleaved with the old ones, one old row twice
+    grown.write_text("".join([new_rows[0], *old_rows[:3], new_rows[1], old_rows[2], *old_rows[3:], *new_rows[2:]]))
+    scored = []
+
+    def counting(model, ids, attention, targets):
+        scored.append(ids.shape[0])
+        return target_outputs(model, ids, attention, targets)
+
+    config = ScoreConfig(expert="tiny", data=str(grown), out=str(tmp_path / "s-grown"), shard_rows=4,
+                         reuse=(str(tmp_path / "s-old"),))
+    score(config, model, tok, forward=counting)
+    assert sum(scored) == 4  # only the rows the old folder had not scored
+    score(ScoreConfig(expert="tiny", data=str(grown), out=str(tmp_path / "s-fresh"), shard_rows=4), model, tok)
+    data = encode_file(grown, tok, config.data_config())
+    reused, fresh = load_scores(tmp_path / "s-grown", data), load_scores(tmp_path / "s-fresh", data)
+    assert torch.equal(reused.offsets, fresh.offsets)
+    assert torch.allclose(reused.gold_logp, fresh.gold_logp, atol=1e-5)
+    assert torch.equal(reused.argmax_gold, fresh.argmax_gold)
+
+
+def test_reuse_refuses_scores_of_another_expert_changed_data_or_an_unfinished_run(tmp_path):
+    model, tok = make_llama(1), make_tokenizer()
+    old = write_rows(tmp_path / "old.jsonl", n=4)
+    score(ScoreConfig(expert="tiny", data=str(old), out=str(tmp_path / "s-old")), model, tok)
+    data = write_rows(tmp_path / "d.jsonl", n=6)
+
+    def run(expert="tiny", out="s"):
+        score(ScoreConfig(expert=expert, data=str(data), out=str(tmp_path / out), reuse=(str(tmp_path / "s-old"),)),
+              model, tok)
+
+    with pytest.raises(CollmError, match="another expert or dtype"):
+        run(expert="other", out="s1")
+    old.write_text(old.read_text() + json.dumps({"prompt": "1+1=?", "completion": "2"}) + "\n")
+    with pytest.raises(CollmError, match="changed since it was scored"):
+        run(out="s2")
+    manifest = json.loads((tmp_path / "s-old" / "manifest.json").read_text())
+    (tmp_path / "s-old" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(CollmError, match="unfinished"):
+        run(out="s3")
+    with pytest.raises(CollmError, match="holds no scores"):
+        score(ScoreConfig(expert="tiny", data=str(data), out=str(tmp_path / "s4"), reuse=(str(tmp_path / "none"),)),
+              model, tok)

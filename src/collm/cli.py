@@ -373,6 +373,7 @@ def score(
     dtype: Annotated[str, typer.Option(help="Expert dtype: float32, bfloat16 or float16.")] = "float32",
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace scores made for another data/expert/tokenizer key instead of refusing.")] = False,
+    reuse: Annotated[Optional[list[Path]], typer.Option(help="A finished scores folder (same expert, dtype, tokenizer) whose rows are copied, not scored again; repeatable.")] = None,
     config: ConfigOption = None,
 ):
     """Run the expert once over the data: per completion token, log P(gold) and whether its argmax is gold."""
@@ -380,7 +381,8 @@ def score(
 
     sc.score(sc.ScoreConfig(expert=expert, data=str(data), out=str(out), tokenizer=tokenizer, max_len=max_len,
                             chat=chat, add_eos=add_eos, batch_tokens=batch_tokens, shard_rows=shard_rows,
-                            dtype=dtype, device=device, overwrite=overwrite))
+                            dtype=dtype, device=device, overwrite=overwrite,
+                            reuse=tuple(str(p) for p in reuse or ())))
 
 
 def dataclass_command(cls, name: str, run, *, short_help: str) -> None:

@@ -10,6 +10,10 @@ precomputed reference log-probs. The output folder is a *static dataset*:
 Rows are scored longest first (little padding; an out-of-memory batch fails at once) in shards of
 ``shard_rows`` rows. Each shard and then the manifest are written atomically, so a run killed at any point
 resumes at the first unfinished shard and ends with the same bytes as an uninterrupted run.
+
+``reuse`` names finished score folders made by the same expert (weights and dtype) and tokenizer: a row whose
+tokens and targets equal a row scored there is copied, not scored again (data that grows by appending rows
+scores only the new ones). Copied values equal a fresh scoring's up to the batch's floating-point rounding.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class ScoreConfig:
     """Torch device for the expert."""
     overwrite: bool = False
     """Replace a folder holding scores for another key instead of refusing."""
+    reuse: tuple[str, ...] = ()
+    """Finished score folders of the same expert, dtype and tokenizer: rows with the same tokens are copied
+    from them instead of scored again."""
 
     def __post_init__(self):
         if self.batch_tokens < 2 or self.shard_rows < 1:
@@ -201,8 +208,50 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     print(f"data: {data.stats.describe()}")
     check_fits(data, context_length(model), "expert")
     manifest = _start(out, config, data, expert_id)
-    _run_shards(model, data, manifest, out, config, pad_id(data_tokenizer), forward)
+    known = reused_rows(config.reuse, data, expert_id, data_tokenizer)
+    if config.reuse:
+        print(f"reusing {len(known)} of {len(data.examples)} rows from {', '.join(map(str, config.reuse))}")
+    _run_shards(model, data, manifest, out, config, pad_id(data_tokenizer), forward, known)
     return out
+
+
+def reused_rows(folders, data: EncodedData, expert_id: str, tokenizer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Row index in ``data`` -> (gold log-probs, argmax-is-gold) copied from finished score folders whose row has
+    the same tokens and targets. Raises CollmError for a folder that is unfinished, was made by another expert,
+    dtype or tokenizer, or whose data file changed (or moved) since it was scored."""
+    wanted: dict[tuple, list[int]] = {}
+    for i, example in enumerate(data.examples):
+        wanted.setdefault(_row_key(example), []).append(i)
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for folder in map(Path, folders):
+        manifest = _read_own_manifest(folder, "give a folder collm score wrote to --reuse")
+        if manifest is None:
+            raise CollmError(f"--reuse {folder} holds no scores ({MANIFEST} missing): give a folder collm score wrote")
+        if manifest.get("format") != SCORES_FORMAT or not manifest.get("complete"):
+            raise CollmError(f"--reuse {folder}: its scores are unfinished or of another format; finish them "
+                             "(re-run their collm score command) or leave them out")
+        key = manifest["key"]
+        if key["expert"] != expert_id or key["tokenizer"] != data.tokenizer_id:
+            what = "expert or dtype" if key["expert"] != expert_id else "tokenizer"
+            raise CollmError(f"--reuse {folder} was scored with another {what}: only scores of the same expert, "
+                             "dtype and tokenizer can be reused")
+        source = Path(manifest["data"])
+        if not source.is_file():
+            raise CollmError(f"--reuse {folder}: its data file {source} is missing (run from the folder it was "
+                             "scored from, or leave it out)")
+        old = encode_file(source, tokenizer, DataConfig(**manifest["data_config"]))
+        if old.fingerprint != key["data"]:
+            raise CollmError(f"--reuse {folder}: its data file {source} changed since it was scored; leave it out")
+        scores = _assemble(folder, manifest, old)
+        for j, example in enumerate(old.examples):
+            for i in wanted.get(_row_key(example), ()):
+                span = slice(int(scores.offsets[j]), int(scores.offsets[j + 1]))
+                found.setdefault(i, (scores.gold_logp[span], scores.argmax_gold[span]))
+    return found
+
+
+def _row_key(example: Example) -> tuple:
+    return tuple(example.input_ids), tuple(example.completion_mask)
 
 
 def _remote_expert(config: ScoreConfig):
@@ -313,7 +362,7 @@ def _remove_own(out: Path, manifest: dict) -> None:
 
 
 def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: ScoreConfig, pad_id: int,
-                forward) -> None:
+                forward, known: dict | None = None) -> None:
     order = length_order(data.examples)
     rows = config.shard_rows
     done_tokens = sum(len(data.examples[i].input_ids) for k in map(int, manifest["shards"])
@@ -329,7 +378,8 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
             raise CollmError(f"{out / name} was not written by this collm score run: move it away and run again")
         manifest["pending"] = name  # recorded first, so a kill leaves a file the manifest proves is ours
         write_json(out / MANIFEST, manifest)
-        tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar, forward)
+        tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar, forward,
+                               known or {})
         atomic_write(out / name, lambda tmp: save_file(tensors, tmp, metadata={"shard": str(k)}))
         manifest["shards"][str(k)] = name
         manifest["pending"] = None
@@ -344,10 +394,14 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
 
 @torch.inference_mode()
 def _score_shard(model, examples: list[Example], rows: list[int], config: ScoreConfig, pad_id: int, bar,
-                 forward) -> dict:
+                 forward, known: dict) -> dict:
     logp, hit = {}, {}
+    for i in rows:
+        if i in known:
+            logp[i], hit[i] = known[i]
+            bar.update(len(examples[i].input_ids))
     device = config.device
-    for batch in token_batches(rows, examples, config.batch_tokens):
+    for batch in token_batches([i for i in rows if i not in known], examples, config.batch_tokens):
         ids, attention, targets = pad_batch([examples[i] for i in batch], pad_id)
         gold, right, _ = forward(model, ids.to(device), attention.to(device), targets.to(device))
         counts = [examples[i].num_targets for i in batch]
