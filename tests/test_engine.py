@@ -148,3 +148,31 @@ def test_joining_rows_do_not_make_the_experts_catch_up(pair):
     arrivals = {0: [(PROMPTS[1], Request(NEW))], 4: [(PROMPTS[2], Request(NEW))], 7: [(PROMPTS[0][:2], Request(9))]}
     run_engine(engine, arrivals)
     assert engine.stats.expert_calls == 0 and engine.stats.expert_tokens == 0
+
+
+def test_writer_logits_are_computed_only_for_the_tokens_it_writes(pair, monkeypatch):
+    """In mode collm the head routes from the writer's hidden state first; the writer's output embedding (a
+    quarter of a 0.5B model's weights) runs only at steps where some row takes the writer's token. Tokens,
+    sources and defer probabilities equal those of the always-computed logits: greedy and sampled rows, rows
+    joining and leaving."""
+    from collm.backends import hf
+
+    calls = []
+    real = hf.HFBackbone.logits_for
+    monkeypatch.setattr(hf.HFBackbone, "logits_for", lambda self, h: calls.append(h.shape[0]) or real(self, h))
+    out = pair.generate([PROMPTS[0]], max_new_tokens=NEW, threshold=0.5)
+    sources = out.sources[0]
+    assert 0 < sum(sources) < len(sources)
+    assert len(calls) == sum(1 for s in sources[1:] if s == 0)  # the first token's logits come with the prompt
+
+    def decode():
+        requests = [Request(NEW, 0.5), Request(7, 0.3), Request(NEW, 0.7, sampling=Sampling(do_sample=True, seed=3)),
+                    Request(12, 0.5)]
+        arrivals = {0: [(PROMPTS[1], requests[0])], 3: [(PROMPTS[2], requests[1]), (PROMPTS[0], requests[2])],
+                    9: [(PROMPTS[1][:2], requests[3])]}
+        _, rows = run_engine(pair.engine(), arrivals)
+        return {h: [(e.token_id, e.source, e.defer_prob) for e in events] for h, events in rows.items()}
+
+    lazy = decode()
+    monkeypatch.setattr(hf, "plain_logits", lambda model: False)  # the writer's logits at every read
+    assert decode() == lazy

@@ -55,7 +55,11 @@ class Next:
 class Backbone(Protocol):
     """A model the loop can read from. ``picks``: True where the backbone returns chosen tokens (a remote
     engine samples on its side) instead of logits; such a backbone cannot serve modes that need the full
-    distribution (compose, proxy)."""
+    distribution (compose, proxy).
+
+    Optional: a backbone with ``lazy_logits = True`` accepts ``read(..., hidden=True, logits=False)``, which
+    returns the hidden state only, and ``logits_for(hidden)``, which gives the logits from it. The loop then
+    runs the writer's output embedding only at steps where some row takes the writer's token."""
 
     seen: int
     picks: bool

@@ -7,13 +7,16 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from collm.backends.base import Columns, Next
+from collm.backends.models import plain_logits
 
 
 class HFBackbone:
     """One ``transformers`` model with its own KV cache in the shared column layout (see collm.backends.base).
 
     ``reencode``: forget the cache and re-read the prefix at every read: the naive baseline for benchmarks.
-    The model object is only called, never modified.
+    ``lazy_logits``: ``read(..., hidden=True, logits=False)`` runs the model without its output embedding and
+    ``logits_for(hidden)`` applies it later, only if the logits are needed (models whose logits are exactly
+    that product). The model object is only called, never modified.
     """
 
     picks = False
@@ -24,16 +27,30 @@ class HFBackbone:
         self.cache = DynamicCache(config=model.config)
         self.seen = 0
         self.last: Next | None = None
+        get_decoder = getattr(model, "get_decoder", None)
+        self.decoder = get_decoder() if callable(get_decoder) and plain_logits(model) else None
+        self.lazy_logits = isinstance(self.decoder, torch.nn.Module) and \
+            isinstance(model.get_output_embeddings(), torch.nn.Module)
 
-    def read(self, cols: Columns, end: int, *, hidden: bool = False, rows=None, sampling=None, step: int = 0) -> Next:
+    def read(self, cols: Columns, end: int, *, hidden: bool = False, rows=None, sampling=None, step: int = 0,
+             logits: bool = True) -> Next:
         """Consume columns [seen, end) in one forward. Where nothing is new (``end == seen``: a deferral right
-        after the up-front prefill) the last read's logits are returned without a forward."""
+        after the up-front prefill) the last read's answer is returned without a forward. ``logits=False``
+        (with ``hidden``, where ``lazy_logits``): the hidden state only; ``logits_for`` gives the logits."""
+        lazy = not logits and hidden and self.lazy_logits
         if end == self.seen and self.last is not None and not self.reencode and (self.last.hidden is not None
                                                                                   or not hidden):
+            if self.last.logits is None and not lazy:
+                self.last = Next(logits=self.logits_for(self.last.hidden), hidden=self.last.hidden)
             return self.last
         if self.reencode:
             self.cache, self.seen = DynamicCache(config=self.model.config), 0
         start, self.seen = self.seen, end
+        if lazy:
+            out = self.decoder(input_ids=cols.seq[:, start:end], attention_mask=cols.mask[:, :end],
+                               position_ids=cols.positions[:, start:end], cache=self.cache, use_cache=True)
+            self.last = Next(hidden=out.last_hidden_state[:, -1])
+            return self.last
         out = self.model(
             input_ids=cols.seq[:, start:end],
             attention_mask=cols.mask[:, :end],
@@ -47,10 +64,15 @@ class HFBackbone:
                          hidden=out.hidden_states[-1][:, -1] if hidden else None)
         return self.last
 
+    @torch.inference_mode()
+    def logits_for(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, vocab) float32 next-token logits from hidden states a lazy read returned."""
+        return self.model.get_output_embeddings()(hidden)[:, : self.vocab].float()
+
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
         if self.last is not None:
-            self.last = Next(logits=self.last.logits[rows],
+            self.last = Next(logits=None if self.last.logits is None else self.last.logits[rows],
                              hidden=None if self.last.hidden is None else self.last.hidden[rows])
 
     def pad_left(self, columns: int) -> None:
@@ -74,9 +96,10 @@ class HFBackbone:
                 theirs.keys, theirs.values = empty, empty
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
-        if self.last is not None and other.last is not None:
+        if self.last is not None and other.last is not None and (self.last.logits is None) == (other.last.logits is None):
             hidden = None if self.last.hidden is None or other.last.hidden is None else \
                 torch.cat([self.last.hidden, other.last.hidden])
-            self.last = Next(logits=torch.cat([self.last.logits, other.last.logits]), hidden=hidden)
+            logits = None if self.last.logits is None else torch.cat([self.last.logits, other.last.logits])
+            self.last = Next(logits=logits, hidden=hidden)
         else:
             self.last = None

@@ -221,6 +221,16 @@ def context_length(model) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
+def plain_logits(model) -> bool:
+    """True where ``model``'s logits are exactly its output embedding applied to the last hidden state (no
+    soft-capping or logit scaling), so the two can be computed apart."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not getattr(text, "final_logit_softcapping", None) and getattr(text, "logit_scale", None) in (None, 1)
+
+
 def vocab_size(model: PreTrainedModel) -> int:
     """Rows of the output embedding: the length of the logits the model produces."""
     return model.get_output_embeddings().weight.shape[0]

@@ -203,18 +203,27 @@ class Engine:
             return self._compose(sampling, generators)
         if self.mode == "proxy":
             return self._proxy(sampling, generators), choice
-        logits, picked = self.logits, {}
+        # the writer's logits (its output embedding) are computed only if a row takes its token
+        logits, picked = (self._writer_logits() if 0 in choice_host else self.logits), {}
         for k in sorted({c for c, row in zip(choice_host, self.rows) if c and not row.done}):
             rows_k = [i for i, c in enumerate(choice_host) if c == k and not self.rows[i].done]
             nxt = self._expert_read(k, rows=rows_k, sampling=sampling)
             if nxt.tokens is not None:
                 picked[k] = nxt.tokens
+            elif logits is None:  # every row's token comes from an expert
+                logits = nxt.logits
             else:
                 logits = torch.where((choice == k)[:, None], nxt.logits, logits)
-        token = pick(logits, sampling, generators)
+        token = pick(self._writer_logits() if logits is None else logits, sampling, generators)
         for k, tokens in picked.items():
             token = torch.where(choice == k, tokens.to(token.device), token)
         return token, choice
+
+    def _writer_logits(self) -> torch.Tensor:
+        """The writer's next-token logits; after a lazy read (hidden state only) computed now, once."""
+        if self.logits is None:
+            self.logits = self.writer.logits_for(self.hidden)
+        return self.logits
 
     def _expert_read(self, k: int, **kwargs):
         """Expert k (1-based) catches up to the writer's column: the one place a deferral calls an expert."""
@@ -320,7 +329,7 @@ class Engine:
             backbone.keep(index)
         self.cols = Columns(*(t.index_select(0, index) for t in (self.cols.seq, self.cols.mask,
                                                                     self.cols.positions)))
-        self.logits = self.logits.index_select(0, index)
+        self.logits = None if self.logits is None else self.logits.index_select(0, index)
         self.hidden = None if self.hidden is None else self.hidden.index_select(0, index)
         for name in ("done", "thresholds", "override"):
             setattr(self, name, getattr(self, name).index_select(0, index))
@@ -355,7 +364,8 @@ class Engine:
             self._set_row_tensors()
             return
         writer = self.writer.fresh(len(new_rows))
-        nxt = writer.read(cols, width, hidden=self.use_head)
+        lazy = self.logits is None  # the batch's writer logits wait until a row needs them: the new rows' too
+        nxt = writer.read(cols, width, hidden=self.use_head, **({"logits": False} if lazy else {}))
         logits, hidden = nxt.logits, nxt.hidden
         compact, n = cols, max(self.n, width)
         if n > self.n:
@@ -373,7 +383,7 @@ class Engine:
         self.writer.extend(writer)
         for mine, theirs in zip(self.expert_backbones, expert_backbones):
             mine.extend(theirs)
-        self.logits = torch.cat([self.logits, logits])
+        self.logits = None if lazy else torch.cat([self.logits, logits])
         self.hidden = None if hidden is None else torch.cat([self.hidden, hidden])
         self.rows += new_rows
         self._set_row_tensors()
@@ -431,7 +441,9 @@ class Engine:
 
     def _read_writer(self) -> None:
         start = self.writer.seen
-        nxt = self.writer.read(self.cols, self.n, hidden=self.use_head)
+        # in mode collm the head decides first; the writer's output embedding runs only for rows it writes
+        lazy = self.mode == "collm" and self.use_head and getattr(self.writer, "lazy_logits", False)
+        nxt = self.writer.read(self.cols, self.n, hidden=self.use_head, **({"logits": False} if lazy else {}))
         self.logits, self.hidden = nxt.logits, nxt.hidden
         if self.mode == "expert":
             self.stats.expert_calls += 1

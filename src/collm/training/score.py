@@ -32,7 +32,8 @@ from collm.atomic import atomic_write, remove, temp_siblings, write_json
 from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
 from collm.errors import CollmError
 from collm.training.loss import ARGMAX_RTOL, gold_outputs
-from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, weight_files
+from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, plain_logits, \
+    weight_files
 from collm.backends.remote import RemoteExpert, is_remote_spec
 
 MANIFEST = "manifest.json"
@@ -130,7 +131,7 @@ def target_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     pred = targets[:, 1:]
     gold = input_ids[:, 1:][pred]
-    if _post_processes_logits(hf.config):
+    if not plain_logits(hf):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         return (*gold_outputs(out.logits[:, :-1][pred], gold), out.hidden_states[-1][:, :-1][pred])
     hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][pred]
@@ -143,11 +144,6 @@ def target_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not logp:
         return hidden.new_zeros(0), torch.zeros(0, dtype=torch.bool), hidden
     return torch.cat(logp), torch.cat(hit), hidden
-
-
-def _post_processes_logits(config) -> bool:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return bool(getattr(text, "final_logit_softcapping", None)) or getattr(text, "logit_scale", None) not in (None, 1)
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
