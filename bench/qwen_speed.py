@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,11 +33,27 @@ def timed(fn) -> tuple[float, int]:
     return time.perf_counter() - started, n
 
 
-def collm_system(pair, ids, mode, threshold):
+def collm_system(pair, ids, mode, threshold, eager_logits=False):
     def run(n):
-        out = pair.generate([ids], max_new_tokens=n, mode=mode, threshold=threshold)
+        with writer_logits_every_step(eager_logits):
+            out = pair.generate([ids], max_new_tokens=n, mode=mode, threshold=threshold)
         return len(out.token_ids[0]), sum(1 for s in out.sources[0] if s)
     return run
+
+
+@contextmanager
+def writer_logits_every_step(on: bool):
+    """The engine as it was before it skipped the writer's output embedding at deferred steps: the base's
+    logits at every read (`collm-eager` in --systems, for the before/after ratio in one run)."""
+    from collm.backends import hf
+
+    real = hf.plain_logits
+    if on:
+        hf.plain_logits = lambda model: False
+    try:
+        yield
+    finally:
+        hf.plain_logits = real
 
 
 def hf_system(model, ids, assistant=None):
@@ -60,8 +77,9 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
     p.add_argument("--no-hf", action="store_true", help="collm's systems only (no transformers generate)")
     p.add_argument("--systems", default="base,expert,collm,generate,speculative",
-                   help="batch-1 systems, comma-separated: base, expert, collm, generate (transformers, expert), "
-                        "speculative (transformers assisted), proxy (proxy tuning; a run with a tuned base)")
+                   help="batch-1 systems, comma-separated: base, expert, collm, collm-eager (Co-LLM computing the base's "
+                        "logits at every step, as before), generate (transformers, expert), speculative "
+                        "(transformers assisted), proxy (proxy tuning; a run with a tuned base)")
     p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned: adds its tuned base alone and, with "
                    "proxy in --systems, proxy tuning with it (default: --run itself, when its base is tuned)")
     p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
@@ -77,7 +95,7 @@ def main() -> None:
     base, expert = pair.base, pair.experts[0]
     chosen = {x.strip() for x in a.systems.split(",") if x.strip()}
     chosen -= {"generate", "speculative"} if a.no_hf else set()
-    unknown = chosen - {"base", "expert", "collm", "generate", "speculative", "proxy"}
+    unknown = chosen - {"base", "expert", "collm", "collm-eager", "generate", "speculative", "proxy"}
     if unknown or not {"base", "expert", "collm"} <= chosen:
         raise SystemExit(f"--systems: base, expert and collm are needed (for τ(f)); unknown: {sorted(unknown)}")
     tuned = pair.info.get("base_weights", "original") != "original"
@@ -97,6 +115,8 @@ def main() -> None:
         "base": (base_name, lambda ids: collm_system(pair, ids, "base", eta)),
         "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta)),
         "collm": (f"Co-LLM (eta={eta:g})", lambda ids: collm_system(pair, ids, "collm", eta)),
+        "collm-eager": (f"Co-LLM (eta={eta:g}), base logits at every step",
+                        lambda ids: collm_system(pair, ids, "collm", eta, eager_logits=True)),
         "generate": ("transformers generate, expert", lambda ids: hf_system(expert, ids)),
         "speculative": ("speculative decoding (transformers assisted, base drafts)",
                         lambda ids: hf_system(expert, ids, base)),
