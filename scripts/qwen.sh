@@ -22,7 +22,7 @@
 #   5b. policy  the on-policy router (ROUTER=router-policy, the default): the calibrated router writes answers to
 #               BASE_ROWS other training problems (its own prefixes, deferrals included, right or wrong); scored
 #               with the base-style rows (their stage-3 scores reused), router-policy is trained on both the same
-#               way and calibrated the same way
+#               way and calibrated on all 110 validation problems, η in FINAL_THRESHOLDS (0.3,0.4,0.5,0.6)
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
@@ -107,14 +107,17 @@ HEAD="--base $BASE --data $R/own_style/train.jsonl --scores $R/scores --base-mod
   --weak-label disagree --out "$R/router-lora"
 until_ train
 
-CAL="--data $D/validation_every3.jsonl --max-defer $MAX_DEFER --thresholds $THRESHOLDS --max-new-tokens $NEW \
-  --batch-size 37 --dtype $DT --no-baselines"
-calibrate() {  # η of run $1 on validation templates; its own calibration plot
+calibrate() {  # η of run $1 on validation templates (rows file $2, grid $3, batch $4); its own calibration plot
   local png=calibration.png; [[ $1 == router ]] || png=calibration-$1.png
-  [[ -f $R/calibrated-$1 ]] || { collm calibrate --run "$R/$1" --png "$R/$png" $CAL; touch "$R/calibrated-$1"; }
+  [[ -f $R/calibrated-$1 ]] || { collm calibrate --run "$R/$1" --png "$R/$png" --data "$2" --thresholds "$3" \
+    --batch-size "$4" --max-defer $MAX_DEFER --max-new-tokens $NEW --dtype $DT --no-baselines; touch "$R/calibrated-$1"; }
 }
+# The router that writes the on-policy rows: every 3rd validation row (37 problems); the evaluated router: all
+# 110 validation problems on a wider grid (37 problems could not tell η = 0.5 from 0.6: both 19/37).
+EVERY3=("$D/validation_every3.jsonl" "$THRESHOLDS" 37)
+ALL_VAL=("$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.3,0.4,0.5,0.6}" 55)
 log "5. calibrate η of the router on validation templates (every 3rd row), deferral rate <= $MAX_DEFER"
-calibrate router
+calibrate router "${EVERY3[@]}"
 
 if [[ $ROUTER == router-policy ]]; then
   log "5b. on-policy rows: the calibrated router writes answers to $BASE_ROWS other training problems (seed 1)"
@@ -127,10 +130,10 @@ if [[ $ROUTER == router-policy ]]; then
   [[ -f $R/router-policy/collm.json ]] || collm train --base $BASE --data "$R/mixed_style.jsonl" \
     --scores "$R/scores-mixed" --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 \
     --save-every 100 --batch-tokens 4096 --objective weak --weak-label disagree --out "$R/router-policy"
-  calibrate router-policy
+  calibrate router-policy "${ALL_VAL[@]}"
   until_ policy
 elif [[ $ROUTER != router ]]; then
-  calibrate "$ROUTER"
+  calibrate "$ROUTER" "${EVERY3[@]}"
 fi
 
 until_ calibrate
@@ -139,7 +142,7 @@ log "6. speed on held-out prompts: ms/token at batch 1, tokens/s at batch 8 (pau
 # Whole answers (NEW tokens, as evaluated: the router defers more early in an answer than late) to 8 test rows
 # evenly spaced over the file (8 of the 20 templates); the batch-8 column decodes them at once.
 SPEED=speed$SUFFIX-${SPEED_PROMPTS:-8}x$NEW
-SYSTEMS=base,expert,collm,speculative; [[ -z $TUNED ]] || SYSTEMS+=,proxy
+SYSTEMS=base,expert,collm,collm-eager,speculative; [[ -z $TUNED ]] || SYSTEMS+=,proxy  # collm-eager: base logits every step
 [[ -f $R/$SPEED.json ]] || OMP_NUM_THREADS=${SPEED_THREADS:-2} python3 bench/qwen_speed.py --run "$R/$ROUTER" \
   --data "$D/test.jsonl" --spread --prompts ${SPEED_PROMPTS:-8} --new-tokens $NEW --systems $SYSTEMS --batch 8 \
   --dtype $DT --json "$R/$SPEED.json" --markdown "$R/$SPEED.md" "${TUNED_ARGS[@]}"
