@@ -96,7 +96,9 @@ class HFBackbone:
                 theirs.keys, theirs.values = empty, empty
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
-        if self.last is not None and other.last is not None and (self.last.logits is None) == (other.last.logits is None):
+        same_kind = self.last is not None and other.last is not None and \
+            (self.last.logits is None) == (other.last.logits is None)
+        if same_kind:
             hidden = None if self.last.hidden is None or other.last.hidden is None else \
                 torch.cat([self.last.hidden, other.last.hidden])
             logits = None if self.last.logits is None else torch.cat([self.last.logits, other.last.logits])

@@ -203,15 +203,16 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
     data = encode_file(config.data, data_tokenizer, config.data_config())
     print(f"data: {data.stats.describe()}")
     check_fits(data, context_length(model), "expert")
-    manifest = _start(out, config, data, expert_id)
-    known = reused_rows(config.reuse, data, expert_id, data_tokenizer)
+    known = reused_rows(config.reuse, data, expert_id, data_tokenizer)  # checked before the folder is touched
     if config.reuse:
         print(f"reusing {len(known)} of {len(data.examples)} rows from {', '.join(map(str, config.reuse))}")
+    manifest = _start(out, config, data, expert_id)
     _run_shards(model, data, manifest, out, config, pad_id(data_tokenizer), forward, known)
     return out
 
 
-def reused_rows(folders, data: EncodedData, expert_id: str, tokenizer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def reused_rows(folders, data: EncodedData, expert_id: str,
+                tokenizer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Row index in ``data`` -> (gold log-probs, argmax-is-gold) copied from finished score folders whose row has
     the same tokens and targets. Raises CollmError for a folder that is unfinished, was made by another expert,
     dtype or tokenizer, or whose data file changed (or moved) since it was scored."""
