@@ -362,8 +362,10 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
                 forward, known: dict | None = None) -> None:
     order = length_order(data.examples)
     rows = config.shard_rows
-    done_tokens = sum(len(data.examples[i].input_ids) for k in map(int, manifest["shards"])
-                      for i in order[k * rows : (k + 1) * rows])
+    known = known or {}
+    done = {i for k in map(int, manifest["shards"]) for i in order[k * rows : (k + 1) * rows]}
+    done_tokens = sum(len(data.examples[i].input_ids) for i in done)
+    copied = sum(len(data.examples[i].input_ids) for i in known if i not in done)  # not timed as scored
     total = sum(len(e.input_ids) for e in data.examples)
     bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc=f"scoring {Path(config.data).name}")
     started = time.perf_counter()
@@ -376,7 +378,7 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
         manifest["pending"] = name  # recorded first, so a kill leaves a file the manifest proves is ours
         write_json(out / MANIFEST, manifest)
         tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar, forward,
-                               known or {})
+                               known)
         atomic_write(out / name, lambda tmp: save_file(tensors, tmp, metadata={"shard": str(k)}))
         manifest["shards"][str(k)] = name
         manifest["pending"] = None
@@ -385,8 +387,9 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
     write_json(out / MANIFEST, manifest)
     bar.close()
     seconds = time.perf_counter() - started
-    print(f"scored {total - done_tokens} tokens in {seconds:.1f}s ({(total - done_tokens) / max(seconds, 1e-9):.0f} tok/s)"
-          f" -> {out}")
+    scored = total - done_tokens - copied
+    print(f"scored {scored} tokens in {seconds:.1f}s ({scored / max(seconds, 1e-9):.0f} tok/s)"
+          + (f", copied {copied} from --reuse" if copied else "") + f" -> {out}")
 
 
 @torch.inference_mode()
