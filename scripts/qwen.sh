@@ -23,6 +23,9 @@
 #               BASE_ROWS other training problems (its own prefixes, deferrals included, right or wrong); scored
 #               with the base-style rows (their stage-3 scores reused), router-policy is trained on both the same
 #               way and calibrated on all 110 validation problems, η in FINAL_THRESHOLDS (0.3,0.4,0.5,0.6)
+#   5c. policy2 (ROUTER=router-policy2, after router-policy) a second round: router-policy answers BASE_ROWS more
+#               training problems (seed 2); router-policy2 trains on base-written + both on-policy sets (the
+#               first two sets' scores reused), calibrated on all 110 validation problems, η in 0.4,0.5,0.6
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
@@ -131,6 +134,24 @@ if [[ $ROUTER == router-policy ]]; then
     --scores "$R/scores-mixed" --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 \
     --save-every 100 --batch-tokens 4096 --objective weak --weak-label disagree --out "$R/router-policy"
   calibrate router-policy "${ALL_VAL[@]}"
+  until_ policy
+elif [[ $ROUTER == router-policy2 ]]; then
+  # A second on-policy round (run ROUTER=router-policy first): router-policy, at its calibrated η, answers
+  # BASE_ROWS more training problems (seed 2); router-policy2 trains on all three sets the same way.
+  [[ -f $R/router-policy/collm.json && -f $R/calibrated-router-policy ]] \
+    || { echo "run ROUTER=router-policy first: router-policy2 trains on its answers" >&2; exit 2; }
+  log "5c. second on-policy round: router-policy answers $BASE_ROWS more training problems (seed 2)"
+  [[ -f $R/policy2_style/train.jsonl ]] || python3 scripts/own_style.py --run "$R/router-policy" \
+    --data "$D/train.jsonl" --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all \
+    --seed 2 --out "$R/policy2_style"
+  [[ -f $R/mixed2_style.jsonl ]] || { cat "$R/mixed_style.jsonl" "$R/policy2_style/train.jsonl" > "$R/mixed2_style.tmp"
+                                      mv "$R/mixed2_style.tmp" "$R/mixed2_style.jsonl"; }
+  [[ -f $R/router-policy2/collm.json ]] || collm score --expert $EXPERT --data "$R/mixed2_style.jsonl" \
+    --out "$R/scores-mixed2" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/scores-mixed"
+  [[ -f $R/router-policy2/collm.json ]] || collm train --base $BASE --data "$R/mixed2_style.jsonl" \
+    --scores "$R/scores-mixed2" --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 \
+    --save-every 100 --batch-tokens 4096 --objective weak --weak-label disagree --out "$R/router-policy2"
+  calibrate router-policy2 "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.4,0.5,0.6}" 55
   until_ policy
 elif [[ $ROUTER != router ]]; then
   calibrate "$ROUTER" "${EVERY3[@]}"
