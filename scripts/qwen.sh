@@ -122,17 +122,22 @@ ALL_VAL=("$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.3,0.4,0.5,0.6}" 55)
 log "5. calibrate η of the router on validation templates (every 3rd row), deferral rate <= $MAX_DEFER"
 calibrate router "${EVERY3[@]}"
 
+# One on-policy round: run $1 (at its calibrated η) answers BASE_ROWS training problems (seed $2) into rows
+# folder $3; these rows are appended to the rows file $4 as $5, scored with $4's scores ($6) copied, into $7;
+# router $8 is trained on $5 the same way as the router.
+policy_round() {
+  [[ -f $R/$3/train.jsonl ]] || python3 scripts/own_style.py --run "$R/$1" --data "$D/train.jsonl" \
+    --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all --seed "$2" --out "$R/$3"
+  [[ -f $R/$5 ]] || { cat "$R/$4" "$R/$3/train.jsonl" > "$R/$5.tmp"; mv "$R/$5.tmp" "$R/$5"; }
+  [[ -f $R/$8/collm.json ]] || collm score --expert $EXPERT --data "$R/$5" --out "$R/$7" --tokenizer $BASE \
+    --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/$6"
+  [[ -f $R/$8/collm.json ]] || collm train --base $BASE --data "$R/$5" --scores "$R/$7" --base-mode frozen \
+    --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 --objective weak \
+    --weak-label disagree --out "$R/$8"
+}
 if [[ $ROUTER == router-policy ]]; then
   log "5b. on-policy rows: the calibrated router writes answers to $BASE_ROWS other training problems (seed 1)"
-  [[ -f $R/policy_style/train.jsonl ]] || python3 scripts/own_style.py --run "$R/router" --data "$D/train.jsonl" \
-    --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all --seed 1 --out "$R/policy_style"
-  [[ -f $R/mixed_style.jsonl ]] || { cat "$R/base_style/train.jsonl" "$R/policy_style/train.jsonl" > "$R/mixed_style.tmp"
-                                     mv "$R/mixed_style.tmp" "$R/mixed_style.jsonl"; }
-  [[ -f $R/router-policy/collm.json ]] || collm score --expert $EXPERT --data "$R/mixed_style.jsonl" \
-    --out "$R/scores-mixed" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/scores-base"
-  [[ -f $R/router-policy/collm.json ]] || collm train --base $BASE --data "$R/mixed_style.jsonl" \
-    --scores "$R/scores-mixed" --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 \
-    --save-every 100 --batch-tokens 4096 --objective weak --weak-label disagree --out "$R/router-policy"
+  policy_round router 1 policy_style base_style/train.jsonl mixed_style.jsonl scores-base scores-mixed router-policy
   calibrate router-policy "${ALL_VAL[@]}"
   until_ policy
 elif [[ $ROUTER == router-policy2 ]]; then
@@ -141,16 +146,8 @@ elif [[ $ROUTER == router-policy2 ]]; then
   [[ -f $R/router-policy/collm.json && -f $R/calibrated-router-policy ]] \
     || { echo "run ROUTER=router-policy first: router-policy2 trains on its answers" >&2; exit 2; }
   log "5c. second on-policy round: router-policy answers $BASE_ROWS more training problems (seed 2)"
-  [[ -f $R/policy2_style/train.jsonl ]] || python3 scripts/own_style.py --run "$R/router-policy" \
-    --data "$D/train.jsonl" --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all \
-    --seed 2 --out "$R/policy2_style"
-  [[ -f $R/mixed2_style.jsonl ]] || { cat "$R/mixed_style.jsonl" "$R/policy2_style/train.jsonl" > "$R/mixed2_style.tmp"
-                                      mv "$R/mixed2_style.tmp" "$R/mixed2_style.jsonl"; }
-  [[ -f $R/router-policy2/collm.json ]] || collm score --expert $EXPERT --data "$R/mixed2_style.jsonl" \
-    --out "$R/scores-mixed2" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/scores-mixed"
-  [[ -f $R/router-policy2/collm.json ]] || collm train --base $BASE --data "$R/mixed2_style.jsonl" \
-    --scores "$R/scores-mixed2" --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 \
-    --save-every 100 --batch-tokens 4096 --objective weak --weak-label disagree --out "$R/router-policy2"
+  policy_round router-policy 2 policy2_style mixed_style.jsonl mixed2_style.jsonl scores-mixed scores-mixed2 \
+    router-policy2
   calibrate router-policy2 "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.4,0.5,0.6}" 55
   until_ policy
 elif [[ $ROUTER != router ]]; then
