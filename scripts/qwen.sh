@@ -99,9 +99,12 @@ HEAD="--base $BASE --data $R/own_style/train.jsonl --scores $R/scores --base-mod
   --head-lr 3e-3 --batch-size 8 --epochs 40 --save-every 100 --batch-tokens 4096"
 [[ -f $R/collm/collm.json ]] || collm train $HEAD --objective marginal --out "$R/collm"
 [[ -f $R/weak/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak"
-[[ -f $R/router/collm.json ]] || collm train --base $BASE --data $R/base_style/train.jsonl --scores $R/scores-base \
-  --base-mode frozen --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 \
-  --objective weak --weak-label disagree --out "$R/router"
+train_router() {  # router $3 on rows file $1 with scores $2 (in $R): "the expert would write another token"
+  [[ -f $R/$3/collm.json ]] || collm train --base $BASE --data "$R/$1" --scores "$R/$2" --base-mode frozen \
+    --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 --objective weak \
+    --weak-label disagree --out "$R/$3"
+}
+train_router base_style/train.jsonl scores-base router
 # The same router with the base tuned too (LoRA, as the paper tunes the base with the head): the head starts from
 # the frozen fit, then base and head train together (LM loss on the base's own text + the head's BCE), 2 epochs.
 [[ -f $R/router-lora/collm.json ]] || OMP_NUM_THREADS=${TRAIN_THREADS:-2} collm train --base $BASE \
@@ -131,9 +134,7 @@ policy_round() {
   [[ -f $R/$5 ]] || { cat "$R/$4" "$R/$3/train.jsonl" > "$R/$5.tmp"; mv "$R/$5.tmp" "$R/$5"; }
   [[ -f $R/$8/collm.json ]] || collm score --expert $EXPERT --data "$R/$5" --out "$R/$7" --tokenizer $BASE \
     --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/$6"
-  [[ -f $R/$8/collm.json ]] || collm train --base $BASE --data "$R/$5" --scores "$R/$7" --base-mode frozen \
-    --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 --objective weak \
-    --weak-label disagree --out "$R/$8"
+  train_router "$5" "$7" "$8"
 }
 if [[ $ROUTER == router-policy ]]; then
   log "5b. on-policy rows: the calibrated router writes answers to $BASE_ROWS other training problems (seed 1)"
