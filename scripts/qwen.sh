@@ -26,6 +26,9 @@
 #   5c. policy2 (ROUTER=router-policy2, after router-policy) a second round: router-policy answers BASE_ROWS more
 #               training problems (seed 2); router-policy2 trains on base-written + both on-policy sets (the
 #               first two sets' scores reused), calibrated on all 110 validation problems, η in 0.4,0.5,0.6
+#   5d. feat    (ROUTER=router-feat, after router-policy) router-policy's rows and labels, the head reading the
+#               base's entropy, top probability and margin besides its hidden state (--head-features);
+#               calibrated on all 110 validation problems, η in 0.5,0.6,0.7
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
@@ -100,9 +103,10 @@ HEAD="--base $BASE --data $R/own_style/train.jsonl --scores $R/scores --base-mod
 [[ -f $R/collm/collm.json ]] || collm train $HEAD --objective marginal --out "$R/collm"
 [[ -f $R/weak/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak"
 train_router() {  # router $3 on rows file $1 with scores $2 (in $R): "the expert would write another token"
+  # ($4: features of the base's next-token distribution the head reads besides its hidden state)
   [[ -f $R/$3/collm.json ]] || collm train --base $BASE --data "$R/$1" --scores "$R/$2" --base-mode frozen \
     --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 --objective weak \
-    --weak-label disagree --out "$R/$3"
+    --weak-label disagree ${4:+--head-features $4} --out "$R/$3"
 }
 train_router base_style/train.jsonl scores-base router
 # The same router with the base tuned too (LoRA, as the paper tunes the base with the head): the head starts from
@@ -150,6 +154,15 @@ elif [[ $ROUTER == router-policy2 ]]; then
   policy_round router-policy 2 policy2_style mixed_style.jsonl mixed2_style.jsonl scores-mixed scores-mixed2 \
     router-policy2
   calibrate router-policy2 "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.4,0.5,0.6}" 55
+  until_ policy
+elif [[ $ROUTER == router-feat ]]; then
+  # router-policy's rows and labels, but the head also reads the base's entropy, top probability and margin
+  # (the base's logits at every step): where the base is unsure is where the expert most often writes otherwise.
+  [[ -f $R/scores-mixed/manifest.json && -f $R/router-policy/collm.json ]] \
+    || { echo "run ROUTER=router-policy first: router-feat trains on its rows" >&2; exit 2; }
+  log "5d. the router that also reads the base's next-token distribution, on router-policy's 320 rows"
+  train_router mixed_style.jsonl scores-mixed router-feat entropy,max_prob,margin
+  calibrate router-feat "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.5,0.6,0.7}" 55
   until_ policy
 elif [[ $ROUTER != router ]]; then
   calibrate "$ROUTER" "${EVERY3[@]}"

@@ -37,7 +37,7 @@ def reference(base, experts, head, prompt, new, threshold) -> tuple[list[int], l
     for _ in range(new):
         x = torch.tensor([seq])
         out = base(x, output_hidden_states=True)
-        log_pz = head.log_probs(out.hidden_states[-1][:, -1])[0]
+        log_pz = head.log_probs(head.inputs(out.hidden_states[-1][:, -1], out.logits[:, -1]))[0]
         p_defer = 1 - log_pz[0].exp()
         source = int(log_pz[1:].argmax()) + 1 if p_defer > threshold else 0
         logits = out.logits[0, -1] if source == 0 else experts[source - 1](x).logits[0, -1]
@@ -77,6 +77,67 @@ def test_mixed_routing_equals_reencoding_reference(models):
         assert (ids, src) == reference(base, [expert], head, prompt, NEW, 0.5)
         mixed += 0 < sum(s > 0 for s in src) < len(src)
     assert mixed >= 2, "the random head should route some tokens to each model"
+
+
+@torch.no_grad()
+def feature_head(base, num_experts: int = 1) -> DeferralHead:
+    """A random head that also reads the base's entropy, top probability and margin, weighted by their spread
+    on the prompts so that they move the routing (a head on the hidden state alone routes differently)."""
+    from collm.core.head import distribution_features
+
+    hidden = base.config.hidden_size
+    head = DeferralHead(hidden, num_experts, "entropy,max_prob,margin")
+    logits = torch.cat([base(torch.tensor([p])).logits[0] for p in PROMPTS])
+    f = distribution_features(logits, head.features)
+    weights = torch.tensor([2.0, 0.0, -1.0]) / f.std(0)
+    torch.manual_seed(3)
+    head.linear.weight.normal_(0, 1.0 / hidden**0.5)
+    head.linear.weight[:, hidden:] = weights
+    head.linear.bias.fill_(-float(weights @ f.mean(0)))
+    return head
+
+
+def test_a_head_reading_the_base_s_distribution_routes_as_the_reference(models):
+    """The head reads the base's entropy, top probability and margin: the loop computes the base's logits at
+    every step for it (also where the expert writes), on the plain and on the static path."""
+    from collm.decoding.decode import Sampling, decode
+
+    base, expert = models
+    head = feature_head(base)
+    pair = CoLLM(base, [expert], head)
+    out = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.5)
+    mixed = 0
+    for prompt, ids, src in zip(PROMPTS, out.token_ids, out.sources):
+        assert (ids, src) == reference(base, [expert], head, prompt, NEW, 0.5)
+        mixed += 0 < sum(s > 0 for s in src) < len(src)
+    assert mixed >= 2, "the head should route some tokens to each model"
+    plain = DeferralHead(base.config.hidden_size)
+    plain.load_state_dict({"linear.weight": head.linear.weight[:, :-3], "linear.bias": head.linear.bias})
+    assert CoLLM(base, [expert], plain).generate(PROMPTS, max_new_tokens=NEW, threshold=0.5).sources != out.sources
+    args = dict(sampling=Sampling(), eos_ids=(EOS_ID,), pad_id=PAD_ID, vocab=pair.vocab, max_new_tokens=NEW,
+                threshold=0.5, static=True)
+    fast = decode(base, [expert], head, PROMPTS, **args)  # the fused step cannot read features: the loop runs
+    assert (fast.token_ids, fast.sources) == (out.token_ids, out.sources)
+    with pytest.raises(ValueError, match="head on the hidden state alone"):
+        decode(base, [expert], head, PROMPTS, fused=True, **args)
+
+
+def test_head_features_are_the_distribution_s_entropy_top_probability_and_margin():
+    from collm.core.head import distribution_features
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    p = logits.softmax(-1)
+    got = distribution_features(logits, ("entropy", "max_prob", "margin"))
+    assert torch.allclose(got[:, 0], -(p * p.log()).sum(-1))
+    assert torch.allclose(got[:, 1], p.max(-1).values)
+    assert torch.allclose(got[:, 2], torch.tensor([1.0, 0.0]))
+    head = DeferralHead(4, 1, "margin, entropy")  # any order in, FEATURES order kept
+    assert head.features == ("entropy", "margin") and head.linear.in_features == 6
+    assert torch.equal(head.inputs(torch.ones(2, 4), logits)[:, 4:], got[:, [0, 2]])
+    with pytest.raises(Exception, match="unknown head feature 'perplexity'"):
+        DeferralHead(4, 1, "perplexity")
+    with pytest.raises(Exception, match="pass the base's logits"):
+        head.inputs(torch.ones(2, 4))
 
 
 def test_two_experts_equal_reference():

@@ -146,6 +146,26 @@ def test_head_of_another_run_is_refused(run):
         CoLLM.from_pretrained(run)
 
 
+def test_a_head_reading_the_base_s_distribution_saves_loads_and_is_checked(folders, tmp_path):
+    from collm.run import seal
+
+    pair = CoLLM.load(folders[0], [folders[1]], threshold=0.4)
+    pair.head = DeferralHead(32, 1, "entropy,margin")
+    with torch.no_grad():
+        pair.head.linear.weight.normal_()
+    pair.save_pretrained(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "collm.json").read_text())["head_features"] == ["entropy", "margin"]
+    again = CoLLM.from_pretrained(tmp_path / "run")
+    assert again.head.features == ("entropy", "margin")
+    assert torch.equal(again.head.linear.weight, pair.head.linear.weight)
+    assert again.generate(["go"], max_new_tokens=3).token_ids == pair.generate(["go"], max_new_tokens=3).token_ids
+    DeferralHead(32, 1).save(tmp_path / "run" / "head.safetensors")  # the plain head of another run
+    seal(tmp_path / "run")
+    with pytest.raises(CollmError) as e:
+        CoLLM.from_pretrained(tmp_path / "run")
+    assert "belongs to another run" in one_line(e)
+
+
 def test_calibrate_keeps_the_run_loadable(run):
     from collm.evaluation.calibrate import write_threshold
 

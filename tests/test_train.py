@@ -88,7 +88,7 @@ def heldout_auroc(case, run) -> float:
     data = encode_file(case["heldout"], case["tok"])
     ids, attention, targets = pad_batch(data.examples, 0)
     with torch.no_grad():
-        _, _, hidden = target_outputs(base.eval(), ids, attention, targets)
+        _, _, hidden = target_outputs(base.eval(), ids, attention, targets, features=head.features)
         pi = defer_prob(head(hidden))
     gold = ids[:, 1:][targets[:, 1:]]
     is_digit = torch.isin(gold, torch.tensor(case["tok"].convert_tokens_to_ids(sorted(DIGITS))))
@@ -101,15 +101,20 @@ def config(case, out, **overrides):
     return TrainConfig(**(values | overrides))
 
 
-@pytest.mark.parametrize("mode, weak", [("frozen", False), ("frozen", True), ("lora", True)])
-def test_learns_to_defer_before_the_digits(known_case, mode, weak):
-    run = train(config(known_case, f"{mode}-{weak}", base_mode=mode, weak_start=weak))
+@pytest.mark.parametrize("mode, weak, features", [("frozen", False, ""), ("frozen", True, ""), ("lora", True, ""),
+                                                  ("frozen", True, "entropy,margin"),
+                                                  ("lora", True, "entropy,max_prob,margin")])
+def test_learns_to_defer_before_the_digits(known_case, mode, weak, features):
+    run = train(config(known_case, f"{mode}-{weak}-{features}", base_mode=mode, weak_start=weak,
+                       head_features=features))
+    assert DeferralHead.load(run / "head.safetensors").features == tuple(filter(None, features.split(",")))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 8 * (160 // 16)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert heldout_auroc(known_case, run) >= 0.95
     run_config = json.loads((run / "collm.json").read_text())
     assert run_config["base_weights"] == {"frozen": "original", "lora": "lora"}[mode]
+    assert run_config.get("head_features", []) == list(filter(None, features.split(",")))
     if weak:  # digits are about a fifth of the targets; the base (random) never gets them right
         assert 0.1 < run_config["training"]["weak_fit"]["positive_rate"] < 0.4
 
@@ -231,6 +236,22 @@ def test_run_folder_loads_with_from_pretrained_and_generates(tmp_path):
         out = pair.generate(["go"], max_new_tokens=4)
         assert len(out.token_ids[0]) >= 1 and pair.info["training"]["base_mode"] == mode
         assert pair.info["experts"] == [str((tmp_path / "expert").resolve())]
+
+
+def test_target_outputs_with_features_append_the_distribution_s_to_the_hidden_states():
+    from collm.core.head import FEATURES, distribution_features
+
+    model = make_llama(0).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 0, 0]])
+    attention = (ids != 0).long()
+    targets = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        logp, hit, hidden = target_outputs(model, ids, attention, targets)
+        logp2, hit2, x = target_outputs(model, ids, attention, targets, chunk=2, features=FEATURES)
+        out = model(ids, attention_mask=attention, output_hidden_states=True)
+    pred = targets[:, 1:]
+    assert torch.allclose(logp, logp2, atol=1e-6) and torch.equal(hit, hit2) and torch.equal(x[:, :-3], hidden)
+    assert torch.allclose(x[:, -3:], distribution_features(out.logits[:, :-1][pred], FEATURES), atol=1e-5)
 
 
 def test_baselines_sft_and_weak(known_case):

@@ -125,8 +125,11 @@ class CoLLM:
         config = {**self.info, "base_weights": weights, "threshold": self.threshold, **extra}
         config.setdefault("base", getattr(self.base, "name_or_path", ""))
         config.setdefault("experts", [getattr(e, "name_or_path", "") for e in self.experts])
-        write_run_config(run_dir, config | {"num_experts": self.head.num_experts,
-                                            "hidden_size": self.head.hidden_size})
+        config = config | {"num_experts": self.head.num_experts, "hidden_size": self.head.hidden_size}
+        config.pop("head_features", None)
+        if self.head.features:
+            config["head_features"] = list(self.head.features)
+        write_run_config(run_dir, config)
         seal(run_dir)
 
     # ---------------------------------------------------------------- generation

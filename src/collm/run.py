@@ -18,6 +18,7 @@ from pathlib import Path
 
 from collm.atomic import write_json
 from collm.backends.models import DTYPES
+from collm.core.head import FEATURES
 from collm.errors import CollmError
 from collm.hashing import sha256_file
 
@@ -92,6 +93,9 @@ def check_config(config: object, path: Path) -> dict:
         value = config.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CollmError(f"{path}: {key} must be a positive integer, got {_show(value)}")
+    features = config.get("head_features", [])
+    if not isinstance(features, list) or any(f not in FEATURES for f in features):
+        raise CollmError(f"{path}: head_features must be a list of {', '.join(FEATURES)}, got {_show(features)}")
     return config
 
 
@@ -101,6 +105,10 @@ def check_head(head, config: dict, run_dir: Path) -> None:
         if key in config and getattr(head, key) != config[key]:
             raise CollmError(f"{run_dir / HEAD_FILE} has {key} {getattr(head, key)} but {run_dir / RUN_CONFIG} "
                              f"says {config[key]}: the head belongs to another run")
+    features = list(config.get("head_features", []))
+    if list(head.features) != features:
+        raise CollmError(f"{run_dir / HEAD_FILE} reads features {list(head.features)} but {run_dir / RUN_CONFIG} "
+                         f"says head_features {features}: the head belongs to another run")
 
 
 def spec_in(run_dir: Path, spec: str) -> str:

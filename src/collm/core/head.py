@@ -1,4 +1,11 @@
-"""The deferral head: a linear map of the base's last hidden state to who writes the next token."""
+"""The deferral head: a linear map of the base's last hidden state to who writes the next token.
+
+Optionally the map also reads features of the base's own next-token distribution (``features``): its entropy,
+its top probability and the log-probability margin between its two best tokens. A hidden state carries them only
+through the vocabulary projection, which a linear map cannot undo, and where the base is unsure is where a
+stronger model most often writes another token. Such a head needs the base's logits at every step, so the decoding
+loop computes them even where the expert writes.
+"""
 
 from __future__ import annotations
 
@@ -15,21 +22,55 @@ from collm.errors import CollmError
 # A logit this large saturates sigmoid/softmax to exactly 0 or 1 in float32, which "never"/"always" need.
 _SATURATED = 1e4
 
+FEATURES = ("entropy", "max_prob", "margin")
+"""What a head can read of the base's next-token distribution besides its hidden state, in this order."""
+
+
+def parse_features(value: str | tuple | list | None) -> tuple[str, ...]:
+    """"entropy,margin" (or a sequence) -> the named features in FEATURES order; "" or None -> ()."""
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value or ())
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        raise CollmError(f"unknown head feature {unknown[0]!r}: choose from {', '.join(FEATURES)}")
+    return tuple(n for n in FEATURES if n in names)
+
+
+def distribution_features(logits: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """(..., V) raw next-token logits -> (..., len(names)) float32: entropy (nats), top probability, and the
+    log-probability margin between the two best tokens, in the order of ``names``. Detached: the head reads
+    the base's distribution; its loss does not reshape it."""
+    logp = F.log_softmax(logits.detach().float(), dim=-1)
+    out = []
+    top = logp.topk(2, dim=-1).values if {"max_prob", "margin"} & set(names) else None
+    for name in names:
+        if name == "entropy":
+            p = logp.exp()  # a masked (-inf) logit adds 0, not NaN
+            out.append(-(p * logp.masked_fill(p == 0, 0.0)).sum(-1))
+        elif name == "max_prob":
+            out.append(top[..., 0].exp())
+        else:
+            out.append(top[..., 0] - top[..., 1])
+    return torch.stack(out, dim=-1)
+
 
 class DeferralHead(nn.Module):
-    """Linear head on the base's last hidden state h_t.
+    """Linear head on the base's last hidden state h_t (and, with ``features``, on features of the base's
+    next-token distribution, appended to h_t: see :meth:`inputs`).
 
     One expert: one logit, pi_t = sigmoid(logit) = P(Z_t = expert). M experts: M+1 logits, softmax over
     [base, expert 1, ..., expert M]. Always computes in float32, whatever the base's dtype.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int = 1):
+    def __init__(self, hidden_size: int, num_experts: int = 1, features: str | tuple = ()):
         super().__init__()
         if hidden_size <= 0 or num_experts <= 0:
             raise CollmError(f"head needs hidden_size > 0 and num_experts > 0, got {hidden_size}, {num_experts}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
-        self.linear = nn.Linear(hidden_size, 1 if num_experts == 1 else num_experts + 1, dtype=torch.float32)
+        self.features = parse_features(features)
+        self.linear = nn.Linear(hidden_size + len(self.features), 1 if num_experts == 1 else num_experts + 1,
+                                dtype=torch.float32)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
@@ -48,16 +89,32 @@ class DeferralHead(nn.Module):
                 head.linear.bias[0] = -logit
         return head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., hidden) -> raw logits (..., 1) for one expert or (..., M+1) for M experts."""
-        return self.linear(hidden.float())
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the head reads the base's logits (and so needs them at every step)."""
+        return bool(self.features)
 
-    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., hidden) -> log P(Z_t = k), k = 0 (base), 1..M (experts): shape (..., M+1)."""
-        return logits_to_log_probs(self(hidden))
+    def inputs(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """What :meth:`forward` takes: h (..., H), or with features h followed by the features of ``logits``
+        (the base's raw next-token logits at the same positions, (..., V)), float32 (..., H + F)."""
+        if not self.features:
+            return hidden
+        if logits is None:
+            raise CollmError("this head reads the base's next-token distribution: pass the base's logits")
+        return torch.cat([hidden.float(), distribution_features(logits, self.features)], dim=-1)
 
-    def probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.log_probs(hidden).exp()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states, or (..., H + F) from :meth:`inputs` for a head with features -> raw logits
+        (..., 1) for one expert or (..., M+1) for M experts."""
+        return self.linear(x.float())
+
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) or (..., H + F) as for :meth:`forward` -> log P(Z_t = k), k = 0 (base), 1..M (experts):
+        shape (..., M+1)."""
+        return logits_to_log_probs(self(x))
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log_probs(x).exp()
 
     def save(self, path: str | Path) -> None:
         """Write the head as safetensors (atomically), with its shape in the metadata. Raises CollmError for
@@ -65,7 +122,8 @@ class DeferralHead(nn.Module):
         if not all(torch.isfinite(p).all() for p in self.parameters()):
             raise CollmError("the head's weights hold NaN or infinite values (training diverged): lower the "
                              "learning rates (--head-lr, --lr) or enable --clip, and train again")
-        meta = {"hidden_size": str(self.hidden_size), "num_experts": str(self.num_experts)}
+        meta = {"hidden_size": str(self.hidden_size), "num_experts": str(self.num_experts),
+                "features": ",".join(self.features)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -81,7 +139,7 @@ class DeferralHead(nn.Module):
 
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-            head = cls(int(meta["hidden_size"]), int(meta["num_experts"]))
+            head = cls(int(meta["hidden_size"]), int(meta["num_experts"]), meta.get("features", ""))
             head.load_state_dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001 - any failure here means "not a head file"
             raise CollmError(f"{path} is not a deferral head written by collm ({type(e).__name__})") from None

@@ -79,10 +79,12 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     prepack = available(device) and not static if options.prepack is None else options.prepack
     fusable = (static and mode in ("collm", "base", "expert") and not request.sampling.do_sample
                and not options.reencode_experts and len(options.eos_ids) <= MAX_EOS
-               and (options.router is None or getattr(options.router, "table", None) is not None))
+               and (options.router is None or getattr(options.router, "table", None) is not None)
+               and not (mode == "collm" and head is not None and head.needs_logits))
     if options.fused and not fusable:
         raise ValueError("the fused step needs the static path, greedy decoding, mode collm/base/expert, no "
-                         f"re-encoding, at most {MAX_EOS} EOS ids and a router given as a table")
+                         f"re-encoding, at most {MAX_EOS} EOS ids, a router given as a table and a head on the "
+                         "hidden state alone (no --head-features)")
     in_process = [m for m in (base, *experts) if isinstance(m, torch.nn.Module)]  # not a remote expert
     with prepacked(in_process) if prepack else nullcontext():
         backbones = _static_backbones(prompts, request, options, device) if static else None

@@ -185,7 +185,7 @@ class Engine:
         if not self.use_head:
             zero = torch.zeros(rows, dtype=torch.long, device=self.device)
             return zero, torch.zeros(rows, device=self.device)
-        log_pz = self.head.log_probs(self.hidden)  # (B, M+1)
+        log_pz = self.head.log_probs(self._head_inputs())  # (B, M+1)
         p_defer = defer_prob(log_pz)
         rule = self.router(self.step_index, log_pz) if self.router is not None else \
             route(log_pz, self.thresholds, p_defer)
@@ -219,6 +219,13 @@ class Engine:
             token = torch.where(choice == k, tokens.to(token.device), token)
         return token, choice
 
+    def _head_inputs(self) -> torch.Tensor:
+        """The head's input: the writer's hidden state, and for a head that reads the base's next-token
+        distribution its features too (then the writer's logits are computed at every step)."""
+        if not self.head.needs_logits:
+            return self.hidden
+        return self.head.inputs(self.hidden, self._writer_logits())
+
     def _writer_logits(self) -> torch.Tensor:
         """The writer's next-token logits; after a lazy read (hidden state only) computed now, once."""
         if self.logits is None:
@@ -242,7 +249,7 @@ class Engine:
         parts = [F.log_softmax(self.logits / temperature, -1)]
         for k in range(1, len(self.expert_backbones) + 1):
             parts.append(F.log_softmax(self._logits_of(self._expert_read(k)) / temperature, -1))
-        joint = self.head.log_probs(self.hidden)[:, :, None] + torch.stack(parts, 1)  # (B, M+1, V)
+        joint = self.head.log_probs(self._head_inputs())[:, :, None] + torch.stack(parts, 1)  # (B, M+1, V)
         token = pick_log_probs(joint.logsumexp(1), sampling, generators)
         source = joint.gather(2, token[:, None, None].expand(-1, joint.shape[1], 1)).squeeze(-1).argmax(-1)
         return token, source.masked_fill(self.done, 0)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from collm.atomic import atomic_write, remove, temp_siblings, write_json
 from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
 from collm.errors import CollmError
+from collm.core.head import distribution_features
 from collm.training.loss import ARGMAX_RTOL, gold_outputs
 from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, plain_logits, \
     weight_files
@@ -121,29 +122,42 @@ def expert_identity(spec: str, dtype: str) -> str:
 
 
 def target_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk: int = 1024, features: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gold log-probs (N,), argmax-is-gold (N,), hidden states h (N, H)) at the N targets, row-major.
 
     ``targets`` (B, L) bool marks target tokens; token t is predicted from h at t-1. The LM head runs on
     target positions only and in chunks, so a (B, L, vocab) tensor never exists. Models that post-process
-    logits (soft-capping, scaling) take the plain full forward instead.
+    logits (soft-capping, scaling) take the plain full forward instead. With ``features`` (a head's, see
+    collm.core.head) the third output is the head's input: h followed by those features of the model's
+    next-token distribution, (N, H + F) float32.
     """
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     pred = targets[:, 1:]
     gold = input_ids[:, 1:][pred]
     if not plain_logits(hf):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return (*gold_outputs(out.logits[:, :-1][pred], gold), out.hidden_states[-1][:, :-1][pred])
+        logits, hidden = out.logits[:, :-1][pred], out.hidden_states[-1][:, :-1][pred]
+        return (*gold_outputs(logits, gold), _with_features(hidden, logits, features))
     hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][pred]
     lm_head = hf.get_output_embeddings()
-    logp, hit = [], []
+    logp, hit, extra = [], [], []
     for start in range(0, hidden.shape[0], chunk):
-        chunk_logp, chunk_hit = gold_outputs(lm_head(hidden[start : start + chunk]), gold[start : start + chunk])
+        logits = lm_head(hidden[start : start + chunk])
+        chunk_logp, chunk_hit = gold_outputs(logits, gold[start : start + chunk])
         logp.append(chunk_logp)
         hit.append(chunk_hit)
+        if features:
+            extra.append(distribution_features(logits, features))
     if not logp:
-        return hidden.new_zeros(0), torch.zeros(0, dtype=torch.bool), hidden
+        width = hidden.shape[-1] + len(features)
+        return hidden.new_zeros(0), torch.zeros(0, dtype=torch.bool), hidden.new_zeros((0, width))
+    if features:
+        hidden = torch.cat([hidden.float(), torch.cat(extra)], dim=-1)
     return torch.cat(logp), torch.cat(hit), hidden
+
+
+def _with_features(hidden: torch.Tensor, logits: torch.Tensor, features: tuple[str, ...]) -> torch.Tensor:
+    return torch.cat([hidden.float(), distribution_features(logits, features)], -1) if features else hidden
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

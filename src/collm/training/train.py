@@ -25,7 +25,7 @@ from collm.atomic import append_line, atomic_folder, atomic_write, temp_siblings
 from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file, pad_id
 from collm.errors import CollmError
-from collm.core.head import DeferralHead
+from collm.core.head import DeferralHead, parse_features
 from collm.core.seed import check_seed
 from collm.training.loss import (class_weights, defer_prob, disagreement_labels, lm_nll, marginal_token_nll,
                                  masked_mean, weak_bce, weak_labels)
@@ -69,6 +69,10 @@ class TrainConfig:
     """Pseudo-labels of the weak start and the weak objective: paper (expert's argmax is gold, base's is not)
     or disagree (exactly one of them has gold as argmax; for training text a model wrote itself, such as the
     base's own solutions, where the paper's rule never fires; one expert only)."""
+    head_features: str = ""
+    """Besides the base's hidden state, the head also reads these features of the base's next-token
+    distribution (comma-separated: entropy, max_prob, margin; "" for none). Decoding then computes the base's
+    logits at every step, also where the expert writes."""
     weak_steps: int = 300
     """Optimizer steps of the weak start (and nothing else: it is cheap, on cached hidden states)."""
     weak_lr: float = 1e-2
@@ -153,6 +157,7 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.weak_steps < 0 or self.weak_max_tokens < 1:
             raise CollmError("warmup_steps and weak_steps must be >= 0, weak_max_tokens >= 1")
         check_seed(self.seed)
+        self.head_features = ",".join(parse_features(self.head_features))
 
     def data_config(self) -> DataConfig:
         return DataConfig(max_len=self.max_len, chat=self.chat, add_eos=self.add_eos)
@@ -198,7 +203,8 @@ class _Trainee(torch.nn.Module):
         self.base, self.head = base, head
 
     def forward(self, ids, attention, targets):
-        logp, hit, hidden = target_outputs(self.base, ids, attention, targets)
+        features = self.head.features if self.head is not None else ()
+        logp, hit, hidden = target_outputs(self.base, ids, attention, targets, features=features)
         return logp, hit, (self.head(hidden) if self.head is not None else None)
 
 
@@ -213,7 +219,8 @@ def setup(config: TrainConfig, acc: Accelerator | None = None) -> Setup:
     check_fits(data, context_length(base), "base")
     scores = [load_scores(folder, data) for folder in config.scores] if config.objective != "sft" else []
     hidden = base.config.get_text_config().hidden_size
-    head = DeferralHead(hidden, max(len(scores), 1)).to(acc.device) if config.trains_head else None
+    head = DeferralHead(hidden, max(len(scores), 1), config.head_features).to(acc.device) \
+        if config.trains_head else None
     s = Setup(config, acc, base, tokenizer, head, data, scores, module=head)
     _base_pass_and_weak_start(s)
     s.base = _prepare_base(base, config)
@@ -307,7 +314,8 @@ def _shared_base_pass(s: Setup, rows: list[int], hidden: bool) -> dict[int, RowO
     acc = s.acc
     mine = rows[acc.process_index :: acc.num_processes]
     local = base_pass(s.base, s.data.examples, mine, batch_tokens=s.config.batch_tokens, pad_id=pad_id(s.tokenizer),
-                      device=acc.device, hidden=hidden, autocast=acc.autocast)
+                      device=acc.device, hidden=hidden, autocast=acc.autocast,
+                      features=s.head.features if s.head is not None else ())
     merged = {}
     for part in gather_object([local]) if acc.num_processes > 1 else [local]:
         merged.update(part)
@@ -593,6 +601,7 @@ def finish(s: Setup) -> Path:
                 "steps": s.total_steps, "data_stats": asdict(s.data.stats)}
     write_run_config(out, {"base": _spec(c.base), "experts": [_spec(e) for e in experts],
                            "num_experts": head.num_experts, "hidden_size": head.hidden_size,
+                           **({"head_features": list(head.features)} if head.features else {}),
                            "threshold": c.threshold, "dtype": "float32", "base_weights": weights,
                            "training": training})
     seal(out)  # last: the sha256 of every file a load reads

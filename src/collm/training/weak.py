@@ -24,22 +24,24 @@ class RowOutputs:
 
     base_logp: torch.Tensor  # (n,) float32
     base_hit: torch.Tensor  # (n,) bool
-    hidden: torch.Tensor | None  # (n, H) float32, when asked for
+    hidden: torch.Tensor | None  # (n, H) float32 (the head's input, (n, H + F) with features), when asked for
 
 
 @torch.inference_mode()
 def base_pass(model, examples: list[Example], rows: list[int], *, batch_tokens: int, pad_id: int, device,
-              hidden: bool, autocast=None) -> dict[int, RowOutputs]:
+              hidden: bool, autocast=None, features: tuple[str, ...] = ()) -> dict[int, RowOutputs]:
     """Run the (current) base over ``rows`` without gradients; returns outputs by row index.
 
-    Used for the pseudo-labels (base argmax), the weak start (hidden states) and the frozen-base cache.
+    Used for the pseudo-labels (base argmax), the weak start (hidden states) and the frozen-base cache. With a
+    head's ``features`` the hidden states come with those features of the base's distribution appended.
     """
     order = sorted(rows, key=lambda i: (-len(examples[i].input_ids), i))
     out = {}
     for batch in token_batches(order, examples, batch_tokens):
         ids, attention, targets = pad_batch([examples[i] for i in batch], pad_id)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            logp, hit, h = target_outputs(model, ids.to(device), attention.to(device), targets.to(device))
+            logp, hit, h = target_outputs(model, ids.to(device), attention.to(device), targets.to(device),
+                                          features=features)
         counts = [examples[i].num_targets for i in batch]
         parts = zip(logp.float().cpu().split(counts), hit.cpu().split(counts), h.float().cpu().split(counts))
         for i, (a, b, c) in zip(batch, parts):
