@@ -28,7 +28,7 @@
 #               first two sets' scores reused), calibrated on all 110 validation problems, η in 0.4,0.5,0.6
 #   5d. feat    (ROUTER=router-feat, after router-policy) router-policy's rows and labels, the head reading the
 #               base's entropy, top probability and margin besides its hidden state (--head-features);
-#               calibrated on all 110 validation problems, η in 0.5,0.6,0.7
+#               calibrated on all 110 validation problems, η in 0.4,0.5,0.6 (not shipped: README)
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
@@ -162,7 +162,7 @@ elif [[ $ROUTER == router-feat ]]; then
     || { echo "run ROUTER=router-policy first: router-feat trains on its rows" >&2; exit 2; }
   log "5d. the router that also reads the base's next-token distribution, on router-policy's 320 rows"
   train_router mixed_style.jsonl scores-mixed router-feat entropy,max_prob,margin
-  calibrate router-feat "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.5,0.6,0.7}" 55
+  calibrate router-feat "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.4,0.5,0.6}" 55
   until_ policy
 elif [[ $ROUTER != router ]]; then
   calibrate "$ROUTER" "${EVERY3[@]}"
