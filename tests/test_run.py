@@ -159,6 +159,12 @@ def test_a_head_reading_the_base_s_distribution_saves_loads_and_is_checked(folde
     assert again.head.features == ("entropy", "margin")
     assert torch.equal(again.head.linear.weight, pair.head.linear.weight)
     assert again.generate(["go"], max_new_tokens=3).token_ids == pair.generate(["go"], max_new_tokens=3).token_ids
+    tensors = load_file(str(tmp_path / "run" / "head.safetensors"))
+    save_file(tensors, str(tmp_path / "newer.safetensors"),
+              metadata={"hidden_size": "32", "num_experts": "1", "features": "entropy,surprise"})
+    with pytest.raises(CollmError) as e:
+        DeferralHead.load(tmp_path / "newer.safetensors")
+    assert "unknown head feature 'surprise'" in one_line(e) and "upgrade collm" in one_line(e)
     DeferralHead(32, 1).save(tmp_path / "run" / "head.safetensors")  # the plain head of another run
     seal(tmp_path / "run")
     with pytest.raises(CollmError) as e:

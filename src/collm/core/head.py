@@ -141,7 +141,9 @@ class DeferralHead(nn.Module):
                 meta = f.metadata() or {}
             head = cls(int(meta["hidden_size"]), int(meta["num_experts"]), meta.get("features", ""))
             head.load_state_dict(load_file(str(path)))
-        except Exception as e:  # noqa: BLE001 - any failure here means "not a head file"
+        except CollmError as e:  # a head whose features this collm does not know (a newer collm wrote it)
+            raise CollmError(f"{path}: {e}; upgrade collm to read this head") from None
+        except Exception as e:  # noqa: BLE001 - any other failure here means "not a head file"
             raise CollmError(f"{path} is not a deferral head written by collm ({type(e).__name__})") from None
         bad = [name for name, value in head.state_dict().items() if not torch.isfinite(value).all()]
         if bad:
