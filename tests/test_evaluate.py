@@ -114,6 +114,22 @@ def test_proxy_tuning_row_runs_when_an_sft_run_is_given(tiny_pair, tmp_path):
     assert proxy["expert_calls"] == 2 * proxy["new_tokens"] and original in proxy["note"]
 
 
+def test_proxy_tuning_loads_the_untuned_base_in_the_tuned_base_s_dtype(tiny_pair, tmp_path, monkeypatch):
+    """collm.json records the training dtype (float32); an evaluation in bfloat16 must subtract a bfloat16
+    untuned base from the bfloat16 tuned one."""
+    import collm.backends.models as models
+    from conftest import make_tokenizer, save_tiny
+
+    original = save_tiny(make_llama(0), make_tokenizer(), tmp_path / "original")
+    sft = CoLLM(make_llama(5).to(torch.bfloat16), [make_llama(1)], None, make_tokenizer(),
+                info={"base": original, "base_weights": "full", "dtype": "float32"})
+    asked, real = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda spec, **kw: asked.append(kw["dtype"]) or real(spec, **kw))
+    evaluate(tiny_pair, [{"prompt": "What is 2+3?", "answer": "5"}], EvalConfig(max_new_tokens=2),
+             sft_run="runs/sft", load_run=lambda f: sft)
+    assert asked == ["bfloat16"]
+
+
 def test_sft_row_reuses_base_alone_when_the_run_decodes_the_sft_base_frozen(tiny_pair, tmp_path):
     sft_run = tmp_path / "sft"
     tiny_pair.specs = {"base": str(sft_run / "base_adapter")}  # a head trained on that run's base, frozen

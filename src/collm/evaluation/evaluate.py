@@ -254,14 +254,17 @@ def _proxy_system(pair, sft_pair, rows: list[dict], config: EvalConfig) -> Syste
     """Proxy tuning, as the paper compares: the expert + (SFT base - the untuned base it started from)."""
     if sft_pair is None:
         return missing("proxy tuning", PROXY_TUNING_NOTE)
-    from collm.backends.models import load_model
+    from collm.backends.models import DTYPES, load_model
     from collm.pair import proxy_tuning
 
     original = sft_pair.info.get("base")
     if not original or sft_pair.info.get("base_weights", "original") == "original":
         return missing("proxy tuning", "not run: the SFT run does not record a tuned base and its original")
-    device = next(sft_pair.base.parameters()).device
-    untuned, _ = load_model(original, device=device, dtype=sft_pair.info.get("dtype", "float32"))
+    weight = next(sft_pair.base.parameters())
+    # the untuned base in the tuned one's dtype as loaded (collm.json's dtype is the training dtype, which a
+    # --dtype bfloat16 evaluation overrides): the two halves of the shift are computed alike
+    dtype = next(name for name, value in DTYPES.items() if value == weight.dtype)
+    untuned, _ = load_model(original, device=weight.device, dtype=dtype)
     proxy = proxy_tuning(pair.experts[0], sft_pair.base, untuned, pair.tokenizer)
     result = run_system(proxy, rows, "proxy tuning", config, mode="proxy")
     result.note = f"expert + SFT base - untuned {original}"
