@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts, every 5th row from the first")
     p.add_argument("--spread", action="store_true", help="take the prompts evenly spaced over the whole file "
                    "(every len/N-th row: the test file runs template by template, so the first rows cover few)")
+    p.add_argument("--offset", type=int, default=0, help="with --spread: start at this row (another set of prompts "
+                   "spread the same way)")
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
@@ -87,7 +89,9 @@ def main() -> None:
     p.add_argument("--markdown", type=Path)
     a = p.parse_args()
     every = [json.loads(x) for x in Path(a.data).read_text().splitlines() if x.strip()]
-    every = every[::max(1, len(every) // max(a.prompts, a.batch))] if a.spread else every[::5]
+    if a.offset and not a.spread or not 0 <= a.offset < len(every):
+        raise SystemExit(f"--offset needs --spread and a row of the file (0..{len(every) - 1}), got {a.offset}")
+    every = every[a.offset :: max(1, len(every) // max(a.prompts, a.batch))] if a.spread else every[::5]
     rows = every[:a.prompts]
     pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
     eta = pair.threshold if a.threshold is None else a.threshold
@@ -168,7 +172,7 @@ def main() -> None:
     f = next(r["deferral_rate"] for r in results if r["system"].startswith("Co-LLM"))
     tau = by[base_name] + f * by["expert alone"]
     summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
-               "new_tokens": a.new_tokens, "rows": "spread" if a.spread else "every 5th", "dtype": a.dtype,
+               "new_tokens": a.new_tokens, "rows": (f"spread from row {a.offset}" if a.offset else "spread") if a.spread else "every 5th", "dtype": a.dtype,
                "threads": torch.get_num_threads(), "systems": results,
                "batched": batched}
     if a.json:
@@ -183,7 +187,7 @@ def main() -> None:
             rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
             lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['new_tokens']} | {rate} |")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
-                 f"{len(prompts)} prompts ({'evenly spaced' if a.spread else 'every 5th row'}), {a.new_tokens} new "
+                 f"{len(prompts)} prompts ({summary['rows'].replace('spread', 'evenly spaced')}), {a.new_tokens} new "
                  f"tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
     text = "\n".join(lines) + "\n"
     print(text)
