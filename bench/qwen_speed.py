@@ -172,7 +172,8 @@ def main() -> None:
     f = next(r["deferral_rate"] for r in results if r["system"].startswith("Co-LLM"))
     tau = by[base_name] + f * by["expert alone"]
     summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
-               "new_tokens": a.new_tokens, "rows": (f"spread from row {a.offset}" if a.offset else "spread") if a.spread else "every 5th", "dtype": a.dtype,
+               "new_tokens": a.new_tokens, "dtype": a.dtype,
+               "rows": (f"spread from row {a.offset}" if a.offset else "spread") if a.spread else "every 5th",
                "threads": torch.get_num_threads(), "systems": results,
                "batched": batched}
     if a.json:

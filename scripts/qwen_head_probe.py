@@ -28,11 +28,12 @@ import torch
 
 from collm.atomic import atomic_write, write_json
 from collm.backends.models import load_model
-from collm.core.head import FEATURES
+from collm.core.head import FEATURES, DeferralHead
 from collm.data.rows import encode_file, pad_id
-from collm.training.loss import class_weights, disagreement_labels
+from collm.training.loss import disagreement_labels
 from collm.training.score import load_scores, pad_batch, target_outputs, token_batches
 from collm.training.train import TrainConfig, row_scores
+from collm.training.weak import fit_weak_start
 
 
 @torch.inference_mode()
@@ -75,24 +76,10 @@ def average_precision(score: torch.Tensor, label: torch.Tensor) -> float:
 
 
 def fit(x: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, args) -> torch.Tensor:
-    """A logistic head on x, as collm trains the router (zero init, AdamW, class-weighted BCE on random token
-    batches), on the training rows; returns its logits on every token."""
-    torch.manual_seed(args.seed)
-    head = torch.nn.Linear(x.shape[1], 1)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
-    index = train.nonzero().squeeze(1)
-    y = labels.float()
-    weights = class_weights(labels[train], torch.ones(int(train.sum()), dtype=torch.bool), 2)
-    generator = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.steps):
-        pick = index[torch.randint(0, len(index), (args.batch,), generator=generator)]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x[pick]).squeeze(-1), y[pick],
-                                                                    weight=weights[labels[pick]])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    """A logistic head on x fitted as collm fits a head to pseudo-labels (:func:`fit_weak_start`: zero init,
+    AdamW, class-weighted BCE on random token batches), on the training rows; its logits on every token."""
+    head = DeferralHead(x.shape[1])
+    fit_weak_start(head, x[train], labels[train], steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed)
     with torch.no_grad():
         return head(x).squeeze(-1)
 

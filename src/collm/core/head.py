@@ -54,6 +54,14 @@ def distribution_features(logits: torch.Tensor, names: tuple[str, ...]) -> torch
     return torch.stack(out, dim=-1)
 
 
+def head_inputs(hidden: torch.Tensor, logits: torch.Tensor, features: tuple[str, ...]) -> torch.Tensor:
+    """What a head with ``features`` reads: h (..., H) unchanged when there are none, else h followed by those
+    features of the base's raw next-token logits at the same positions, float32 (..., H + F)."""
+    if not features:
+        return hidden
+    return torch.cat([hidden.float(), distribution_features(logits, features)], dim=-1)
+
+
 class DeferralHead(nn.Module):
     """Linear head on the base's last hidden state h_t (and, with ``features``, on features of the base's
     next-token distribution, appended to h_t: see :meth:`inputs`).
@@ -101,7 +109,7 @@ class DeferralHead(nn.Module):
             return hidden
         if logits is None:
             raise CollmError("this head reads the base's next-token distribution: pass the base's logits")
-        return torch.cat([hidden.float(), distribution_features(logits, self.features)], dim=-1)
+        return head_inputs(hidden, logits, self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states, or (..., H + F) from :meth:`inputs` for a head with features -> raw logits

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from collm.atomic import atomic_write, remove, temp_siblings, write_json
 from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
 from collm.errors import CollmError
-from collm.core.head import distribution_features
+from collm.core.head import head_inputs
 from collm.training.loss import ARGMAX_RTOL, gold_outputs
 from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, plain_logits, \
     weight_files
@@ -122,7 +122,8 @@ def expert_identity(spec: str, dtype: str) -> str:
 
 
 def target_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-                   chunk: int = 1024, features: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk: int = 1024,
+                   features: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gold log-probs (N,), argmax-is-gold (N,), hidden states h (N, H)) at the N targets, row-major.
 
     ``targets`` (B, L) bool marks target tokens; token t is predicted from h at t-1. The LM head runs on
@@ -137,27 +138,21 @@ def target_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not plain_logits(hf):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         logits, hidden = out.logits[:, :-1][pred], out.hidden_states[-1][:, :-1][pred]
-        return (*gold_outputs(logits, gold), _with_features(hidden, logits, features))
+        return (*gold_outputs(logits, gold), head_inputs(hidden, logits, features))
     hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][pred]
     lm_head = hf.get_output_embeddings()
-    logp, hit, extra = [], [], []
+    logp, hit, inputs = [], [], []
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start : start + chunk])
         chunk_logp, chunk_hit = gold_outputs(logits, gold[start : start + chunk])
         logp.append(chunk_logp)
         hit.append(chunk_hit)
-        if features:
-            extra.append(distribution_features(logits, features))
+        if features:  # per chunk, like the logits they come from
+            inputs.append(head_inputs(hidden[start : start + chunk], logits, features))
     if not logp:
         width = hidden.shape[-1] + len(features)
         return hidden.new_zeros(0), torch.zeros(0, dtype=torch.bool), hidden.new_zeros((0, width))
-    if features:
-        hidden = torch.cat([hidden.float(), torch.cat(extra)], dim=-1)
-    return torch.cat(logp), torch.cat(hit), hidden
-
-
-def _with_features(hidden: torch.Tensor, logits: torch.Tensor, features: tuple[str, ...]) -> torch.Tensor:
-    return torch.cat([hidden.float(), distribution_features(logits, features)], -1) if features else hidden
+    return torch.cat(logp), torch.cat(hit), torch.cat(inputs) if features else hidden
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
