@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--like", type=Path, required=True, help="the run whose collm.json the new runs copy")
     p.add_argument("--variants", default="disagree,conf10,conf03")
     p.add_argument("--out", required=True, help="prefix of the run folders")
+    p.add_argument("--seed", type=int, default=0, help="the fit's seed (another seed: how much the fit alone moves "
+                   "validation accuracy)")
     a = p.parse_args()
     cache = torch.load(a.cache)
     hidden_size = cache["hidden_size"]
@@ -73,12 +75,12 @@ def main() -> None:
         c = VARIANTS[name]
         keep = labels if c is None else labels & (expert_hit | (gold_logp < math.log(c)))
         head = DeferralHead(hidden_size)
-        fit_weak_start(head, x, keep.long(), steps=300, lr=0.01, batch=2300, seed=0)
-        fit_weak_start(head, x, keep.long(), steps=400, lr=3e-3, batch=2300, seed=1)
+        fit_weak_start(head, x, keep.long(), steps=300, lr=0.01, batch=2300, seed=a.seed)
+        fit_weak_start(head, x, keep.long(), steps=400, lr=3e-3, batch=2300, seed=a.seed + 1)
         with torch.no_grad():
             p_defer = defer_prob(head.log_probs(x)).sort().values
         eta = float(p_defer[int((1 - target_rate) * len(p_defer))])
-        folder = Path(f"{a.out}-{name}")
+        folder = Path(f"{a.out}-{name}" + (f"-seed{a.seed}" if a.seed else ""))
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(a.like / "collm.json", folder / "collm.json")
         head.save(folder / "head.safetensors")
