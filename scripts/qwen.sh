@@ -29,6 +29,9 @@
 #   5d. feat    (ROUTER=router-feat, after router-policy) router-policy's rows and labels, the head reading the
 #               base's entropy, top probability and margin besides its hidden state (--head-features);
 #               calibrated on all 110 validation problems, η in 0.4,0.5,0.6 (not shipped: README)
+#   5e. conf03  (ROUTER=router-conf03, after router-policy) router-policy's rows, a disagreement on a token the base
+#               wrote labelled only where the expert gives it under 3% (--disagree-below 0.03); calibrated on all
+#               110 validation problems (not shipped: README)
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
@@ -103,10 +106,11 @@ HEAD="--base $BASE --data $R/own_style/train.jsonl --scores $R/scores --base-mod
 [[ -f $R/collm/collm.json ]] || collm train $HEAD --objective marginal --out "$R/collm"
 [[ -f $R/weak/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak"
 train_router() {  # router $3 on rows file $1 with scores $2 (in $R): "the expert would write another token"
-  # ($4: features of the base's next-token distribution the head reads besides its hidden state)
+  # ($4: features of the base's next-token distribution the head reads besides its hidden state; $5: keep a
+  # disagreement on a base-written token only where the expert gives that token less than this probability)
   [[ -f $R/$3/collm.json ]] || collm train --base $BASE --data "$R/$1" --scores "$R/$2" --base-mode frozen \
     --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 --objective weak \
-    --weak-label disagree ${4:+--head-features $4} --out "$R/$3"
+    --weak-label disagree ${4:+--head-features $4} ${5:+--disagree-below $5} --out "$R/$3"
 }
 train_router base_style/train.jsonl scores-base router
 # The same router with the base tuned too (LoRA, as the paper tunes the base with the head): the head starts from
@@ -163,6 +167,15 @@ elif [[ $ROUTER == router-feat ]]; then
   log "5d. the router that also reads the base's next-token distribution, on router-policy's 320 rows"
   train_router mixed_style.jsonl scores-mixed router-feat entropy,max_prob,margin
   calibrate router-feat "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.4,0.5,0.6}" 55
+  until_ policy
+elif [[ $ROUTER == router-conf03 ]]; then
+  # router-policy's rows, with a disagreement on a base-written token labelled only where the expert gives that
+  # token under 3% (it rejects it, rather than preferring other wording); the on-policy rows' expert tokens stay.
+  [[ -f $R/scores-mixed/manifest.json && -f $R/router-policy/collm.json ]] \
+    || { echo "run ROUTER=router-policy first: router-conf03 trains on its rows" >&2; exit 2; }
+  log "5e. the router on expert-rejected disagreements only, on router-policy's 320 rows"
+  train_router mixed_style.jsonl scores-mixed router-conf03 "" 0.03
+  calibrate router-conf03 "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.45,0.5}" 55
   until_ policy
 elif [[ $ROUTER != router ]]; then
   calibrate "$ROUTER" "${EVERY3[@]}"

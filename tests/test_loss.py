@@ -127,6 +127,21 @@ def test_disagreement_labels_mark_where_exactly_one_model_has_gold():
         disagreement_labels(base_ok, torch.stack([expert_ok, expert_ok], -1))
 
 
+def test_disagreement_labels_below_keeps_only_tokens_the_expert_rejects():
+    base_ok = torch.tensor([True, True, True, False, True])
+    expert_ok = torch.tensor([False, False, True, True, False])
+    logp = torch.log(torch.tensor([0.02, 0.3, 0.9, 0.8, 0.05]))
+    # positions 0, 1 and 4: the base wrote its argmax, the expert prefers another token, giving it 2%, 30%, 5%
+    assert disagreement_labels(base_ok, expert_ok).tolist() == [1, 1, 0, 1, 1]
+    assert disagreement_labels(base_ok, expert_ok, logp, below=0.1).tolist() == [1, 0, 0, 1, 1]
+    assert disagreement_labels(base_ok, expert_ok, logp, below=0.03).tolist() == [1, 0, 0, 1, 0]
+    # the expert's own argmax tokens (position 3) stay labelled whatever the threshold
+    assert disagreement_labels(base_ok, expert_ok.unsqueeze(-1), logp.unsqueeze(-1), below=0.01).tolist() == \
+        [0, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="log-probs"):
+        disagreement_labels(base_ok, expert_ok, below=0.1)
+
+
 def test_class_weighted_bce_balances_rare_positives():
     labels = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0])
     mask = torch.ones(8, dtype=torch.bool)

@@ -333,6 +333,9 @@ def test_two_experts_softmax_head(known_case, tmp_path):
         ({"threshold": 1.5}, "threshold"),
         ({"weak_label": "gold"}, "weak_label must be one of paper, disagree"),
         ({"weak_label": "disagree", "scores": ["s", "t"]}, "one expert"),
+        ({"disagree_below": 0.1}, "applies to weak_label disagree"),
+        ({"weak_label": "disagree", "disagree_below": 0.0}, r"probability in \(0, 1\]"),
+        ({"weak_label": "disagree", "disagree_below": 1.5}, r"probability in \(0, 1\]"),
     ],
 )
 def test_bad_configs_are_one_line_errors(overrides, message):

@@ -8,6 +8,8 @@ Everything stays in log space: probabilities of gold tokens are often far below 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from collm.errors import CollmError
 from collm.core.head import logits_to_log_probs
@@ -104,19 +106,31 @@ def weak_labels(
     return torch.where(any_right & ~base_correct.bool(), best, torch.zeros_like(best))
 
 
-def disagreement_labels(base_correct: torch.Tensor, expert_correct: torch.Tensor) -> torch.Tensor:
+def disagreement_labels(base_correct: torch.Tensor, expert_correct: torch.Tensor,
+                        expert_logp: torch.Tensor | None = None, below: float | None = None) -> torch.Tensor:
     """Pseudo-labels Z_t (long, ``(...)``): 1 where exactly one of base and expert has the gold token as argmax.
 
     On text one of the two models wrote greedily, these are the positions where the other model would have
     written another token: on the base's own solutions, where the expert disagrees with it (labels the paper's
     rule can never give there, since the base is always right on its own greedy text); on the expert's, where
     the base would stray. One expert only: with several, which one should write is not defined by agreement.
+
+    ``below``: where the base has gold as argmax and the expert does not, keep the label only where the expert
+    gives gold a probability below ``below`` (``expert_logp``: its gold log-probs), so a disagreement on wording
+    the expert also finds likely is not a deferral.
     """
     if expert_correct.dim() > base_correct.dim():
         if expert_correct.shape[-1] != 1:
             raise ValueError("disagreement labels are defined for one expert")
         expert_correct = expert_correct.squeeze(-1)
-    return (base_correct.bool() ^ expert_correct.bool()).long()
+        expert_logp = None if expert_logp is None else expert_logp.squeeze(-1)
+    labels = base_correct.bool() ^ expert_correct.bool()
+    if below is not None:
+        if expert_logp is None:
+            raise ValueError("below needs the expert's gold log-probs")
+        rejected = base_correct.bool() & ~expert_correct.bool()
+        labels &= ~rejected | (expert_logp < math.log(below))
+    return labels.long()
 
 
 def class_weights(labels: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:

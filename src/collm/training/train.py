@@ -69,6 +69,10 @@ class TrainConfig:
     """Pseudo-labels of the weak start and the weak objective: paper (expert's argmax is gold, base's is not)
     or disagree (exactly one of them has gold as argmax; for training text a model wrote itself, such as the
     base's own solutions, where the paper's rule never fires; one expert only)."""
+    disagree_below: float | None = None
+    """With weak_label disagree: where the base wrote its own argmax and the expert would write another token,
+    label a deferral only where the expert gives the base's token a probability below this (in (0, 1]); None:
+    every such disagreement, also on wording the expert finds likely too."""
     head_features: str = ""
     """Besides the base's hidden state, the head also reads these features of the base's next-token
     distribution (comma-separated: entropy, max_prob, margin; "" for none). Decoding then computes the base's
@@ -141,6 +145,11 @@ class TrainConfig:
         _one_of("weak_label", self.weak_label, WEAK_LABELS)
         if self.weak_label == "disagree" and len(self.scores) > 1:
             raise CollmError("weak_label disagree is defined for one expert; with several use weak_label paper")
+        if self.disagree_below is not None:
+            if self.weak_label != "disagree":
+                raise CollmError("disagree_below applies to weak_label disagree: add --weak-label disagree or drop it")
+            if isinstance(self.disagree_below, bool) or not 0 < self.disagree_below <= 1:
+                raise CollmError(f"disagree_below must be a probability in (0, 1], got {self.disagree_below!r}")
         if self.objective != "sft" and not self.scores:
             raise CollmError(f"objective {self.objective!r} needs --scores from collm score (one per expert)")
         if self.objective == "sft" and self.base_mode == "frozen":
@@ -281,7 +290,8 @@ def _base_pass_and_weak_start(s: Setup) -> None:
     labels = {}
     for i, o in outputs.items():
         expert_logp, expert_hit = row_scores(s.scores, i)
-        labels[i] = (disagreement_labels(o.base_hit, expert_hit) if c.weak_label == "disagree"
+        labels[i] = (disagreement_labels(o.base_hit, expert_hit, expert_logp, c.disagree_below)
+                     if c.weak_label == "disagree"
                      else weak_labels(o.base_hit, expert_hit, expert_logp))
     if frozen:
         s.cache = outputs
