@@ -11,8 +11,9 @@ then 400 at 3e-3, 2300 tokens a step), not by ``collm train``, so they are compa
     python scripts/qwen_label_variants.py --cache runs/qwen/probe/outputs.pt --scores runs/qwen/scores-mixed \
         --like runs/qwen/router-policy --variants disagree,conf10,conf03 --out runs/qwen/lab
 
-Writes ``<out>-<variant>/`` (the head, ``--like``'s collm.json, a manifest) and prints for each the η at which it
-defers on the training tokens as often as ``--like``'s head does at its own η: the η to calibrate at.
+Writes ``<out>-<variant>/`` (new folders: the head and ``--like``'s collm.json; seal them with ``collm seal``)
+and prints for each the η at which it defers on the training tokens as often as ``--like``'s head does at its
+own η: the η to calibrate at.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main() -> None:
             p_defer = defer_prob(head.log_probs(x)).sort().values
         eta = float(p_defer[int((1 - target_rate) * len(p_defer))])
         folder = Path(f"{a.out}-{name}" + (f"-seed{a.seed}" if a.seed else ""))
+        if folder.exists() and any(folder.iterdir()):
+            raise SystemExit(f"{folder} exists and is not empty: give another --out (nothing there is overwritten)")
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(a.like / "collm.json", folder / "collm.json")
         head.save(folder / "head.safetensors")
