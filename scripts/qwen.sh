@@ -144,6 +144,15 @@ policy_round() {
     --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/$6"
   train_router "$5" "$7" "$8"
 }
+policy_variant() {  # router $1 (stage $2: $3) on router-policy's 320 rows and scores, trained as train_router
+  # with head features $4 and --disagree-below $5, calibrated on all 110 validation problems over η grid $6
+  [[ -f $R/scores-mixed/manifest.json && -f $R/router-policy/collm.json ]] \
+    || { echo "run ROUTER=router-policy first: $1 trains on its rows" >&2; exit 2; }
+  log "$2. $3, on router-policy's 320 rows"
+  train_router mixed_style.jsonl scores-mixed "$1" "$4" "$5"
+  calibrate "$1" "$D/validation.jsonl" "${FINAL_THRESHOLDS:-$6}" 55
+  until_ policy
+}
 if [[ $ROUTER == router-policy ]]; then
   log "5b. on-policy rows: the calibrated router writes answers to $BASE_ROWS other training problems (seed 1)"
   policy_round router 1 policy_style base_style/train.jsonl mixed_style.jsonl scores-base scores-mixed router-policy
@@ -160,23 +169,14 @@ elif [[ $ROUTER == router-policy2 ]]; then
   calibrate router-policy2 "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.4,0.5,0.6}" 55
   until_ policy
 elif [[ $ROUTER == router-feat ]]; then
-  # router-policy's rows and labels, but the head also reads the base's entropy, top probability and margin
-  # (the base's logits at every step): where the base is unsure is where the expert most often writes otherwise.
-  [[ -f $R/scores-mixed/manifest.json && -f $R/router-policy/collm.json ]] \
-    || { echo "run ROUTER=router-policy first: router-feat trains on its rows" >&2; exit 2; }
-  log "5d. the router that also reads the base's next-token distribution, on router-policy's 320 rows"
-  train_router mixed_style.jsonl scores-mixed router-feat entropy,max_prob,margin
-  calibrate router-feat "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.4,0.5,0.6}" 55
-  until_ policy
+  # the head also reads the base's entropy, top probability and margin (the base's logits at every step): where
+  # the base is unsure is where the expert most often writes otherwise.
+  policy_variant router-feat 5d "the router that also reads the base's next-token distribution" \
+    entropy,max_prob,margin "" 0.4,0.5,0.6
 elif [[ $ROUTER == router-conf03 ]]; then
-  # router-policy's rows, with a disagreement on a base-written token labelled only where the expert gives that
-  # token under 3% (it rejects it, rather than preferring other wording); the on-policy rows' expert tokens stay.
-  [[ -f $R/scores-mixed/manifest.json && -f $R/router-policy/collm.json ]] \
-    || { echo "run ROUTER=router-policy first: router-conf03 trains on its rows" >&2; exit 2; }
-  log "5e. the router on expert-rejected disagreements only, on router-policy's 320 rows"
-  train_router mixed_style.jsonl scores-mixed router-conf03 "" 0.03
-  calibrate router-conf03 "$D/validation.jsonl" "${FINAL_THRESHOLDS:-0.45,0.5}" 55
-  until_ policy
+  # a disagreement on a base-written token labelled only where the expert gives that token under 3% (it rejects
+  # it, rather than preferring other wording); the on-policy rows' expert tokens stay.
+  policy_variant router-conf03 5e "the router on expert-rejected disagreements only" "" 0.03 0.45,0.5
 elif [[ $ROUTER != router ]]; then
   calibrate "$ROUTER" "${EVERY3[@]}"
 fi
