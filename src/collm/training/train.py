@@ -411,12 +411,13 @@ def _forward(s: Setup, module, rows: list[int]):
 
 def micro_loss(s: Setup, module, rows: list[int], window_tokens: int):
     """The objective's loss for one micro-batch, normalised by the step's tokens (all processes), and
-    sums for the log: (objective nll, π, deferrals at 0.5, tokens)."""
+    sums for the log: (objective nll, π, deferrals at 0.5, tokens, the head's class-weighted BCE: weak only)."""
     with s.acc.autocast():
         base_logp, logits = _forward(s, module, rows)
     expert_logp, labels = _batch_tensors(s, rows)
     ones = torch.ones_like(base_logp, dtype=torch.bool)
     c = s.config
+    bce = torch.zeros((), device=base_logp.device)
     if c.objective == "marginal":
         token_nll = marginal_token_nll(logits, base_logp, expert_logp)
         loss = masked_mean(token_nll, ones, window_tokens)
@@ -424,12 +425,13 @@ def micro_loss(s: Setup, module, rows: list[int], window_tokens: int):
         token_nll = -base_logp.float()
         loss = lm_nll(base_logp, ones, window_tokens) if s.cache is None else token_nll.new_zeros(())
         if c.objective == "weak":
-            loss = loss + c.weak_weight * weak_bce(logits, labels, ones, s.label_weights, window_tokens)
+            bce = weak_bce(logits, labels, ones, s.label_weights, window_tokens)
+            loss = loss + c.weak_weight * bce
     # DDP averages gradients over processes; the token count already spans them, so undo the average.
     loss = loss * s.acc.num_processes
     pi = defer_prob(logits.detach()) if logits is not None else torch.zeros_like(token_nll)
     sums = torch.stack([token_nll.detach().sum(), pi.sum(), (pi > 0.5).float().sum(),
-                        torch.tensor(float(pi.numel()), device=pi.device)])
+                        torch.tensor(float(pi.numel()), device=pi.device), bce.detach().float() * window_tokens])
     return loss, sums
 
 
@@ -439,7 +441,7 @@ def train_step(s: Setup, module, optimizer, scheduler, step: int) -> dict:
     window_tokens = sum(s.data.examples[i].num_targets for rows in micro for i in rows)
     rank, world = s.acc.process_index, s.acc.num_processes
     mine = micro[rank::world]
-    totals = torch.zeros(4, device=s.acc.device)
+    totals = torch.zeros(5, device=s.acc.device)
     for k, rows in enumerate(mine):
         # Gradients are reduced across processes once, on the last micro-batch.
         sync = contextlib.nullcontext() if k == len(mine) - 1 else s.acc.no_sync(module)
@@ -454,9 +456,12 @@ def train_step(s: Setup, module, optimizer, scheduler, step: int) -> dict:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     totals = s.acc.reduce(totals, reduction="sum") if world > 1 else totals
-    nll, pi, deferred, tokens = totals.tolist()  # the step's one host sync, for the log
-    return {"step": step + 1, "loss": nll / tokens, "mean_pi": pi / tokens, "defer_rate": deferred / tokens,
-            "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
+    nll, pi, deferred, tokens, bce = totals.tolist()  # the step's one host sync, for the log
+    row = {"step": step + 1, "loss": nll / tokens, "mean_pi": pi / tokens, "defer_rate": deferred / tokens,
+           "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
+    if s.config.objective == "weak":  # `loss` is the base's LM loss there (constant with a frozen base)
+        row["head_bce"] = bce / window_tokens
+    return row
 
 
 def fit(s: Setup) -> None:
@@ -477,7 +482,9 @@ def fit(s: Setup) -> None:
         row["seconds"] = round(time.perf_counter() - began, 3)
         if acc.is_main_process:
             append_line(metrics, json.dumps(row))
-            bar.set_postfix(loss=f"{row['loss']:.4f}", pi=f"{row['mean_pi']:.3f}", defer=f"{row['defer_rate']:.3f}")
+            shown = {"bce": f"{row['head_bce']:.4f}"} if "head_bce" in row else {}
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **shown, pi=f"{row['mean_pi']:.3f}",
+                            defer=f"{row['defer_rate']:.3f}")
             bar.update(1)
         if (step + 1) % c.save_every == 0 or step + 1 == s.total_steps:
             _checkpoint(s, module, optimizer, scheduler, step + 1)
