@@ -177,6 +177,26 @@ elif [[ $ROUTER == router-conf03 ]]; then
   # a disagreement on a base-written token labelled only where the expert gives that token under 3% (it rejects
   # it, rather than preferring other wording); the on-policy rows' expert tokens stay.
   policy_variant router-conf03 5e "the router on expert-rejected disagreements only" "" 0.03 0.45,0.5
+elif [[ $ROUTER == gold-lora ]]; then
+  # The paper's own recipe: gold GSM solutions (320 training rows, train.jsonl shuffled with random.Random(3)),
+  # scored by the expert; base (LoRA) and head trained together by marginal likelihood after the paper's weak start.
+  log "5f. gold-lora: marginal likelihood on gold solutions, the base LoRA-tuned with the head"
+  [[ -f $R/gold/train.jsonl ]] || { mkdir -p "$R/gold"; python3 - "$D/train.jsonl" "$R/gold/train.jsonl" <<'PY'
+import os, random, sys
+rows = open(sys.argv[1]).read().splitlines()
+random.Random(3).shuffle(rows)
+open(sys.argv[2] + ".tmp", "w").write("\n".join(rows[:320]) + "\n")
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+PY
+  }
+  [[ -f $R/gold-lora/collm.json ]] || collm score --expert $EXPERT --data "$R/gold/train.jsonl" --out "$R/scores-gold" \
+    --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096
+  [[ -f $R/gold-lora/collm.json ]] || OMP_NUM_THREADS=${TRAIN_THREADS:-2} collm train --base $BASE \
+    --data "$R/gold/train.jsonl" --scores "$R/scores-gold" --base-mode lora --precision bf16 --max-len 512 \
+    --objective marginal --lr 5e-4 --head-lr 1e-3 --warmup-steps 4 --batch-size 8 --epochs 2 --save-every 5 \
+    --batch-tokens 4096 --out "$R/gold-lora"
+  calibrate gold-lora "$D/validation_every3.jsonl" "${GOLD_THRESHOLDS:-0.5,0.7,0.9,1.0}" 37
+  until_ policy
 elif [[ $ROUTER != router ]]; then
   calibrate "$ROUTER" "${EVERY3[@]}"
 fi
