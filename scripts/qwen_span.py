@@ -8,6 +8,9 @@ let the expert finish what it started, both read from the same head (no retraini
   not consulted inside the run);
 - ``hyst:LOW@η``: the expert starts where P > η and goes on while P > LOW (hysteresis).
 
+And one that reads the tokens too: ``arith:@η``, the head's rule at η plus the expert writing each result after
+an ``=``, to the end of the number (the paper's recipe on gold text learned that deferral: README item 13).
+
     python scripts/qwen_span.py --run runs/qwen/router-policy --data runs/qwen/data/gsm/validation.jsonl \
         --rules span:4@0.6,hyst:0.3@0.6 --out runs/qwen/span-val110
 
@@ -17,6 +20,7 @@ Each rule's result goes to ``<out>/<rule>.json`` as it finishes; a rerun skips t
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 
 from collm.atomic import write_json
 from collm.core.routing import defer_prob, most_probable_expert
+from collm.decoding import engine as engine_module
 from collm.evaluation.evaluate import EvalConfig, read_rows, run_system
 from collm.pair import CoLLM
 
@@ -56,14 +61,54 @@ class RunRouter:
         return choice
 
 
-def parse_rule(rule: str) -> RunRouter:
+class ArithRouter:
+    """The head's rule, plus: the expert writes the result after every ``=`` the answer writes, until the
+    number ends (Qwen writes one digit per token). A router sees only P(defer), so this one reads the written
+    tokens from the engine that calls it (``bind``, from the patched ``Engine._route`` below)."""
+
+    NUMBER = re.compile(r"^ ?[$\d.,]+$|^ $")  # a digit, '.', ',', '$' (after an optional space), or one space
+
+    def __init__(self, threshold: float, tokenizer):
+        self.threshold, self.engine, self.span = threshold, None, None
+        pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        self.ends_eq = torch.tensor([piece.rstrip().endswith("=") for piece in pieces])
+        self.number = torch.tensor([bool(self.NUMBER.match(piece)) for piece in pieces])
+
+    def bind(self, engine) -> None:
+        self.engine = engine
+
+    def __call__(self, step: int, log_pz: torch.Tensor) -> torch.Tensor:
+        rows = log_pz.shape[0]
+        if step == 0 or self.span is None or self.span.shape[0] != rows:
+            self.span = torch.zeros(rows, dtype=torch.bool)
+        else:
+            last = self.engine.cols.seq[:, self.engine.n - 1].cpu().clamp(0, len(self.ends_eq) - 1)
+            self.span = self.ends_eq[last] | (self.span & self.number[last])
+        defer = (defer_prob(log_pz) > self.threshold) | self.span.to(log_pz.device)
+        return torch.where(defer, most_probable_expert(log_pz), 0)
+
+
+def _bind_routers() -> None:
+    real = engine_module.Engine._route
+
+    def _route(self):
+        if isinstance(self.router, ArithRouter):
+            self.router.bind(self)
+        return real(self)
+
+    engine_module.Engine._route = _route
+
+
+def parse_rule(rule: str, tokenizer=None):
     kind, _, rest = rule.partition(":")
     value, _, eta = rest.partition("@")
     if kind == "span":
         return RunRouter(float(eta), span=int(value))
     if kind == "hyst":
         return RunRouter(float(eta), release=float(value))
-    raise SystemExit(f"unknown rule {rule!r}: use span:K@ETA or hyst:LOW@ETA")
+    if kind == "arith":
+        return ArithRouter(float(eta), tokenizer)
+    raise SystemExit(f"unknown rule {rule!r}: use span:K@ETA, hyst:LOW@ETA or arith:@ETA")
 
 
 def main() -> None:
@@ -81,12 +126,13 @@ def main() -> None:
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     a.out.mkdir(parents=True, exist_ok=True)
     pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
+    _bind_routers()
     for rule in a.rules.split(","):
         path = a.out / f"{rule.replace(':', '-').replace('@', '-eta')}.json"
         if path.exists():
             print(rule, "done already:", path)
             continue
-        router = parse_rule(rule)
+        router = parse_rule(rule, pair.tokenizer)
         started = time.time()
         result = run_system(pair, rows, f"Co-LLM {rule}", config, router=router)
         write_json(path, {"rule": rule, "rows": len(rows), **asdict(result)})
