@@ -32,6 +32,9 @@
 #   5e. conf03  (ROUTER=router-conf03, after router-policy) router-policy's rows, a disagreement on a token the base
 #               wrote labelled only where the expert gives it under 3% (--disagree-below 0.03); calibrated on all
 #               110 validation problems (not shipped: README)
+#   5f. gold-lora (ROUTER=gold-lora) the paper's recipe: 320 gold training rows scored by the expert, base (LoRA)
+#               and head trained together by marginal likelihood after the weak start; calibrated on every 3rd
+#               validation row, η in GOLD_THRESHOLDS (0.5,0.7,0.9,1.0) (not shipped: README)
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
 #               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
 #   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):

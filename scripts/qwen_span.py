@@ -82,6 +82,8 @@ class ArithRouter:
         if step == 0 or self.span is None or self.span.shape[0] != rows:
             self.span = torch.zeros(rows, dtype=torch.bool)
         else:
+            if self.engine is None:
+                raise SystemExit("an arith rule reads the written tokens: call _bind_routers() before decoding")
             last = self.engine.cols.seq[:, self.engine.n - 1].cpu().clamp(0, len(self.ends_eq) - 1)
             self.span = self.ends_eq[last] | (self.span & self.number[last])
         defer = (defer_prob(log_pz) > self.threshold) | self.span.to(log_pz.device)

@@ -263,8 +263,8 @@ def test_baselines_sft_and_weak(known_case):
     assert _losses(sft)[-1] < _losses(sft)[0]
     weak = train(config(known_case, "weak", objective="weak", base_mode="frozen", epochs=4))
     assert heldout_auroc(known_case, weak) >= 0.95
-    # With a frozen base the logged `loss` is the base's LM loss, which no step moves: the log also shows what
-    # does train, the head's BCE.
+    # With a frozen base the logged `loss` is the base's LM loss, which training cannot change: the log also
+    # shows what does train, the head's BCE.
     rows = [json.loads(line) for line in (weak / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["head_bce"] < rows[0]["head_bce"]
     assert "head_bce" not in json.loads((sft / "metrics.jsonl").read_text().splitlines()[0])

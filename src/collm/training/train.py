@@ -459,7 +459,7 @@ def train_step(s: Setup, module, optimizer, scheduler, step: int) -> dict:
     nll, pi, deferred, tokens, bce = totals.tolist()  # the step's one host sync, for the log
     row = {"step": step + 1, "loss": nll / tokens, "mean_pi": pi / tokens, "defer_rate": deferred / tokens,
            "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
-    if s.config.objective == "weak":  # `loss` is the base's LM loss there (constant with a frozen base)
+    if s.config.objective == "weak":  # `loss` is the base's LM loss there, which a frozen base never changes
         row["head_bce"] = bce / window_tokens
     return row
 
