@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from safetensors.torch import load_file
 
 from collm.core.head import DeferralHead
 from collm.core.routing import defer_prob
+from collm.training.loss import disagreement_labels
 from collm.training.weak import fit_weak_start
 
 VARIANTS = {"disagree": None, "conf10": 0.1, "conf03": 0.03}
@@ -74,7 +74,8 @@ def main() -> None:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
         c = VARIANTS[name]
-        keep = labels if c is None else labels & (expert_hit | (gold_logp < math.log(c)))
+        # the cache holds the plain labels (base_hit ^ expert_hit), so base_hit = labels ^ expert_hit
+        keep = labels if c is None else disagreement_labels(labels ^ expert_hit, expert_hit, gold_logp, c).bool()
         head = DeferralHead(hidden_size)
         fit_weak_start(head, x, keep.long(), steps=300, lr=0.01, batch=2300, seed=a.seed)
         fit_weak_start(head, x, keep.long(), steps=400, lr=3e-3, batch=2300, seed=a.seed + 1)
