@@ -431,7 +431,7 @@ def micro_loss(s: Setup, module, rows: list[int], window_tokens: int):
     loss = loss * s.acc.num_processes
     pi = defer_prob(logits.detach()) if logits is not None else torch.zeros_like(token_nll)
     sums = torch.stack([token_nll.detach().sum(), pi.sum(), (pi > 0.5).float().sum(),
-                        torch.tensor(float(pi.numel()), device=pi.device), bce.detach().float() * window_tokens])
+                        torch.tensor(float(pi.numel()), device=pi.device), bce.detach().float()])
     return loss, sums
 
 
@@ -460,7 +460,7 @@ def train_step(s: Setup, module, optimizer, scheduler, step: int) -> dict:
     row = {"step": step + 1, "loss": nll / tokens, "mean_pi": pi / tokens, "defer_rate": deferred / tokens,
            "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
     if s.config.objective == "weak":  # `loss` is the base's LM loss there, which a frozen base never changes
-        row["head_bce"] = bce / window_tokens
+        row["head_bce"] = bce  # each micro-batch's BCE is already over the step's tokens: their sum is the mean
     return row
 
 
