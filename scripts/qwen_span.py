@@ -8,6 +8,9 @@ let the expert finish what it started, both read from the same head (no retraini
   not consulted inside the run);
 - ``hyst:LOW@η``: the expert starts where P > η and goes on while P > LOW (hysteresis).
 
+One that moves the threshold along the answer: ``sched:N/EARLY@η``, η_early for the first N tokens and η after
+(``sched:32/0@0.6``: the expert writes the first 32 tokens, where the plan is set).
+
 And one that reads the tokens too: ``arith:@η``, the head's rule at η plus the expert writing each result after
 an ``=``, to the end of the number (the paper's recipe on gold text learned that deferral: README item 13).
 
@@ -90,6 +93,19 @@ class ArithRouter:
         return torch.where(defer, most_probable_expert(log_pz), 0)
 
 
+class ScheduleRouter:
+    """The head's rule with a threshold that depends on where in the answer the token is: ``early`` for the first
+    ``steps`` tokens, ``late`` after (``early`` 0: the expert writes the first ``steps`` tokens outright). Rows
+    start together (a fixed batch), so the engine's step index is each row's token index."""
+
+    def __init__(self, steps: int, early: float, late: float):
+        self.steps, self.early, self.late = steps, early, late
+
+    def __call__(self, step: int, log_pz: torch.Tensor) -> torch.Tensor:
+        eta = self.early if step < self.steps else self.late
+        return torch.where(defer_prob(log_pz) > eta, most_probable_expert(log_pz), 0)
+
+
 def _bind_routers() -> None:
     real = engine_module.Engine._route
 
@@ -110,14 +126,17 @@ def parse_rule(rule: str, tokenizer=None):
         return RunRouter(float(eta), release=float(value))
     if kind == "arith":
         return ArithRouter(float(eta), tokenizer)
-    raise SystemExit(f"unknown rule {rule!r}: use span:K@ETA, hyst:LOW@ETA or arith:@ETA")
+    if kind == "sched":
+        steps, _, early = value.partition("/")
+        return ScheduleRouter(int(steps), float(early), float(eta))
+    raise SystemExit(f"unknown rule {rule!r}: use span:K@ETA, hyst:LOW@ETA, arith:@ETA or sched:N/EARLY@ETA")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--rules", required=True, help="comma-separated span:K@ETA / hyst:LOW@ETA")
+    p.add_argument("--rules", required=True, help="comma-separated span:K@ETA / hyst:LOW@ETA / arith:@ETA / sched:N/EARLY@ETA")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=320)
@@ -130,7 +149,7 @@ def main() -> None:
     pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
     _bind_routers()
     for rule in a.rules.split(","):
-        path = a.out / f"{rule.replace(':', '-').replace('@', '-eta')}.json"
+        path = a.out / f"{rule.replace(':', '-').replace('/', '-').replace('@', '-eta')}.json"
         if path.exists():
             print(rule, "done already:", path)
             continue
