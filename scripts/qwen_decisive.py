@@ -7,9 +7,13 @@ the base-written rows whose answer is wrong, at some of its disagreements (the f
 back to the base, which writes the rest greedily (the same 320-token budget as the original answer). A rollout
 whose answer becomes right marks a decisive disagreement. ``--controls`` rollouts put the base's own token back
 instead (they should reproduce the wrong answer: a check that the rollouts decode as the rows were written).
+``--swap other`` is the null: at the same places, the base's best token that is neither its own nor the expert's
+(is it the expert's word that rescues, or any change of word?). ``--head RUN`` adds the router's P(defer) at each
+tested place to the report.
 
     python scripts/qwen_decisive.py --data runs/qwen/mixed_style.jsonl --scores runs/qwen/scores-mixed \
-        --base-rows 160 --out runs/qwen/decisive
+        --base-rows 160 --out runs/qwen/decisive --head src/collm/assets/qwen
+    python scripts/qwen_decisive.py ... --random 0 --controls 0 --swap other --out runs/qwen/decisive-other
 
 Writes ``chunk-NNN.jsonl`` (one rollout per line) one batch at a time, so a killed run resumes at the next
 batch, then ``summary.json``. Refuses an ``--out`` holding another run's ``plan.json``.
@@ -102,11 +106,12 @@ def auc(score: list[float], label: list[bool]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
-def report(done: list[dict], tokenizer, threshold: float | None) -> dict:
+def report(done: list[dict], tokenizer, threshold: float | None, swap: str = "expert") -> dict:
     """Where the decisive disagreements lie: by kind, by place in the answer, by token, and how the router ranks
     them among the tested disagreements."""
     tested = [r for r in done if r["kind"] != "control" and r["expert_token"] != r["written_token"]]
-    out = {"rollouts": len(done), "rows": len({r["row"] for r in done}), "tested": len(tested),
+    swapped = f"{swap}_token"
+    out = {"swap": swap, "rollouts": len(done), "rows": len({r["row"] for r in done}), "tested": len(tested),
            "decisive": sum(r["correct"] for r in tested),
            "rows_rescued": len({r["row"] for r in tested if r["correct"]})}
     for kind in ("first", "random", "control"):
@@ -121,13 +126,14 @@ def report(done: list[dict], tokenizer, threshold: float | None) -> dict:
         by_rank[key][1] += r["correct"]
     out["by_disagreement_rank"] = {k: {"tested": v[0], "decisive": v[1]} for k, v in sorted(by_rank.items())}
     digit = lambda t: any(ch.isdigit() for ch in tokenizer.decode([t]))
-    for name, test in (("expert_token_has_digit", lambda r: digit(r["expert_token"])),
+    for name, test in (("swapped_token_has_digit", lambda r: digit(r[swapped])),
                        ("written_token_has_digit", lambda r: digit(r["written_token"]))):
         sel = [r for r in tested if test(r)]
         out[name] = {"tested": len(sel), "decisive": sum(r["correct"] for r in sel)}
     out["decisive_examples"] = [
         {"row": r["row"], "at": r["pos"] - r["completion_start"], "written": tokenizer.decode([r["written_token"]]),
-         "expert": tokenizer.decode([r["expert_token"]]), "p_defer": r.get("p_defer")}
+         "expert": tokenizer.decode([r["expert_token"]]), "swapped": tokenizer.decode([r[swapped]]),
+         "p_defer": r.get("p_defer")}
         for r in tested if r["correct"]]
     if tested and "p_defer" in tested[0]:
         p = [r["p_defer"] for r in tested]
@@ -142,6 +148,21 @@ def report(done: list[dict], tokenizer, threshold: float | None) -> dict:
     return out
 
 
+@torch.inference_mode()
+def other_tokens(base, data, todo: list[dict]) -> None:
+    """Fill each rollout's ``other_token``: the base's most likely token that is neither the written one nor the
+    expert's (the null: another plausible word, not the expert's)."""
+    by_row: dict[int, list[dict]] = {}
+    for r in todo:
+        by_row.setdefault(r["row"], []).append(r)
+    for i, items in by_row.items():
+        ids = data.examples[i].input_ids[: max(r["pos"] for r in items)]
+        logits = base(input_ids=torch.tensor([ids])).logits[0].float()
+        for r in items:
+            top = logits[r["pos"] - 1].topk(3).indices.tolist()
+            r["other_token"] = next(t for t in top if t not in (r["written_token"], r["expert_token"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="the router's rows (prompt/completion JSONL)")
@@ -154,6 +175,9 @@ def main() -> None:
     p.add_argument("--first", type=int, default=4)
     p.add_argument("--random", type=int, default=2)
     p.add_argument("--controls", type=int, default=12)
+    p.add_argument("--swap", choices=("expert", "other"), default="expert",
+                   help="the token swapped in: the expert's greedy token, or (the null) the base's best token that "
+                        "is neither the written one nor the expert's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=55)
     p.add_argument("--dtype", default="bfloat16")
@@ -167,10 +191,11 @@ def main() -> None:
     data = encode_file(a.data, tokenizer, DataConfig(max_len=a.max_len, chat=True, add_eos=True))
     scores = load_scores(a.scores, data)
     key = {"data": str(a.data), "scores": str(a.scores), "base_rows": a.base_rows, "first": a.first,
-           "random": a.random, "controls": a.controls, "seed": a.seed, "max_new_tokens": a.max_new_tokens}
+           "random": a.random, "controls": a.controls, "seed": a.seed, "max_new_tokens": a.max_new_tokens, "swap": a.swap}
     plan_file = a.out / "plan.json"
     if plan_file.exists():
         saved = json.loads(plan_file.read_text())
+        saved["key"].setdefault("swap", "expert")  # plans written before --swap existed
         if saved["key"] != key:
             raise SystemExit(f"{a.out} holds a run with other settings ({saved['key']}): give another --out")
         todo = saved["rollouts"]
@@ -180,6 +205,8 @@ def main() -> None:
         started = time.time()
         expert_tokens(expert, data, todo)
         del expert
+        if a.swap == "other":
+            other_tokens(base, data, todo)
         print(f"expert tokens for {len(todo)} rollouts in {time.time() - started:.0f} s", flush=True)
         write_json(plan_file, {"key": key, "rollouts": todo})
     if a.limit:
@@ -194,7 +221,7 @@ def main() -> None:
         batch = [todo[k] for k in order[start: start + a.batch_size]]
         prompts, budgets = [], []
         for r in batch:
-            token = r["written_token"] if r["kind"] == "control" else r["expert_token"]
+            token = r["written_token"] if r["kind"] == "control" else r[f"{a.swap}_token"]
             prompts.append(data.examples[r["row"]].input_ids[: r["pos"]] + [token])
             budgets.append(a.max_new_tokens - (r["pos"] - r["completion_start"]) - 1)
         t = time.time()
@@ -215,7 +242,7 @@ def main() -> None:
     if a.head:
         router_probs(base, DeferralHead.load(a.head / "head.safetensors"), data, done)
         threshold = json.loads((a.head / "collm.json").read_text())["threshold"]
-    summary = report(done, tokenizer, threshold)
+    summary = report(done, tokenizer, threshold, a.swap)
     summary["head"] = str(a.head) if a.head else None
     write_json(a.out / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "decisive_examples"}, indent=1))
