@@ -49,7 +49,9 @@ def plan(args, data, scores, rows) -> list[dict]:
         ex = data.examples[i]
         positions = [p for p in range(1, len(ex.input_ids)) if ex.completion_mask[p]]
         hit = scores.argmax_gold[scores.offsets[i]: scores.offsets[i + 1]]
-        assert len(hit) == len(positions), (i, len(hit), len(positions))
+        if len(hit) != len(positions):
+            raise SystemExit(f"row {i}: {len(positions)} completion tokens but {len(hit)} scores: score the same "
+                             "--data with the same --max-len")
         disagree = [p for p, h in zip(positions, hit.tolist()) if not h]
         chosen = disagree[: args.first]
         rest = disagree[args.first:]
@@ -189,9 +191,13 @@ def main() -> None:
     base, tokenizer = load_model(a.base, dtype=a.dtype)
     rows = [json.loads(line) for line in a.data.read_text().splitlines() if line.strip()]
     data = encode_file(a.data, tokenizer, DataConfig(max_len=a.max_len, chat=True, add_eos=True))
+    if len(data.examples) != len(rows):
+        raise SystemExit(f"{a.data}: encoding dropped {len(rows) - len(data.examples)} rows, so rows and "
+                         "examples no longer line up: raise --max-len")
     scores = load_scores(a.scores, data)
     key = {"data": str(a.data), "scores": str(a.scores), "base_rows": a.base_rows, "first": a.first,
-           "random": a.random, "controls": a.controls, "seed": a.seed, "max_new_tokens": a.max_new_tokens, "swap": a.swap}
+           "random": a.random, "controls": a.controls, "seed": a.seed, "max_new_tokens": a.max_new_tokens,
+           "swap": a.swap}
     plan_file = a.out / "plan.json"
     if plan_file.exists():
         saved = json.loads(plan_file.read_text())

@@ -1,4 +1,4 @@
-"""Try routing rules that keep the expert writing once it is called, on validation, resumable per rule.
+"""Try routing rules on a trained head, without retraining, on validation, resumable per rule.
 
 The shipped router defers one token at a time: at η = 0.5 accuracy hardly moves with the deferral rate (57,
 56, 58 of 110 from 36% to 25%), so its marginal deferrals are not where answers are decided. Two rules that
@@ -118,6 +118,13 @@ def _bind_routers() -> None:
 
 
 def parse_rule(rule: str, tokenizer=None):
+    try:
+        return _parse_rule(rule, tokenizer)
+    except ValueError:
+        raise SystemExit(f"rule {rule!r}: its numbers do not parse (e.g. span:4@0.6, sched:32/0@0.6)") from None
+
+
+def _parse_rule(rule: str, tokenizer=None):
     kind, _, rest = rule.partition(":")
     value, _, eta = rest.partition("@")
     if kind == "span":
@@ -136,7 +143,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--rules", required=True, help="comma-separated span:K@ETA / hyst:LOW@ETA / arith:@ETA / sched:N/EARLY@ETA")
+    p.add_argument("--rules", required=True,
+                   help="comma-separated span:K@ETA / hyst:LOW@ETA / arith:@ETA / sched:N/EARLY@ETA")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=320)
