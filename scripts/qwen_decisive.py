@@ -37,6 +37,7 @@ from collm.data.answer import is_correct
 from collm.data.rows import DataConfig, encode_file
 from collm.pair import CoLLM
 from collm.training.score import load_scores
+from qwen_head_probe import auc  # scripts/ is on the path when a script runs
 
 
 def plan(args, data, scores, rows) -> list[dict]:
@@ -67,45 +68,35 @@ def plan(args, data, scores, rows) -> list[dict]:
     return out
 
 
-@torch.inference_mode()
-def expert_tokens(expert, data, todo: list[dict]) -> None:
-    """Fill each rollout's ``expert_token`` (the expert's greedy token at its position) with one expert pass per
-    row over the prefix up to its last chosen position."""
+def row_prefixes(data, rollouts: list[dict]):
+    """(ids (1, L), the row's rollouts) per row: its tokens up to its last rollout's position, for one model pass
+    per row whose outputs at ``pos - 1`` are the prediction of each rollout's token."""
     by_row: dict[int, list[dict]] = {}
-    for r in todo:
+    for r in rollouts:
         by_row.setdefault(r["row"], []).append(r)
     for i, items in by_row.items():
-        ids = data.examples[i].input_ids
-        end = max(r["pos"] for r in items)
-        logits = expert(input_ids=torch.tensor([ids[:end]])).logits[0].float()
+        yield torch.tensor([data.examples[i].input_ids[: max(r["pos"] for r in items)]]), items
+
+
+@torch.inference_mode()
+def expert_tokens(expert, data, todo: list[dict]) -> None:
+    """Fill each rollout's ``expert_token`` (the expert's greedy token at its position) and ``written_token``."""
+    for ids, items in row_prefixes(data, todo):
+        logits = expert(input_ids=ids).logits[0].float()
         for r in items:
             r["expert_token"] = int(logits[r["pos"] - 1].argmax())
-            r["written_token"] = ids[r["pos"]]
+            r["written_token"] = data.examples[r["row"]].input_ids[r["pos"]]
 
 
 @torch.inference_mode()
 def router_probs(base, head: DeferralHead, data, done: list[dict]) -> None:
     """Fill each rollout's ``p_defer``: the router's P(defer) at its position, on the base's hidden state (one
     base pass per row over the prefix up to its last tested position, as the router reads it when decoding)."""
-    by_row: dict[int, list[dict]] = {}
-    for r in done:
-        by_row.setdefault(r["row"], []).append(r)
-    for i, items in by_row.items():
-        ids = data.examples[i].input_ids[: max(r["pos"] for r in items)]
-        hidden = base.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0].float()
+    for ids, items in row_prefixes(data, done):
+        hidden = base.base_model(input_ids=ids).last_hidden_state[0].float()
         p = defer_prob(head.log_probs(hidden[[r["pos"] - 1 for r in items]]))
         for r, pi in zip(items, p.tolist()):
             r["p_defer"] = pi
-
-
-def auc(score: list[float], label: list[bool]) -> float | None:
-    """P(a random positive scores above a random negative), ties counted half."""
-    pos = [s for s, y in zip(score, label) if y]
-    neg = [s for s, y in zip(score, label) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
 
 
 def report(done: list[dict], tokenizer, threshold: float | None, swap: str = "expert") -> dict:
@@ -140,7 +131,7 @@ def report(done: list[dict], tokenizer, threshold: float | None, swap: str = "ex
     if tested and "p_defer" in tested[0]:
         p = [r["p_defer"] for r in tested]
         y = [bool(r["correct"]) for r in tested]
-        out["router_auc_decisive_vs_not"] = auc(p, y)
+        out["router_auc_decisive_vs_not"] = auc(torch.tensor(p), torch.tensor(y)) if 0 < sum(y) < len(y) else None
         if threshold is not None:
             out["router_defers_at_threshold"] = {
                 "threshold": threshold,
@@ -154,12 +145,8 @@ def report(done: list[dict], tokenizer, threshold: float | None, swap: str = "ex
 def other_tokens(base, data, todo: list[dict]) -> None:
     """Fill each rollout's ``other_token``: the base's most likely token that is neither the written one nor the
     expert's (the null: another plausible word, not the expert's)."""
-    by_row: dict[int, list[dict]] = {}
-    for r in todo:
-        by_row.setdefault(r["row"], []).append(r)
-    for i, items in by_row.items():
-        ids = data.examples[i].input_ids[: max(r["pos"] for r in items)]
-        logits = base(input_ids=torch.tensor([ids])).logits[0].float()
+    for ids, items in row_prefixes(data, todo):
+        logits = base(input_ids=ids).logits[0].float()
         for r in items:
             top = logits[r["pos"] - 1].topk(3).indices.tolist()
             r["other_token"] = next(t for t in top if t not in (r["written_token"], r["expert_token"]))

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from collm.atomic import write_json
-from collm.core.routing import defer_prob, most_probable_expert
+from collm.core.routing import defer_prob, most_probable_expert, route
 from collm.decoding import engine as engine_module
 from collm.evaluation.evaluate import EvalConfig, read_rows, run_system
 from collm.pair import CoLLM
@@ -89,8 +89,7 @@ class ArithRouter:
                 raise SystemExit("an arith rule reads the written tokens: call _bind_routers() before decoding")
             last = self.engine.cols.seq[:, self.engine.n - 1].cpu().clamp(0, len(self.ends_eq) - 1)
             self.span = self.ends_eq[last] | (self.span & self.number[last])
-        defer = (defer_prob(log_pz) > self.threshold) | self.span.to(log_pz.device)
-        return torch.where(defer, most_probable_expert(log_pz), 0)
+        return torch.where(self.span.to(log_pz.device), most_probable_expert(log_pz), route(log_pz, self.threshold))
 
 
 class ScheduleRouter:
@@ -102,8 +101,7 @@ class ScheduleRouter:
         self.steps, self.early, self.late = steps, early, late
 
     def __call__(self, step: int, log_pz: torch.Tensor) -> torch.Tensor:
-        eta = self.early if step < self.steps else self.late
-        return torch.where(defer_prob(log_pz) > eta, most_probable_expert(log_pz), 0)
+        return route(log_pz, self.early if step < self.steps else self.late)
 
 
 def _bind_routers() -> None:
