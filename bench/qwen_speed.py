@@ -33,10 +33,12 @@ def timed(fn) -> tuple[float, int]:
     return time.perf_counter() - started, n
 
 
-def collm_system(pair, ids, mode, threshold, eager_logits=False):
+def collm_system(pair, ids, mode, threshold, eager_logits=False, lookahead=None, record=None):
     def run(n):
         with writer_logits_every_step(eager_logits):
-            out = pair.generate([ids], max_new_tokens=n, mode=mode, threshold=threshold)
+            out = pair.generate([ids], max_new_tokens=n, mode=mode, threshold=threshold, lookahead=lookahead)
+        if record is not None:
+            record.append(out)
         return len(out.token_ids[0]), sum(1 for s in out.sources[0] if s)
     return run
 
@@ -84,6 +86,10 @@ def main() -> None:
                         "(transformers assisted), proxy (proxy tuning; a run with a tuned base)")
     p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned: adds its tuned base alone and, with "
                    "proxy in --systems, proxy tuning with it (default: --run itself, when its base is tuned)")
+    p.add_argument("--lookahead", default="", help="also Co-LLM drafting past deferrals (collm.decoding.speculative) "
+                   "at these lookaheads, comma-separated (e.g. 4,8); its answers are compared with the engine's")
+    p.add_argument("--interleave", action="store_true", help="each prompt through every system before the next "
+                   "prompt (a shared machine's load then drifts over all systems alike)")
     p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -125,6 +131,16 @@ def main() -> None:
         "speculative": ("speculative decoding (transformers assisted, base drafts)",
                         lambda ids: hf_system(expert, ids, base)),
     }
+    answers: dict[str, list] = {}
+    for k in [int(x) for x in a.lookahead.split(",") if x.strip()]:
+        name = f"Co-LLM (eta={eta:g}), lookahead {k}"
+        answers[name] = []
+        systems[f"spec{k}"] = (name, lambda ids, k=k, name=name: collm_system(pair, ids, "collm", eta, lookahead=k,
+                                                                              record=answers[name]))
+        chosen.add(f"spec{k}")
+    answers[f"Co-LLM (eta={eta:g})"] = []
+    systems["collm"] = (f"Co-LLM (eta={eta:g})", lambda ids: collm_system(pair, ids, "collm", eta,
+                                                                          record=answers[f"Co-LLM (eta={eta:g})"]))
     if "tuned" in chosen:
         systems["tuned"] = ("tuned base alone", lambda ids: collm_system(tuned_alone, ids, "base", eta))
     if "proxy" in chosen:
@@ -138,20 +154,31 @@ def main() -> None:
     systems = dict(v for k, v in systems.items() if k in chosen)
     for make in systems.values():  # warm-up: each system's first call allocates and picks kernels
         make(prompts[0])(4)
+    for kept in answers.values():
+        kept.clear()
+    sums = {name: [0.0, 0, 0, 0] for name in systems}  # decoding seconds, decoded tokens, deferred, new tokens
+    order = [(name, ids) for ids in prompts for name in systems] if a.interleave else \
+        [(name, ids) for name in systems for ids in prompts]
+    for name, ids in order:
+        run = systems[name](ids)
+        t1, _ = timed(lambda: run(1)[0])
+        box = {}
+        tn, n = timed(lambda: box.setdefault("r", run(a.new_tokens))[0])
+        acc = sums[name]
+        acc[0] += tn - t1
+        acc[1] += n - 1
+        acc[2] += box["r"][1]
+        acc[3] += n
     results = []
-    for name, make in systems.items():
-        t_dec = n_dec = deferred = total = 0.0
-        for ids in prompts:
-            run = make(ids)
-            t1, _ = timed(lambda: run(1)[0])
-            box = {}
-            tn, n = timed(lambda: box.setdefault("r", run(a.new_tokens))[0])
-            t_dec += tn - t1
-            n_dec += n - 1
-            deferred += box["r"][1]
-            total += n
+    reference = [o for o in answers.get(f"Co-LLM (eta={eta:g})", []) if len(o.token_ids[0]) > 1]
+    for name, (t_dec, n_dec, deferred, total) in sums.items():
         row = {"system": name, "ms_per_token": 1000 * t_dec / n_dec, "decoded_tokens": int(n_dec),
                "deferral_rate": deferred / total if name.startswith("Co-LLM") else None}
+        if "lookahead" in name:  # the whole answers (not the 1-token runs): what drafting cost and saved
+            outs = [o for o in answers[name] if len(o.token_ids[0]) > 1]
+            row |= {k: sum(o.stats[k] for o in outs) for k in ("expert_calls", "checked", "rejected", "discarded",
+                                                               "base_reads")}
+            row["same_answers_as_engine"] = sum(o.token_ids == r.token_ids for o, r in zip(outs, reference))
         print(json.dumps(row), flush=True)
         results.append(row)
     batched = []
@@ -174,6 +201,7 @@ def main() -> None:
     summary = {"threshold": eta, "deferral_rate": f, "tau_f_ms": tau, "prompts": len(prompts),
                "new_tokens": a.new_tokens, "dtype": a.dtype,
                "rows": (f"spread from row {a.offset}" if a.offset else "spread") if a.spread else "every 5th",
+               "interleaved": a.interleave,
                "threads": torch.get_num_threads(), "systems": results,
                "batched": batched}
     if a.json:
@@ -187,6 +215,11 @@ def main() -> None:
         for r in batched:
             rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
             lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['new_tokens']} | {rate} |")
+    for r in (r for r in results if "same_answers_as_engine" in r):
+        lines.append(f"\n{r['system']}: {r['expert_calls']} expert calls for {r['checked']} checked deferrals, "
+                     f"{r['rejected']} drafts cut where the expert wrote another token ({r['discarded']} drafted tokens "
+                     f"dropped), {r['base_reads']} base reads; {r['same_answers_as_engine']}/{len(prompts)} answers "
+                     "token for token the engine's")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
                  f"{len(prompts)} prompts ({summary['rows'].replace('spread', 'evenly spaced')}), {a.new_tokens} new "
                  f"tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")

@@ -13,6 +13,7 @@ from collm.core.request import Request, Router, Sampling, check_threshold
 from collm.data.rows import pad_id
 from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
+from collm.decoding.speculative import speculative_decode
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
@@ -138,7 +139,7 @@ class CoLLM:
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  stop: list[str] | str | None = None, seed: int = 0, *, input_ids=None, mode: str = "collm",
                  chat: bool = True, router: Router | None = None, compile: bool = False,
-                 on_token=None) -> GenerateOutput:
+                 on_token=None, lookahead: int | None = None) -> GenerateOutput:
         """Write an answer to each prompt together: :meth:`stream`, collected.
 
         ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
@@ -148,15 +149,32 @@ class CoLLM:
         (proxy tuning, for a pair made by :func:`proxy_tuning`). ``router`` overrides the threshold rule.
         ``compile`` (CUDA): torch.compile the static-cache steps; the first calls take minutes, later ones run
         fastest. ``on_token(tokens, sources, done)`` is called after each step with every row's new token and
-        writer, for streaming. Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside
-        [0, 1], an unknown mode.
+        writer, for streaming. ``lookahead`` (greedy Co-LLM, in-process models): at a deferral the base drafts
+        up to this many tokens and the expert checks them in one read (collm.decoding.speculative); the tokens
+        and their writers are unchanged, the expert is called less often; prompts are answered one at a time.
+        Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
         """
         prompts = _prompts_or_ids(prompts, input_ids)
         request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode, router)
         ids = self._prepare(prompts, chat, request)
+        if lookahead is not None:
+            return self._speculative(ids, request, lookahead, router, compile, on_token)
         raw = decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
                      threshold=request.threshold, sampling=request.sampling, mode=mode, stop=request.stop,
                      on_token=on_token, **self._options(router, compile))
+        return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
+
+    def _speculative(self, ids, request: Request, lookahead: int, router, compile: bool, on_token) -> GenerateOutput:
+        unsupported = [name for name, used in (("sampling", request.sampling.do_sample), ("stop strings", request.stop),
+                                               ("a router", router is not None), ("compile", compile),
+                                               ("on_token", on_token is not None),
+                                               (f"mode {request.mode!r}", request.mode != "collm")) if used]
+        if unsupported:
+            raise CollmError(f"lookahead drafts greedy Co-LLM only; it cannot be combined with {unsupported[0]}: "
+                             "drop lookahead for that")
+        raw = speculative_decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
+                                 threshold=request.threshold, vocab=self.vocab, eos_ids=self._eos_ids(),
+                                 tokenizer=self.tokenizer, lookahead=lookahead)
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
     def stream(self, prompts=None, max_new_tokens: int = 128, threshold: float | None = None,
