@@ -41,6 +41,19 @@ def test_generate_colored_output_and_summary(folders):
     assert "deferral rate 100.0%" in result.stdout and "expert calls" in result.stdout
 
 
+def test_generate_with_lookahead_writes_what_the_engine_writes(folders):
+    base, expert = folders
+    args = ["generate", "--base", base, "--expert", expert, "--threshold", "0.3", "--max-new-tokens", 12, "--json",
+            "What is 2+3?", "hello"]
+    plain = json.loads(invoke(*args).stdout)
+    drafted = json.loads(invoke(*args, "--lookahead", 4).stdout)
+    assert drafted["token_ids"] == plain["token_ids"] and drafted["sources"] == plain["sources"]
+    assert drafted["texts"] == plain["texts"] and drafted["stats"]["lookahead"] == 4
+    shown = invoke("generate", "--base", base, "--expert", expert, "--threshold", "0.3", "--max-new-tokens", 12,
+                   "--lookahead", 4, "hello")  # one prompt: streamed as it is written, colored
+    assert shown.exit_code == 0 and "expert calls" in shown.stdout
+
+
 def test_config_file_sets_options(folders, tmp_path):
     base, expert = folders
     config = tmp_path / "gen.json"
@@ -82,6 +95,9 @@ def test_bad_input_is_one_line_and_exit_2(folders):
     (["--mode", "bogus"], "mode must be one of"),
     (["--do-sample", "--temperature", "0"], "temperature must be > 0"),
     (["--stop", ""], "stop strings must be non-empty"),
+    (["--lookahead", "0"], "lookahead must be a whole number of tokens >= 1"),
+    (["--lookahead", "4", "--do-sample"], "cannot be combined with sampling"),
+    (["--lookahead", "4", "--mode", "expert"], "cannot be combined with mode 'expert'"),
 ])
 def test_generate_refuses_bad_settings_before_loading_any_model(monkeypatch, args, message):
     """A typo in a setting costs no model load (minutes for a large model), and prints no prompt first."""

@@ -131,3 +131,15 @@ def test_prompts_are_answered_in_turn_and_each_alone_is_the_same(models):
         alone = pair.generate([prompt], max_new_tokens=NEW, threshold=0.5, lookahead=4)
         assert alone.token_ids[0] == batch.token_ids[row] and alone.sources[0] == batch.sources[row]
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_on_token_streams_every_kept_token_in_order(models):
+    base, expert = models
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
+    seen = []
+    out = pair.generate(PROMPTS[:2], max_new_tokens=NEW, threshold=0.5, lookahead=4,
+                        on_token=lambda tokens, sources, done: seen.append((tokens, sources, done)))
+    for row in range(2):
+        mine = [(t[row], s[row]) for t, s, d in seen if not d[row]]
+        assert mine == list(zip(out.token_ids[row], out.sources[row]))
+    assert all(d.count(False) == 1 for _, _, d in seen)  # one answer at a time

@@ -13,7 +13,7 @@ from collm.core.request import Request, Router, Sampling, check_threshold
 from collm.data.rows import pad_id
 from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
-from collm.decoding.speculative import speculative_decode
+from collm.decoding.speculative import check_settings, speculative_decode
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
@@ -165,16 +165,12 @@ class CoLLM:
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
     def _speculative(self, ids, request: Request, lookahead: int, router, compile: bool, on_token) -> GenerateOutput:
-        unsupported = [name for name, used in (("sampling", request.sampling.do_sample), ("stop strings", request.stop),
-                                               ("a router", router is not None), ("compile", compile),
-                                               ("on_token", on_token is not None),
-                                               (f"mode {request.mode!r}", request.mode != "collm")) if used]
-        if unsupported:
-            raise CollmError(f"lookahead drafts greedy Co-LLM only; it cannot be combined with {unsupported[0]}: "
-                             "drop lookahead for that")
+        check_settings(lookahead, do_sample=request.sampling.do_sample, stop=request.stop, mode=request.mode,
+                       router=router, compile=compile)
         raw = speculative_decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
                                  threshold=request.threshold, vocab=self.vocab, eos_ids=self._eos_ids(),
-                                 tokenizer=self.tokenizer, lookahead=lookahead)
+                                 tokenizer=self.tokenizer, lookahead=lookahead, pad_id=self._pad_id(),
+                                 on_token=on_token)
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
     def stream(self, prompts=None, max_new_tokens: int = 128, threshold: float | None = None,

@@ -101,10 +101,25 @@ class _Model:
         self.seen = columns
 
 
-def check(base, experts, head: DeferralHead | None, lookahead: int) -> None:
-    """Refuse what the drafting cannot do, in one line each."""
+def check_lookahead(lookahead) -> None:
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
         raise CollmError(f"lookahead must be a whole number of tokens >= 1, got {lookahead!r}")
+
+
+def check_settings(lookahead, *, do_sample=False, stop=(), mode="collm", router=None, compile=False) -> None:
+    """Refuse a lookahead with settings the drafting cannot keep (before any model is loaded)."""
+    check_lookahead(lookahead)
+    unsupported = [name for name, used in (("sampling", do_sample), ("stop strings", stop),
+                                           ("a router", router is not None), ("compile", compile),
+                                           (f"mode {mode!r}", mode != "collm")) if used]
+    if unsupported:
+        raise CollmError(f"lookahead drafts greedy Co-LLM only; it cannot be combined with {unsupported[0]}: "
+                         "drop lookahead for that")
+
+
+def check(base, experts, head: DeferralHead | None, lookahead: int) -> None:
+    """Refuse what the drafting cannot do, in one line each."""
+    check_lookahead(lookahead)
     if not experts or head is None:
         raise CollmError("speculative Co-LLM needs an expert and a head")
     for name, model in [("base", base), *((f"expert {k}", m) for k, m in enumerate(experts, 1))]:
@@ -118,10 +133,12 @@ def check(base, experts, head: DeferralHead | None, lookahead: int) -> None:
 @torch.inference_mode()
 def speculative_decode(base, experts: list, head: DeferralHead, prompts: list[list[int]], *, max_new_tokens: int,
                        threshold: float, vocab: int, eos_ids: tuple[int, ...] = (), tokenizer=None,
-                       lookahead: int = 4, prepack: bool | None = None):
+                       lookahead: int = 4, prepack: bool | None = None, pad_id: int = 0, on_token=None):
     """Greedy Co-LLM over ``prompts``, one at a time, with the expert checking drafts of up to ``lookahead``
     tokens. Returns :class:`collm.decoding.decode.Decoded` with the same tokens, sources and defer
-    probabilities as :func:`collm.decoding.decode.decode` gives greedily, and its stats plus the drafting's."""
+    probabilities as :func:`collm.decoding.decode.decode` gives greedily, and its stats plus the drafting's.
+    ``on_token(tokens, sources, done)`` as for ``decode``, once per token as it is kept (after a check, the
+    draft's kept tokens come at once), with the rows not being answered marked done."""
     from collm.decoding.decode import Decoded  # the collected output type (decode imports the engine)
 
     check(base, experts, head, lookahead)
@@ -130,10 +147,16 @@ def speculative_decode(base, experts: list, head: DeferralHead, prompts: list[li
     stats = SpecStats()
     out = Decoded([], [], [], [None] * len(prompts), [])
     with prepacked([base, *experts]) if use_prepack else nullcontext():
-        for prompt in prompts:
+        for row, prompt in enumerate(prompts):
+            emit = None
+            if on_token is not None:
+                def emit(token: int, source: int, row=row) -> None:
+                    tokens, sources = [pad_id] * len(prompts), [0] * len(prompts)
+                    tokens[row], sources[row] = token, source
+                    on_token(tokens, sources, [r != row for r in range(len(prompts))])
             started = time.perf_counter()
             tokens, sources, probs = _one(base, experts, head, list(prompt), max_new_tokens, threshold, vocab,
-                                          set(eos_ids), lookahead, stats)
+                                          set(eos_ids), lookahead, stats, emit)
             stats.seconds += time.perf_counter() - started
             out.token_ids.append(tokens)
             out.sources.append(sources)
@@ -154,7 +177,7 @@ def _text(tokenizer, tokens: list[int]) -> str:
     return "".join(detok.add(t) for t in tokens) + detok.flush()
 
 
-def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead, stats):
+def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead, stats, emit=None):
     """One answer. ``seq`` is the prompt and the tokens kept; ``draft`` the positions after it, each
     (writer, P(defer), the base's greedy token, or None where it was not needed)."""
     b = _Model(base, vocab)
@@ -181,6 +204,8 @@ def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead,
             guess = int(logits[0].argmax())
         if writer == 0 and not draft:  # no deferral pending: the base's token is final
             seq.append(guess), tokens.append(guess), sources.append(0), probs.append(p)
+            if emit is not None:
+                emit(guess, 0)
             if guess in eos:
                 break
             if room:
@@ -216,6 +241,8 @@ def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead,
             token = g if w == 0 else verdict[i]
             seq.append(token), tokens.append(token), sources.append(w), probs.append(p_i)
             kept += 1
+            if emit is not None:
+                emit(token, w)
             if token in eos:
                 finished = True
                 break
