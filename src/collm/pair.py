@@ -151,7 +151,8 @@ class CoLLM:
         fastest. ``on_token(tokens, sources, done)`` is called after each step with every row's new token and
         writer, for streaming. ``lookahead`` (greedy Co-LLM, in-process models): at a deferral the base drafts
         up to this many tokens and the expert checks them in one read (collm.decoding.speculative); the tokens
-        and their writers are unchanged, the expert is called less often; prompts are answered one at a time.
+        and their writers are greedy Co-LLM's (exactly so in float32; in bfloat16 the expert's tied logits can
+        resolve otherwise), the expert is called less often; prompts are answered one at a time.
         Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
         """
         prompts = _prompts_or_ids(prompts, input_ids)

@@ -10,8 +10,9 @@ position where the expert writes another token; that token is written, the rest 
 every cache is cut back to the tokens kept.
 
 This is speculative decoding with Co-LLM itself as the target: the tokens, and who wrote each, are exactly those
-of greedy Co-LLM (tested against the engine). ``lookahead=1`` checks each deferral at once: plain Co-LLM's
-schedule. It applies where speculative decoding does: greedy, one answer at a time (prompts are answered in
+of greedy Co-LLM (tested against the engine in float32). In bfloat16 a read of several tokens rounds otherwise
+than reads of one, so where the expert's top two logits tie the two can part, as a batch's padding parts the
+engine's own answers. ``lookahead=1`` checks each deferral at once: plain Co-LLM's schedule. It applies where speculative decoding does: greedy, one answer at a time (prompts are answered in
 turn), in-process models (a completions server gives no token-by-token greedy verdict over a draft).
 """
 
