@@ -121,26 +121,24 @@ def main() -> None:
         chosen.add("tuned")
     if "proxy" in chosen and tuned_base is None:
         raise SystemExit("--systems proxy: proxy tuning needs a tuned base (--tuned-run, or a run whose base is tuned)")
+    engine_name = f"Co-LLM (eta={eta:g})"
+    answers: dict[str, list] = {engine_name: []}  # whole answers of the Co-LLM systems, to compare tokens
     systems = {
         "base": (base_name, lambda ids: collm_system(pair, ids, "base", eta)),
         "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta)),
-        "collm": (f"Co-LLM (eta={eta:g})", lambda ids: collm_system(pair, ids, "collm", eta)),
+        "collm": (engine_name, lambda ids: collm_system(pair, ids, "collm", eta, record=answers[engine_name])),
         "collm-eager": (f"Co-LLM (eta={eta:g}), base logits at every step",
                         lambda ids: collm_system(pair, ids, "collm", eta, eager_logits=True)),
         "generate": ("transformers generate, expert", lambda ids: hf_system(expert, ids)),
         "speculative": ("speculative decoding (transformers assisted, base drafts)",
                         lambda ids: hf_system(expert, ids, base)),
     }
-    answers: dict[str, list] = {}
     for k in [int(x) for x in a.lookahead.split(",") if x.strip()]:
-        name = f"Co-LLM (eta={eta:g}), lookahead {k}"
+        name = f"{engine_name}, lookahead {k}"
         answers[name] = []
         systems[f"spec{k}"] = (name, lambda ids, k=k, name=name: collm_system(pair, ids, "collm", eta, lookahead=k,
                                                                               record=answers[name]))
         chosen.add(f"spec{k}")
-    answers[f"Co-LLM (eta={eta:g})"] = []
-    systems["collm"] = (f"Co-LLM (eta={eta:g})", lambda ids: collm_system(pair, ids, "collm", eta,
-                                                                          record=answers[f"Co-LLM (eta={eta:g})"]))
     if "tuned" in chosen:
         systems["tuned"] = ("tuned base alone", lambda ids: collm_system(tuned_alone, ids, "base", eta))
     if "proxy" in chosen:
@@ -170,7 +168,7 @@ def main() -> None:
         acc[2] += box["r"][1]
         acc[3] += n
     results = []
-    reference = [o for o in answers.get(f"Co-LLM (eta={eta:g})", []) if len(o.token_ids[0]) > 1]
+    reference = [o for o in answers[engine_name] if len(o.token_ids[0]) > 1]
     for name, (t_dec, n_dec, deferred, total) in sums.items():
         row = {"system": name, "ms_per_token": 1000 * t_dec / n_dec, "decoded_tokens": int(n_dec),
                "deferral_rate": deferred / total if name.startswith("Co-LLM") else None}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from collm import CoLLM, CollmError
+from collm.backends import hf
 from collm.decoding import speculative
 from conftest import EOS_ID, make_llama
 from test_decode import PROMPTS, feature_head, random_head, reference
@@ -77,7 +78,7 @@ def test_models_without_a_separate_output_embedding(models, monkeypatch):
     """Where logits are not the output embedding of the hidden state alone, every read keeps its logits."""
     base, expert = models
     pair = CoLLM(base, [base], random_head(base.config.hidden_size))
-    monkeypatch.setattr(speculative, "plain_logits", lambda model: False)
+    monkeypatch.setattr(hf, "plain_logits", lambda model: False)
     same_as_engine(pair, PROMPTS, 4)
 
 

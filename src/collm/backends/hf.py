@@ -10,6 +10,21 @@ from collm.backends.base import Columns, Next
 from collm.backends.models import plain_logits
 
 
+def split_decoder(model) -> torch.nn.Module | None:
+    """The model's decoder (its layers without the output embedding) where the logits are exactly the output
+    embedding applied to the decoder's last hidden state, so the two may run apart; else None."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) and plain_logits(model) else None
+    if isinstance(decoder, torch.nn.Module) and isinstance(model.get_output_embeddings(), torch.nn.Module):
+        return decoder
+    return None
+
+
+def output_logits(model, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(n, vocab) float32 next-token logits from last hidden states (n, H), for a model ``split_decoder`` split."""
+    return model.get_output_embeddings()(hidden)[:, :vocab].float()
+
+
 class HFBackbone:
     """One ``transformers`` model with its own KV cache in the shared column layout (see collm.backends.base).
 
@@ -27,10 +42,8 @@ class HFBackbone:
         self.cache = DynamicCache(config=model.config)
         self.seen = 0
         self.last: Next | None = None
-        get_decoder = getattr(model, "get_decoder", None)
-        self.decoder = get_decoder() if callable(get_decoder) and plain_logits(model) else None
-        self.lazy_logits = isinstance(self.decoder, torch.nn.Module) and \
-            isinstance(model.get_output_embeddings(), torch.nn.Module)
+        self.decoder = split_decoder(model)
+        self.lazy_logits = self.decoder is not None
 
     def read(self, cols: Columns, end: int, *, hidden: bool = False, rows=None, sampling=None, step: int = 0,
              logits: bool = True) -> Next:
@@ -67,7 +80,7 @@ class HFBackbone:
     @torch.inference_mode()
     def logits_for(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, vocab) float32 next-token logits from hidden states a lazy read returned."""
-        return self.model.get_output_embeddings()(hidden)[:, : self.vocab].float()
+        return output_logits(self.model, hidden, self.vocab)
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)

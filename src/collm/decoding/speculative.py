@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from collm.backends.models import plain_logits
+from collm.backends.hf import output_logits, split_decoder
 from collm.backends.prepack import available, prepacked
 from collm.core.head import DeferralHead
 from collm.core.routing import defer_prob, route
@@ -65,10 +65,7 @@ class _Model:
         self.model, self.vocab = model, vocab
         self.cache = DynamicCache(config=model.config)
         self.seen = 0
-        get_decoder = getattr(model, "get_decoder", None)
-        decoder = get_decoder() if callable(get_decoder) and plain_logits(model) else None
-        self.decoder = decoder if isinstance(decoder, torch.nn.Module) and \
-            isinstance(model.get_output_embeddings(), torch.nn.Module) else None
+        self.decoder = split_decoder(model)
         self.hidden: torch.Tensor | None = None  # the last read's last hidden states (len, H)
 
     def read(self, ids: list[int]) -> torch.Tensor:
@@ -90,7 +87,7 @@ class _Model:
         """(n, vocab) float32 next-token logits from outputs (n, ...) that ``read`` returned."""
         if self.decoder is None:
             return outputs
-        return self.model.get_output_embeddings()(outputs)[:, : self.vocab].float()
+        return output_logits(self.model, outputs, self.vocab)
 
     def cut(self, columns: int) -> None:
         """Forget every column from ``columns`` on."""
@@ -228,7 +225,7 @@ def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead,
                 continue
             last = start + mine[-1]  # the expert reads columns [seen, last) for its token at column ``last``
             before = e.seen
-            outputs = e.read((seq + guesses[: mine[-1]])[before:last]) if last > before else None
+            outputs = e.read(seq[before:] + guesses[: mine[-1]]) if last > before else None  # columns [before, last)
             stats.expert_calls += outputs is not None
             stats.expert_tokens += last - before
             rows = [tails[k - 1] if start + i == before else outputs[start + i - before - 1] for i in mine]
