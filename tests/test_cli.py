@@ -96,7 +96,6 @@ def test_bad_input_is_one_line_and_exit_2(folders):
     (["--do-sample", "--temperature", "0"], "temperature must be > 0"),
     (["--stop", ""], "stop strings must be non-empty"),
     (["--lookahead", "0"], "lookahead must be a whole number of tokens >= 1"),
-    (["--veto", "0.05"], "veto acts on drafted tokens only: pass lookahead >= 2"),
     (["--lookahead", "4", "--do-sample"], "cannot be combined with sampling"),
     (["--lookahead", "4", "--mode", "expert"], "cannot be combined with mode 'expert'"),
 ])

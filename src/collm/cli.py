@@ -112,7 +112,6 @@ def generate(
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's, else float32.")] = None,
     compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (slow first call, faster after).")] = False,
     lookahead: Annotated[Optional[int], typer.Option(help="Greedy Co-LLM: at a deferral the base drafts up to this many tokens and the expert checks them in one read (Co-LLM's greedy tokens, fewer expert calls; prompts answered one at a time).")] = None,
-    veto: Annotated[Optional[float], typer.Option(help="With --lookahead >= 2: where the expert, checking a draft, gives a token the base drafted probability below this, it writes its own token there (not plain Co-LLM; no extra expert calls).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of colored text.")] = False,
     config: ConfigOption = None,
 ):
@@ -123,11 +122,10 @@ def generate(
     check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop, do_sample=do_sample,
                   temperature=temperature, top_p=top_p, seed=seed)  # before minutes of loading, not after
     check_device(device)
-    if lookahead is not None or veto:
-        from collm.decoding.speculative import check_settings, check_veto
+    if lookahead is not None:
+        from collm.decoding.speculative import check_settings
 
-        check_veto(veto, lookahead)
-        check_settings(lookahead, do_sample=do_sample, stop=stop or (), mode=mode, compile=compile, veto=veto)
+        check_settings(lookahead, do_sample=do_sample, stop=stop or (), mode=mode, compile=compile)
     if run is None and head is None and mode == "collm" and len(expert or [EMBEDDED_DEFAULT]) == 1 and \
             (0.5 if threshold is None else threshold) >= 0.5:
         err.print(f"[yellow]note:[/yellow] no --head: the zero head gives P(defer) = 0.5, which never exceeds "
@@ -145,7 +143,7 @@ def generate(
         stream = Stream(console, pair.tokenizer)
     out = pair.generate(texts, max_new_tokens=max_new_tokens, threshold=threshold, do_sample=do_sample,
                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, mode=mode, chat=not raw,
-                        compile=compile, on_token=stream, lookahead=lookahead, veto=veto)
+                        compile=compile, on_token=stream, lookahead=lookahead)
     if stream is not None:
         console.print()
         _print_summary(out.stats)

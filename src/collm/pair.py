@@ -13,7 +13,7 @@ from collm.core.request import Request, Router, Sampling, check_threshold
 from collm.data.rows import pad_id
 from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
-from collm.decoding.speculative import check_settings, check_veto, speculative_decode
+from collm.decoding.speculative import check_settings, speculative_decode
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
@@ -139,7 +139,7 @@ class CoLLM:
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  stop: list[str] | str | None = None, seed: int = 0, *, input_ids=None, mode: str = "collm",
                  chat: bool = True, router: Router | None = None, compile: bool = False,
-                 on_token=None, lookahead: int | None = None, veto: float | None = None) -> GenerateOutput:
+                 on_token=None, lookahead: int | None = None) -> GenerateOutput:
         """Write an answer to each prompt together: :meth:`stream`, collected.
 
         ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
@@ -152,30 +152,25 @@ class CoLLM:
         writer, for streaming. ``lookahead`` (greedy Co-LLM, in-process models): at a deferral the base drafts
         up to this many tokens and the expert checks them in one read (collm.decoding.speculative); the tokens
         and their writers are greedy Co-LLM's (exactly so in float32; in bfloat16 the expert's tied logits can
-        resolve otherwise), the expert is called less often; prompts are answered one at a time. ``veto`` (with
-        ``lookahead`` >= 2): where the expert, reading a draft, gives a token the base drafted probability below
-        ``veto``, it writes its own token there instead (no longer plain Co-LLM; no extra expert calls).
+        resolve otherwise), the expert is called less often; prompts are answered one at a time.
         Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
         """
         prompts = _prompts_or_ids(prompts, input_ids)
         request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode, router)
         ids = self._prepare(prompts, chat, request)
-        if lookahead is not None or veto:
-            return self._speculative(ids, request, lookahead, router, compile, on_token, veto)
+        if lookahead is not None:
+            return self._speculative(ids, request, lookahead, router, compile, on_token)
         raw = decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
                      threshold=request.threshold, sampling=request.sampling, mode=mode, stop=request.stop,
                      on_token=on_token, **self._options(router, compile))
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
-    def _speculative(self, ids, request: Request, lookahead, router, compile: bool, on_token,
-                     veto=None) -> GenerateOutput:
-        check_veto(veto, lookahead)
+    def _speculative(self, ids, request: Request, lookahead: int, router, compile: bool, on_token) -> GenerateOutput:
         check_settings(lookahead, do_sample=request.sampling.do_sample, stop=request.stop, mode=request.mode,
-                       router=router, compile=compile, veto=veto)
+                       router=router, compile=compile)
         raw = speculative_decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
                                  threshold=request.threshold, vocab=self.vocab, eos_ids=self._eos_ids(),
-                                 tokenizer=self.tokenizer, lookahead=lookahead, veto=veto or 0.0,
-                                 pad_id=self._pad_id(),
+                                 tokenizer=self.tokenizer, lookahead=lookahead, pad_id=self._pad_id(),
                                  on_token=on_token)
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 

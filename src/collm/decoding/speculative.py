@@ -14,18 +14,10 @@ of greedy Co-LLM (tested against the engine in float32). In bfloat16 a read of s
 than reads of one, so where the expert's top two logits tie the two can part, as a batch's padding parts the
 engine's own answers. ``lookahead=1`` checks each deferral at once: plain Co-LLM's schedule. It applies where speculative decoding does: greedy, one answer at a time (prompts are answered in
 turn), in-process models (a completions server gives no token-by-token greedy verdict over a draft).
-
-``veto``: the check's read gives the expert's next-token distribution at every drafted position it covers, the
-base's own tokens included, at no extra call. With ``veto`` > 0 the expert reads to the draft's end, and where it
-gives a token the base wrote probability below ``veto`` (and would write another) it writes its own token there,
-as at a deferral that the head missed. This is no longer plain Co-LLM: more tokens are the expert's, chosen by
-the expert's confidence rather than the head. It sees only tokens drafted after a deferral; the base's tokens
-elsewhere are never read by the expert.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -59,8 +51,6 @@ class SpecStats:
     """Checks that ended at a position where the expert wrote another token than the base's draft."""
     discarded: int = 0
     """Drafted tokens dropped after such a position (the base's wasted work)."""
-    vetoed: int = 0
-    """Drafted base tokens the expert gave less than ``veto`` and wrote itself (each also counts as rejected)."""
     steps: int = 0
     seconds: float = 0.0
 
@@ -114,20 +104,9 @@ def check_lookahead(lookahead) -> None:
         raise CollmError(f"lookahead must be a whole number of tokens >= 1, got {lookahead!r}")
 
 
-def check_veto(veto, lookahead) -> None:
-    if veto is None or veto == 0:
-        return
-    if isinstance(veto, bool) or not isinstance(veto, (int, float)) or not 0 <= veto < 1:
-        raise CollmError(f"veto must be a probability in [0, 1), got {veto!r}")
-    if lookahead is None or lookahead < 2:
-        raise CollmError("veto acts on drafted tokens only: pass lookahead >= 2 with it (e.g. lookahead 4)")
-
-
-def check_settings(lookahead, *, do_sample=False, stop=(), mode="collm", router=None, compile=False,
-                   veto=None) -> None:
+def check_settings(lookahead, *, do_sample=False, stop=(), mode="collm", router=None, compile=False) -> None:
     """Refuse a lookahead with settings the drafting cannot keep (before any model is loaded)."""
     check_lookahead(lookahead)
-    check_veto(veto, lookahead)
     unsupported = [name for name, used in (("sampling", do_sample), ("stop strings", stop),
                                            ("a router", router is not None), ("compile", compile),
                                            (f"mode {mode!r}", mode != "collm")) if used]
@@ -136,10 +115,9 @@ def check_settings(lookahead, *, do_sample=False, stop=(), mode="collm", router=
                          "drop lookahead for that")
 
 
-def check(base, experts, head: DeferralHead | None, lookahead: int, veto: float = 0.0) -> None:
+def check(base, experts, head: DeferralHead | None, lookahead: int) -> None:
     """Refuse what the drafting cannot do, in one line each."""
     check_lookahead(lookahead)
-    check_veto(veto, lookahead)
     if not experts or head is None:
         raise CollmError("speculative Co-LLM needs an expert and a head")
     for name, model in [("base", base), *((f"expert {k}", m) for k, m in enumerate(experts, 1))]:
@@ -153,19 +131,15 @@ def check(base, experts, head: DeferralHead | None, lookahead: int, veto: float 
 @torch.inference_mode()
 def speculative_decode(base, experts: list, head: DeferralHead, prompts: list[list[int]], *, max_new_tokens: int,
                        threshold: float, vocab: int, eos_ids: tuple[int, ...] = (), tokenizer=None,
-                       lookahead: int = 4, veto: float = 0.0, prepack: bool | None = None, pad_id: int = 0,
-                       on_token=None):
+                       lookahead: int = 4, prepack: bool | None = None, pad_id: int = 0, on_token=None):
     """Greedy Co-LLM over ``prompts``, one at a time, with the expert checking drafts of up to ``lookahead``
     tokens. Returns :class:`collm.decoding.decode.Decoded` with the same tokens, sources and defer
     probabilities as :func:`collm.decoding.decode.decode` gives greedily, and its stats plus the drafting's.
-    ``veto`` > 0 changes that on purpose: where a check's read covers a drafted token the base wrote and the
-    expert gives it probability below ``veto``, the expert writes its own token there instead (see the module).
     ``on_token(tokens, sources, done)`` as for ``decode``, once per token as it is kept (after a check, the
     draft's kept tokens come at once), with the rows not being answered marked done."""
     from collm.decoding.decode import Decoded  # the collected output type (decode imports the engine)
 
-    check(base, experts, head, lookahead, veto)
-    veto = float(veto or 0.0)
+    check(base, experts, head, lookahead)
     device = next(base.parameters()).device
     use_prepack = available(device) if prepack is None else prepack
     stats = SpecStats()
@@ -180,7 +154,7 @@ def speculative_decode(base, experts: list, head: DeferralHead, prompts: list[li
                     on_token(tokens, sources, [r != row for r in range(len(prompts))])
             started = time.perf_counter()
             tokens, sources, probs = _one(base, experts, head, list(prompt), max_new_tokens, threshold, vocab,
-                                          set(eos_ids), lookahead, veto, stats, emit)
+                                          set(eos_ids), lookahead, stats, emit)
             stats.seconds += time.perf_counter() - started
             out.token_ids.append(tokens)
             out.sources.append(sources)
@@ -190,7 +164,7 @@ def speculative_decode(base, experts: list, head: DeferralHead, prompts: list[li
     deferred = sum(sum(1 for s in src if s) for src in out.sources)
     out.stats = {"new_tokens": new, "deferred_tokens": deferred, "defer_rate": deferred / new if new else 0.0,
                  **{k: getattr(stats, k) for k in SpecStats.__dataclass_fields__},
-                 "tokens_per_s": new / stats.seconds if stats.seconds else 0.0, "lookahead": lookahead, "veto": veto}
+                 "tokens_per_s": new / stats.seconds if stats.seconds else 0.0, "lookahead": lookahead}
     return out
 
 
@@ -201,7 +175,7 @@ def _text(tokenizer, tokens: list[int]) -> str:
     return "".join(detok.add(t) for t in tokens) + detok.flush()
 
 
-def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead, veto, stats, emit=None):
+def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead, stats, emit=None):
     """One answer. ``seq`` is the prompt and the tokens kept; ``draft`` the positions after it, each
     (writer, P(defer), the base's greedy token, or None where it was not needed)."""
     b = _Model(base, vocab)
@@ -241,42 +215,28 @@ def _one(base, experts, head, prompt, max_new, threshold, vocab, eos, lookahead,
             out = b.read([guess])
             stats.base_reads += 1
             continue
-        # check the draft: each expert reads it once, up to its last position routed to it (with a veto, to the
-        # draft's end: the read costs about the same, and every base token in it gets the expert's opinion)
+        # check the draft: each expert reads it once, up to its last position routed to it
         start = len(seq)
         guesses = [g for _, _, g in draft]
         verdict: dict[int, int] = {}
-        vetoes: dict[int, tuple[int, int]] = {}  # draft position -> (expert, its token) where it vetoes the base's
         for k, e in enumerate(ex, 1):
             mine = [i for i, (w, _, _) in enumerate(draft) if w == k]
             if not mine:
                 continue
-            reach = len(draft) - 1 if veto else mine[-1]
-            opinions = [i for i in range(reach + 1) if draft[i][0] == k or
-                        (veto and draft[i][0] == 0 and i not in vetoes)]
-            last = start + reach  # the expert reads columns [seen, last) for its token at column ``last``
+            last = start + mine[-1]  # the expert reads columns [seen, last) for its token at column ``last``
             before = e.seen
-            outputs = e.read(seq[before:] + guesses[:reach]) if last > before else None  # columns [before, last)
+            outputs = e.read(seq[before:] + guesses[: mine[-1]]) if last > before else None  # columns [before, last)
             stats.expert_calls += outputs is not None
             stats.expert_tokens += last - before
-            rows = [tails[k - 1] if start + i == before else outputs[start + i - before - 1] for i in opinions]
-            logits = e.logits(torch.stack(rows))
-            picked = logits.argmax(-1).tolist()
+            rows = [tails[k - 1] if start + i == before else outputs[start + i - before - 1] for i in mine]
+            picked = e.logits(torch.stack(rows)).argmax(-1).tolist()
             if outputs is not None:
                 tails[k - 1] = outputs[-1]
-            for i, token, row in zip(opinions, picked, logits):
-                if draft[i][0] == k:
-                    verdict[i] = token
-                elif token != draft[i][2] and float(torch.log_softmax(row, -1)[draft[i][2]]) < math.log(veto):
-                    vetoes[i] = (k, token)
+            verdict.update(zip(mine, picked))
             stats.checked += len(mine)
         kept, finished, rejected = 0, False, False
         for i, (w, p_i, g) in enumerate(draft):
-            if i in vetoes:  # the expert writes here instead of the base, and the rest of the draft is dropped
-                w, token = vetoes[i]
-                stats.vetoed += 1
-            else:
-                token = g if w == 0 else verdict[i]
+            token = g if w == 0 else verdict[i]
             seq.append(token), tokens.append(token), sources.append(w), probs.append(p_i)
             kept += 1
             if emit is not None:
