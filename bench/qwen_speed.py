@@ -88,6 +88,9 @@ def main() -> None:
                    "proxy in --systems, proxy tuning with it (default: --run itself, when its base is tuned)")
     p.add_argument("--lookahead", default="", help="also Co-LLM drafting past deferrals (collm.decoding.speculative) "
                    "at these lookaheads, comma-separated (e.g. 4,8); its answers are compared with the engine's")
+    p.add_argument("--expert-lookahead", default="", help="also speculative decoding in collm's loop at these draft "
+                   "lengths (comma-separated): the head defers everywhere, so the base drafts k tokens and the expert "
+                   "checks them in one read (collm.decoding.speculative); it writes the expert's greedy tokens")
     p.add_argument("--interleave", action="store_true", help="each prompt through every system before the next "
                    "prompt (a shared machine's load then drifts over all systems alike)")
     p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
@@ -139,6 +142,21 @@ def main() -> None:
         systems[f"spec{k}"] = (name, lambda ids, k=k, name=name: collm_system(pair, ids, "collm", eta, lookahead=k,
                                                                               record=answers[name]))
         chosen.add(f"spec{k}")
+    drafts = [int(x) for x in a.expert_lookahead.split(",") if x.strip()]
+    if drafts:  # the head defers everywhere: every token is the expert's, the base only drafts
+        from collm.core.head import DeferralHead
+
+        hidden = base.config.get_text_config().hidden_size
+        drafting = CoLLM(base, [expert], DeferralHead.constant(hidden, 1.0, 1), pair.tokenizer)
+        answers["expert alone"] = []
+        systems["expert"] = ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta,
+                                                                      record=answers["expert alone"]))
+    for k in drafts:
+        name = f"speculative decoding in collm (base drafts {k}, expert checks)"
+        answers[name] = []
+        systems[f"xspec{k}"] = (name, lambda ids, k=k, name=name: collm_system(drafting, ids, "collm", 0.5,
+                                                                               lookahead=k, record=answers[name]))
+        chosen.add(f"xspec{k}")
     if "tuned" in chosen:
         systems["tuned"] = ("tuned base alone", lambda ids: collm_system(tuned_alone, ids, "base", eta))
     if "proxy" in chosen:
@@ -172,11 +190,15 @@ def main() -> None:
     for name, (t_dec, n_dec, deferred, total) in sums.items():
         row = {"system": name, "ms_per_token": 1000 * t_dec / n_dec, "decoded_tokens": int(n_dec),
                "deferral_rate": deferred / total if name.startswith("Co-LLM") else None}
-        if "lookahead" in name:  # the whole answers (not the 1-token runs): what drafting cost and saved
+        if "lookahead" in name or "drafts" in name:  # whole answers (not the 1-token runs): what drafting cost, saved
             outs = [o for o in answers[name] if len(o.token_ids[0]) > 1]
             row |= {k: sum(o.stats[k] for o in outs) for k in ("expert_calls", "checked", "rejected", "discarded",
                                                                "base_reads")}
-            row["same_answers_as_engine"] = sum(o.token_ids == r.token_ids for o, r in zip(outs, reference))
+            if "drafts" in name:  # speculative decoding writes the expert's tokens: compare with the expert's
+                mine = [o for o in answers["expert alone"] if len(o.token_ids[0]) > 1]
+                row["same_answers_as_expert"] = sum(o.token_ids == r.token_ids for o, r in zip(outs, mine))
+            else:
+                row["same_answers_as_engine"] = sum(o.token_ids == r.token_ids for o, r in zip(outs, reference))
         print(json.dumps(row), flush=True)
         results.append(row)
     batched = []

@@ -52,6 +52,9 @@ def test_generate_with_lookahead_writes_what_the_engine_writes(folders):
     shown = invoke("generate", "--base", base, "--expert", expert, "--threshold", "0.3", "--max-new-tokens", 12,
                    "--lookahead", 4, "hello")  # one prompt: streamed as it is written, colored
     assert shown.exit_code == 0 and "expert calls" in shown.stdout
+    expert_alone = json.loads(invoke(*args, "--mode", "expert").stdout)
+    speculative = json.loads(invoke(*args, "--mode", "expert", "--lookahead", 4).stdout)  # speculative decoding
+    assert speculative["token_ids"] == expert_alone["token_ids"] and speculative["texts"] == expert_alone["texts"]
 
 
 def test_config_file_sets_options(folders, tmp_path):
@@ -97,7 +100,7 @@ def test_bad_input_is_one_line_and_exit_2(folders):
     (["--stop", ""], "stop strings must be non-empty"),
     (["--lookahead", "0"], "lookahead must be a whole number of tokens >= 1"),
     (["--lookahead", "4", "--do-sample"], "cannot be combined with sampling"),
-    (["--lookahead", "4", "--mode", "expert"], "cannot be combined with mode 'expert'"),
+    (["--lookahead", "4", "--mode", "base"], "cannot be combined with mode 'base'"),
 ])
 def test_generate_refuses_bad_settings_before_loading_any_model(monkeypatch, args, message):
     """A typo in a setting costs no model load (minutes for a large model), and prints no prompt first."""

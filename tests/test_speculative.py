@@ -103,6 +103,25 @@ def test_one_token_and_a_deferral_at_the_first_token(models):
         same_as_engine(always, PROMPTS, lookahead, threshold=0.4, new=7)  # the expert writes every token
 
 
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_mode_expert_is_speculative_decoding(models, tokenizer, lookahead):
+    """The head defers everywhere: the base drafts, and the answer is the expert's own greedy answer."""
+    base, expert = models
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size), tokenizer)
+    for threshold in (0.5, 1.0):  # the threshold does not matter: the expert writes every token
+        ref = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=threshold, mode="expert")
+        out = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=threshold, mode="expert", lookahead=lookahead)
+        assert (out.token_ids, out.sources, out.defer_probs) == (ref.token_ids, ref.sources, ref.defer_probs)
+        assert out.texts == ref.texts and {s for src in out.sources for s in src} == {1}
+    # with a base that agrees (itself as the expert) every draft is kept: one expert read per `lookahead` tokens
+    agreeing = CoLLM(base, [base], random_head(base.config.hidden_size))
+    out = agreeing.generate(PROMPTS, max_new_tokens=NEW, mode="expert", lookahead=lookahead)
+    assert out.token_ids == agreeing.generate(PROMPTS, max_new_tokens=NEW, mode="base").token_ids
+    assert out.stats["rejected"] == out.stats["discarded"] == 0
+    calls = sum(-(-(len(t) - 1) // lookahead) for t in out.token_ids)  # the first token comes from the prompt's read
+    assert out.stats["expert_calls"] <= calls
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lookahead=0), "lookahead must be a whole number"),
     (dict(lookahead=2.5), "lookahead must be a whole number"),

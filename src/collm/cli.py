@@ -111,7 +111,7 @@ def generate(
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's, else float32.")] = None,
     compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (slow first call, faster after).")] = False,
-    lookahead: Annotated[Optional[int], typer.Option(help="Greedy Co-LLM: at a deferral the base drafts up to this many tokens and the expert checks them in one read (Co-LLM's greedy tokens, fewer expert calls; prompts answered one at a time).")] = None,
+    lookahead: Annotated[Optional[int], typer.Option(help="Greedy Co-LLM: at a deferral the base drafts up to this many tokens and the expert checks them in one read (Co-LLM's greedy tokens, fewer expert calls; prompts answered one at a time). With --mode expert: speculative decoding (the base drafts every token; the expert's answer).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of colored text.")] = False,
     config: ConfigOption = None,
 ):

@@ -152,7 +152,9 @@ class CoLLM:
         writer, for streaming. ``lookahead`` (greedy Co-LLM, in-process models): at a deferral the base drafts
         up to this many tokens and the expert checks them in one read (collm.decoding.speculative); the tokens
         and their writers are greedy Co-LLM's (exactly so in float32; in bfloat16 the expert's tied logits can
-        resolve otherwise), the expert is called less often; prompts are answered one at a time.
+        resolve otherwise), the expert is called less often; prompts are answered one at a time. With
+        ``mode="expert"`` it is speculative decoding: the base drafts every token, the expert checks each draft in
+        one read, and the answer is the expert's own greedy answer.
         Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
         """
         prompts = _prompts_or_ids(prompts, input_ids)
@@ -168,10 +170,19 @@ class CoLLM:
     def _speculative(self, ids, request: Request, lookahead: int, router, compile: bool, on_token) -> GenerateOutput:
         check_settings(lookahead, do_sample=request.sampling.do_sample, stop=request.stop, mode=request.mode,
                        router=router, compile=compile)
-        raw = speculative_decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
-                                 threshold=request.threshold, vocab=self.vocab, eos_ids=self._eos_ids(),
+        head, experts, threshold = self.head, self.experts, request.threshold
+        if request.mode == "expert":  # speculative decoding: every position deferred, the base only drafts
+            if not experts:
+                raise CollmError("mode 'expert' needs an expert")
+            hidden = self.base.config.get_text_config().hidden_size
+            head, experts = DeferralHead.constant(hidden, 1.0, 1).to(next(self.base.parameters()).device), experts[:1]
+            threshold = 0.0  # P(defer) = 1 exceeds it wherever the threshold asked for is
+        raw = speculative_decode(self.base, experts, head, ids, max_new_tokens=request.max_new_tokens,
+                                 threshold=threshold, vocab=self.vocab, eos_ids=self._eos_ids(),
                                  tokenizer=self.tokenizer, lookahead=lookahead, pad_id=self._pad_id(),
                                  on_token=on_token)
+        if request.mode == "expert":  # as the engine reports it: the head is not consulted
+            raw.defer_probs = [[0.0] * len(p) for p in raw.defer_probs]
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
     def stream(self, prompts=None, max_new_tokens: int = 128, threshold: float | None = None,

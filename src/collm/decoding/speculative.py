@@ -12,7 +12,9 @@ every cache is cut back to the tokens kept.
 This is speculative decoding with Co-LLM itself as the target: the tokens, and who wrote each, are exactly those
 of greedy Co-LLM (tested against the engine in float32). In bfloat16 a read of several tokens rounds otherwise
 than reads of one, so where the expert's top two logits tie the two can part, as a batch's padding parts the
-engine's own answers. ``lookahead=1`` checks each deferral at once: plain Co-LLM's schedule. It applies where speculative decoding does: greedy, one answer at a time (prompts are answered in
+engine's own answers. ``lookahead=1`` checks each deferral at once: plain Co-LLM's schedule. A head that
+defers everywhere (``generate(mode="expert", lookahead=k)``) makes this plain speculative decoding: the base
+drafts every token and the answer is the expert's. It applies where speculative decoding does: greedy, one answer at a time (prompts are answered in
 turn), in-process models (a completions server gives no token-by-token greedy verdict over a draft).
 """
 
@@ -109,10 +111,10 @@ def check_settings(lookahead, *, do_sample=False, stop=(), mode="collm", router=
     check_lookahead(lookahead)
     unsupported = [name for name, used in (("sampling", do_sample), ("stop strings", stop),
                                            ("a router", router is not None), ("compile", compile),
-                                           (f"mode {mode!r}", mode != "collm")) if used]
+                                           (f"mode {mode!r}", mode not in ("collm", "expert"))) if used]
     if unsupported:
-        raise CollmError(f"lookahead drafts greedy Co-LLM only; it cannot be combined with {unsupported[0]}: "
-                         "drop lookahead for that")
+        raise CollmError(f"lookahead drafts greedy Co-LLM (or the expert's answer, mode 'expert') only; it cannot "
+                         f"be combined with {unsupported[0]}: drop lookahead for that")
 
 
 def check(base, experts, head: DeferralHead | None, lookahead: int) -> None:
