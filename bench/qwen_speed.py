@@ -10,7 +10,9 @@ new tokens over the whole call's wall time, prefill included); assisted generati
 Every system answers the same prompts (chat template, greedy) in one process. As `collm bench` counts it,
 ms/token is the decoding phase: each prompt is written with N new tokens and with 1 (prefill and first token),
 and ms/token = sum(t_N - t_1) / sum(n_N - 1) over the prompts (an answer may end at EOS before N).
-Speculative decoding writes the expert's own greedy tokens; it is the speed a user of the expert would get.
+Speculative decoding writes the expert's own greedy tokens; it is the speed a user of the expert would get:
+`transformers` assisted generation (`speculative` in --systems) and collm's own loop (`--expert-lookahead k`:
+``generate(mode="expert", lookahead=k)``, the base drafting k tokens that the expert checks in one read).
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ def main() -> None:
     p.add_argument("--lookahead", default="", help="also Co-LLM drafting past deferrals (collm.decoding.speculative) "
                    "at these lookaheads, comma-separated (e.g. 4,8); its answers are compared with the engine's")
     p.add_argument("--expert-lookahead", default="", help="also speculative decoding in collm's loop at these draft "
-                   "lengths (comma-separated): the head defers everywhere, so the base drafts k tokens and the expert "
-                   "checks them in one read (collm.decoding.speculative); it writes the expert's greedy tokens")
+                   "lengths, comma-separated (generate(mode='expert', lookahead=k): the base drafts k tokens, the "
+                   "expert checks them in one read); it writes the expert's greedy tokens")
     p.add_argument("--interleave", action="store_true", help="each prompt through every system before the next "
                    "prompt (a shared machine's load then drifts over all systems alike)")
     p.add_argument("--batch", type=int, default=0, help="also tokens/s at this batch size (0: skip)")
@@ -125,10 +127,10 @@ def main() -> None:
     if "proxy" in chosen and tuned_base is None:
         raise SystemExit("--systems proxy: proxy tuning needs a tuned base (--tuned-run, or a run whose base is tuned)")
     engine_name = f"Co-LLM (eta={eta:g})"
-    answers: dict[str, list] = {engine_name: []}  # whole answers of the Co-LLM systems, to compare tokens
+    answers: dict[str, list] = {engine_name: [], "expert alone": []}  # whole answers, to compare tokens
     systems = {
         "base": (base_name, lambda ids: collm_system(pair, ids, "base", eta)),
-        "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta)),
+        "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta, record=answers["expert alone"])),
         "collm": (engine_name, lambda ids: collm_system(pair, ids, "collm", eta, record=answers[engine_name])),
         "collm-eager": (f"Co-LLM (eta={eta:g}), base logits at every step",
                         lambda ids: collm_system(pair, ids, "collm", eta, eager_logits=True)),
@@ -142,20 +144,11 @@ def main() -> None:
         systems[f"spec{k}"] = (name, lambda ids, k=k, name=name: collm_system(pair, ids, "collm", eta, lookahead=k,
                                                                               record=answers[name]))
         chosen.add(f"spec{k}")
-    drafts = [int(x) for x in a.expert_lookahead.split(",") if x.strip()]
-    if drafts:  # the head defers everywhere: every token is the expert's, the base only drafts
-        from collm.core.head import DeferralHead
-
-        hidden = base.config.get_text_config().hidden_size
-        drafting = CoLLM(base, [expert], DeferralHead.constant(hidden, 1.0, 1), pair.tokenizer)
-        answers["expert alone"] = []
-        systems["expert"] = ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta,
-                                                                      record=answers["expert alone"]))
-    for k in drafts:
-        name = f"speculative decoding in collm (base drafts {k}, expert checks)"
+    for k in [int(x) for x in a.expert_lookahead.split(",") if x.strip()]:
+        name = f"speculative decoding in collm (mode expert, lookahead {k}: the base drafts, the expert checks)"
         answers[name] = []
-        systems[f"xspec{k}"] = (name, lambda ids, k=k, name=name: collm_system(drafting, ids, "collm", 0.5,
-                                                                               lookahead=k, record=answers[name]))
+        systems[f"xspec{k}"] = (name, lambda ids, k=k, name=name: collm_system(pair, ids, "expert", eta, lookahead=k,
+                                                                               record=answers[name]))
         chosen.add(f"xspec{k}")
     if "tuned" in chosen:
         systems["tuned"] = ("tuned base alone", lambda ids: collm_system(tuned_alone, ids, "base", eta))
@@ -190,11 +183,11 @@ def main() -> None:
     for name, (t_dec, n_dec, deferred, total) in sums.items():
         row = {"system": name, "ms_per_token": 1000 * t_dec / n_dec, "decoded_tokens": int(n_dec),
                "deferral_rate": deferred / total if name.startswith("Co-LLM") else None}
-        if "lookahead" in name or "drafts" in name:  # whole answers (not the 1-token runs): what drafting cost, saved
+        if "lookahead" in name:  # the whole answers (not the 1-token runs): what drafting cost and saved
             outs = [o for o in answers[name] if len(o.token_ids[0]) > 1]
             row |= {k: sum(o.stats[k] for o in outs) for k in ("expert_calls", "checked", "rejected", "discarded",
                                                                "base_reads")}
-            if "drafts" in name:  # speculative decoding writes the expert's tokens: compare with the expert's
+            if "mode expert" in name:  # speculative decoding writes the expert's tokens: compare with the expert's
                 mine = [o for o in answers["expert alone"] if len(o.token_ids[0]) > 1]
                 row["same_answers_as_expert"] = sum(o.token_ids == r.token_ids for o, r in zip(outs, mine))
             else:
@@ -240,6 +233,11 @@ def main() -> None:
                      f"{r['rejected']} drafts cut where the expert wrote another token ({r['discarded']} drafted tokens "
                      f"dropped), {r['base_reads']} base reads; {r['same_answers_as_engine']}/{len(prompts)} answers "
                      "token for token the engine's")
+    for r in (r for r in results if "same_answers_as_expert" in r):
+        lines.append(f"\n{r['system']}: {r['expert_calls']} expert calls for {r['checked']} tokens checked, "
+                     f"{r['rejected']} drafts cut where the expert wrote another token ({r['discarded']} drafted tokens "
+                     f"dropped), {r['base_reads']} base reads; {r['same_answers_as_expert']}/{len(prompts)} answers "
+                     "token for token the expert's")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
                  f"{len(prompts)} prompts ({summary['rows'].replace('spread', 'evenly spaced')}), {a.new_tokens} new "
                  f"tokens, {a.dtype}, {torch.get_num_threads()} thread(s)")
