@@ -14,8 +14,9 @@ of greedy Co-LLM (tested against the engine in float32). In bfloat16 a read of s
 than reads of one, so where the expert's top two logits tie the two can part, as a batch's padding parts the
 engine's own answers. ``lookahead=1`` checks each deferral at once: plain Co-LLM's schedule. A head that
 defers everywhere (``generate(mode="expert", lookahead=k)``) makes this plain speculative decoding: the base
-drafts every token and the answer is the expert's. It applies where speculative decoding does: greedy, one answer at a time (prompts are answered in
-turn), in-process models (a completions server gives no token-by-token greedy verdict over a draft).
+drafts every token and the answer is the expert's. It applies where speculative decoding does: greedy, one
+answer at a time (prompts are answered in turn), in-process models (a completions server gives no
+token-by-token greedy verdict over a draft).
 """
 
 from __future__ import annotations
