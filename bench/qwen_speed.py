@@ -138,18 +138,15 @@ def main() -> None:
         "speculative": ("speculative decoding (transformers assisted, base drafts)",
                         lambda ids: hf_system(expert, ids, base)),
     }
-    for k in [int(x) for x in a.lookahead.split(",") if x.strip()]:
-        name = f"{engine_name}, lookahead {k}"
+    drafting = [("collm", int(x)) for x in a.lookahead.split(",") if x.strip()] + \
+        [("expert", int(x)) for x in a.expert_lookahead.split(",") if x.strip()]
+    for mode, k in drafting:  # Co-LLM drafting past deferrals; mode expert: speculative decoding
+        name = f"{engine_name}, lookahead {k}" if mode == "collm" else \
+            f"speculative decoding in collm (mode expert, lookahead {k}: the base drafts, the expert checks)"
         answers[name] = []
-        systems[f"spec{k}"] = (name, lambda ids, k=k, name=name: collm_system(pair, ids, "collm", eta, lookahead=k,
-                                                                              record=answers[name]))
-        chosen.add(f"spec{k}")
-    for k in [int(x) for x in a.expert_lookahead.split(",") if x.strip()]:
-        name = f"speculative decoding in collm (mode expert, lookahead {k}: the base drafts, the expert checks)"
-        answers[name] = []
-        systems[f"xspec{k}"] = (name, lambda ids, k=k, name=name: collm_system(pair, ids, "expert", eta, lookahead=k,
-                                                                               record=answers[name]))
-        chosen.add(f"xspec{k}")
+        systems[f"{mode}-lookahead{k}"] = (name, lambda ids, k=k, mode=mode, name=name: collm_system(
+            pair, ids, mode, eta, lookahead=k, record=answers[name]))
+        chosen.add(f"{mode}-lookahead{k}")
     if "tuned" in chosen:
         systems["tuned"] = ("tuned base alone", lambda ids: collm_system(tuned_alone, ids, "base", eta))
     if "proxy" in chosen:
