@@ -172,10 +172,8 @@ class CoLLM:
                        router=router, compile=compile)
         head, experts, threshold = self.head, self.experts, request.threshold
         if request.mode == "expert":  # speculative decoding: every position deferred, the base only drafts
-            if not experts:
-                raise CollmError("mode 'expert' needs an expert")
-            hidden = self.base.config.get_text_config().hidden_size
-            head, experts = DeferralHead.constant(hidden, 1.0, 1).to(next(self.base.parameters()).device), experts[:1]
+            always = DeferralHead.constant(self.head.hidden_size, 1.0, 1)  # (_request refused a pair without experts)
+            head, experts = always.to(next(self.head.parameters()).device), experts[:1]
             threshold = 0.0  # P(defer) = 1 exceeds it wherever the threshold asked for is
         raw = speculative_decode(self.base, experts, head, ids, max_new_tokens=request.max_new_tokens,
                                  threshold=threshold, vocab=self.vocab, eos_ids=self._eos_ids(),
