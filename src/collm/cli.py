@@ -450,6 +450,23 @@ def _register_train() -> None:
 _register_train()
 
 
+def _reward(config) -> None:
+    from collm.training.reward import train_reward
+
+    print(train_reward(config, progress=lambda line: err.print(f"[dim]{line}[/dim]", highlight=False)))
+
+
+def _register_reward() -> None:
+    from collm.training.reward import RewardConfig
+
+    dataclass_command(RewardConfig, "reward", _reward,
+                      short_help="Train the head on whole answers: rollouts with sampled writers, a reward "
+                                 "(correct minus a price per expert token), policy gradient; resumable.")
+
+
+_register_reward()
+
+
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Option(help="Trained run folder (collm.json) to evaluate.")],

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from collm.atomic import atomic_write
+from collm.tensorfile import write_tensors
 from collm.errors import CollmError
 
 # A logit this large saturates sigmoid/softmax to exactly 0 or 1 in float32, which "never"/"always" need.
@@ -133,7 +133,7 @@ class DeferralHead(nn.Module):
         meta = {"hidden_size": str(self.hidden_size), "num_experts": str(self.num_experts),
                 "features": ",".join(self.features)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        write_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "DeferralHead":

@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, write_json
 from collm.errors import CollmError
+from collm.tensorfile import write_tensors
 
 LATEST = "latest"
 _STEP = re.compile(r"step-\d{6}")
@@ -67,10 +68,10 @@ def save_checkpoint(folder: Path, step: int, module, optimizer, scheduler, extra
     target = folder / f"step-{step:06d}"
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+        write_tensors(tmp / "trainable.safetensors", trainable_state(module))
         tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"meta": json.dumps(meta)})
-        save_file({f"rank{r}": t for r, t in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
+        write_tensors(tmp / "optimizer.safetensors", tensors, {"meta": json.dumps(meta, sort_keys=True)})
+        write_tensors(tmp / "rng.safetensors", {f"rank{r}": t for r, t in enumerate(rng_states)})
         scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         write_json(tmp / "state.json", {"step": step, "scheduler": scheduler_state, **extra})
 

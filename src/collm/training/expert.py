@@ -181,13 +181,13 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None)
 def adapter_to_bf16(adapter: str | Path) -> None:
     """Store an adapter's weights in bfloat16 (half the bytes), atomically; loading casts them back."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from collm.atomic import atomic_write
+    from collm.tensorfile import write_tensors
 
     path = Path(adapter) / "adapter_model.safetensors"
     weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
-    atomic_write(path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    write_tensors(path, weights, {"format": "pt"})
 
 
 def main(argv: list[str] | None = None) -> None:

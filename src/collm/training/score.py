@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from collm.atomic import atomic_write, remove, temp_siblings, write_json
+from collm.atomic import remove, temp_siblings, write_json
 from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
 from collm.errors import CollmError
+from collm.tensorfile import write_tensors
 from collm.core.head import head_inputs
 from collm.training.loss import ARGMAX_RTOL, gold_outputs
 from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, plain_logits, \
@@ -388,7 +389,7 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
         write_json(out / MANIFEST, manifest)
         tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar, forward,
                                known)
-        atomic_write(out / name, lambda tmp: save_file(tensors, tmp, metadata={"shard": str(k)}))
+        write_tensors(out / name, tensors, {"shard": str(k)})
         manifest["shards"][str(k)] = name
         manifest["pending"] = None
         write_json(out / MANIFEST, manifest)

@@ -1,0 +1,168 @@
+"""collm reward: the head learns from whole answers by policy gradient with a group baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from collm import CoLLM, CollmError, DeferralHead
+from collm.core.routing import defer_prob
+from collm.training import reward as rw
+from conftest import invoke, make_llama, make_tokenizer, save_tiny
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A tiny run (random base and expert, a zero head: P(defer) = 0.5) and training rows."""
+    root = tmp_path_factory.mktemp("reward")
+    tok = make_tokenizer()
+    base, expert = save_tiny(make_llama(0), tok, root / "base"), save_tiny(make_llama(1), tok, root / "expert")
+    pair = CoLLM.load(base, [expert])
+    pair.save_pretrained(root / "run")
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": a + b} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def config(start, out, **kw):
+    settings = dict(run=str(start / "run"), data=str(start / "rows.jsonl"), out=str(out), rounds=2, problems=2,
+                    rollouts=3, batch_size=4, max_new_tokens=6, updates=2, lr=0.05)
+    return rw.RewardConfig(**{**settings, **kw})
+
+
+def files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_gradient_moves_p_defer_toward_the_rewarded_routing():
+    """A scripted reward pays for the expert writing at one token id and charges it elsewhere: over rounds of
+    draws from the head and updates, P(defer) rises at that id and falls at the others."""
+    torch.manual_seed(0)
+    ids, hidden, rewarded = 6, 8, 2
+    embed = torch.randn(ids, hidden)
+    head = DeferralHead(hidden)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    cfg = rw.RewardConfig(run="r", data="d", out="o", updates=2, rollouts=4)
+    generator = torch.Generator().manual_seed(1)
+    answers, length = 16, 10
+    for _ in range(30):
+        tokens = torch.randint(ids, (answers, length), generator=generator)
+        x = embed[tokens].reshape(-1, hidden)
+        with torch.no_grad():
+            p = defer_prob(head.log_probs(x))
+        choices = (torch.rand(p.shape, generator=generator) < p).long()
+        deferred = choices.view(answers, length)
+        rewards = (deferred * torch.where(tokens == rewarded, 1.0, -1.0)).sum(1).double()
+        batch = {"inputs": x, "choices": choices, "lengths": torch.full((answers,), length),
+                 "advantages": rw.advantages(rewards, torch.arange(answers) // 4, True)}
+        rw.update_head(head, optimizer, batch, cfg)
+    with torch.no_grad():
+        p = defer_prob(head.log_probs(embed))
+    assert p[rewarded] > 0.9
+    assert all(p[i] < 0.1 for i in range(ids) if i != rewarded)
+
+
+def test_advantages_are_centred_per_group_and_zero_where_a_group_agrees():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 2.0, 2.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert rw.advantages(rewards, groups, False).tolist() == [0.5, -0.5, 0.0, 0.0, 0.0, 0.0]
+    assert rw.advantages(rewards, groups, True).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_a_price_on_expert_tokens_makes_the_head_defer_less(start, tmp_path):
+    """End to end on the tiny pair: every answer is wrong (a random model), so only the price speaks."""
+    out = rw.train_reward(config(start, tmp_path / "out", price=0.2, rounds=3, problems=4), progress=lambda _: None)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert history[0]["p_defer_before"] == pytest.approx(0.5)
+    assert history[-1]["p_defer_after"] < 0.3
+    assert all(0 <= h["defer_rate"] <= 1 and h["answers"] == 12 for h in history)
+    pair = CoLLM.from_pretrained(out)  # a loadable run, its manifest checked
+    assert pair.info["training"]["objective"] == "reward" and pair.info["training"]["rounds_done"] == 3
+    assert not (out / "rollouts").exists()  # finished rounds leave no shards
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(start, tmp_path):
+    whole = rw.train_reward(config(start, tmp_path / "whole"), progress=lambda _: None)
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def kill_in_round_two(line):
+        seen.append(line)
+        if line.startswith("round 2 batch 1/"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        rw.train_reward(config(start, tmp_path / "part"), progress=kill_in_round_two)
+    assert (tmp_path / "part" / "rollouts" / "round-0001" / "batch-0000.json").is_file()
+    lines = []
+    rw.train_reward(config(start, tmp_path / "part"), progress=lines.append)
+    assert lines[0].startswith("resuming") and not any(l.startswith("round 2 batch 1/") for l in lines)
+    mine, theirs = files(tmp_path / "part"), files(whole)
+    assert mine.keys() == theirs.keys()
+    for name in ("head.safetensors", "metrics.jsonl", "manifest.json", "collm.json"):
+        if name == "metrics.jsonl":  # wall-clock seconds differ; everything else is the same
+            strip = lambda b: [{k: v for k, v in json.loads(l).items() if "seconds" not in k} for l in b.splitlines()]
+            assert strip(mine[name]) == strip(theirs[name])
+        elif name == "head.safetensors":
+            assert mine[name] == theirs[name]
+
+
+def test_more_rounds_go_on_from_a_finished_run(start, tmp_path):
+    two = rw.train_reward(config(start, tmp_path / "two"), progress=lambda _: None)
+    one = tmp_path / "one"
+    rw.train_reward(config(start, one, rounds=1), progress=lambda _: None)
+    rw.train_reward(config(start, one, rounds=2), progress=lambda _: None)
+    assert (one / "head.safetensors").read_bytes() == (two / "head.safetensors").read_bytes()
+    with pytest.raises(CollmError, match="made with price=0.0, not 0.5"):
+        rw.train_reward(config(start, one, price=0.5), progress=lambda _: None)
+
+
+def bad_checker_raises(row, text):
+    raise ValueError("no answer here")
+
+
+def bad_checker_nan(row, text):
+    return math.nan
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("exact", "give gsm or module:function"),
+    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+    ("math:no_such_function", "math has no function 'no_such_function'"),
+])
+def test_a_checker_that_cannot_be_found_is_one_line(spec, message):
+    with pytest.raises(CollmError, match=message) as e:
+        rw.RewardConfig(run="r", data="d", out="o", checker=spec)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, message", [("bad_checker_raises", "raised ValueError on row"),
+                                           ("bad_checker_nan", "returned nan for row")])
+def test_a_checker_that_fails_is_one_line(start, tmp_path, name, message):
+    with pytest.raises(CollmError, match=message) as e:
+        rw.train_reward(config(start, tmp_path / "out", checker=f"test_reward:{name}"), progress=lambda _: None)
+    assert "\n" not in str(e.value)
+
+
+def test_the_command_runs_and_refuses_bad_settings(start, tmp_path):
+    result = invoke("reward", "--run", start / "run", "--data", start / "rows.jsonl", "--out", tmp_path / "cli",
+                    "--rounds", 1, "--problems", 2, "--rollouts", 2, "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / "head.safetensors").is_file()
+    with pytest.raises(CollmError, match="rollouts must be an integer >= 2"):  # `collm` prints it as one line
+        invoke("reward", "--run", start / "run", "--data", start / "rows.jsonl", "--out", tmp_path / "x",
+               "--rollouts", 1)
+    assert not (tmp_path / "x").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(CollmError, match="holds files collm reward did not write"):
+        rw.train_reward(config(start, foreign), progress=lambda _: None)
+    assert (foreign / "notes.txt").read_text() == "mine"
