@@ -86,32 +86,31 @@ def test_a_price_on_expert_tokens_makes_the_head_defer_less(start, tmp_path):
 
 
 def test_a_killed_run_resumes_to_the_same_bytes(start, tmp_path):
-    whole = rw.train_reward(config(start, tmp_path / "whole"), progress=lambda _: None)
+    """Killed in the middle of round 2 (after its first batch's shard), then run again: every file of the run
+    is byte for byte what the uninterrupted run wrote in the same folder."""
+    import shutil
+
+    out = tmp_path / "run"
+    rw.train_reward(config(start, out), progress=lambda _: None)
+    whole = files(out)
+    shutil.rmtree(out)
 
     class Killed(Exception):
         pass
 
-    seen = []
-
     def kill_in_round_two(line):
-        seen.append(line)
         if line.startswith("round 2 batch 1/"):
             raise Killed
 
     with pytest.raises(Killed):
-        rw.train_reward(config(start, tmp_path / "part"), progress=kill_in_round_two)
-    assert (tmp_path / "part" / "rollouts" / "round-0001" / "batch-0000.json").is_file()
+        rw.train_reward(config(start, out), progress=kill_in_round_two)
+    assert (out / "rollouts" / "round-0001" / "batch-0000.json").is_file()
     lines = []
-    rw.train_reward(config(start, tmp_path / "part"), progress=lines.append)
-    assert lines[0].startswith("resuming") and not any(l.startswith("round 2 batch 1/") for l in lines)
-    mine, theirs = files(tmp_path / "part"), files(whole)
-    assert mine.keys() == theirs.keys()
-    for name in ("head.safetensors", "metrics.jsonl", "manifest.json", "collm.json"):
-        if name == "metrics.jsonl":  # wall-clock seconds differ; everything else is the same
-            strip = lambda b: [{k: v for k, v in json.loads(l).items() if "seconds" not in k} for l in b.splitlines()]
-            assert strip(mine[name]) == strip(theirs[name])
-        elif name == "head.safetensors":
-            assert mine[name] == theirs[name]
+    rw.train_reward(config(start, out), progress=lines.append)
+    assert lines[0].startswith("resuming") and not any(line.startswith("round 2 batch 1/") for line in lines)
+    resumed = files(out)
+    assert resumed.keys() == whole.keys()
+    assert [name for name in whole if resumed[name] != whole[name]] == []
 
 
 def test_more_rounds_go_on_from_a_finished_run(start, tmp_path):

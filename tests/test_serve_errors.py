@@ -25,10 +25,10 @@ def url():
         yield url
 
 
-def _post(url, path, body, **kwargs):
+def _post(url, path, body, headers=None, **kwargs):
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"}, timeout=60,
-                      **kwargs)
+    return httpx.post(f"{url}{path}", content=content, headers=headers or {"content-type": "application/json"},
+                      timeout=60, **kwargs)
 
 
 BAD = [
@@ -58,9 +58,29 @@ BAD = [
     ("empty messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
     ("invalid JSON", "/v1/completions", '{"model": "tiny", "prompt": ', 400, "JSON"),
+    ("lone surrogate in a prompt", "/v1/completions", '{"model": "tiny", "prompt": "\\ud800 hi"}', 400, "surrogate"),
+    ("lone surrogate in a streamed prompt", "/v1/completions",
+     '{"model": "tiny", "prompt": "\\udfff", "stream": true}', 400, "surrogate"),
+    ("lone surrogate in a chat message", "/v1/chat/completions",
+     '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800 hi"}]}', 400, "surrogate"),
+    ("lone surrogate in a streamed chat part", "/v1/chat/completions",
+     '{"model": "tiny", "stream": true, "messages": [{"role": "user", "content": [{"type": "text", '
+     '"text": "\\ud83d"}]}]}', 400, "surrogate"),
+    ("lone surrogate in a stop string", "/v1/completions", '{"model": "tiny", "prompt": "a", "stop": ["\\udc80"]}',
+     400, "surrogate"),
+    ("body not UTF-8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "not UTF-8"),
+    ("threshold NaN", "/v1/completions", '{"model": "tiny", "prompt": "a", "threshold": NaN}', 400, "finite"),
+    ("temperature Infinity", "/v1/completions", '{"model": "tiny", "prompt": "a", "temperature": Infinity}', 400,
+     "finite"),
     ("not an object", "/v1/completions", "[1, 2]", 400, ""),
     ("oversized body", "/v1/completions", GOOD | {"prompt": "x" * 5000}, 413, "limit"),
 ]
+
+
+PARAMS = {"lone surrogate in a prompt": "prompt", "lone surrogate in a streamed prompt": "prompt",
+          "lone surrogate in a chat message": "messages", "lone surrogate in a streamed chat part": "messages",
+          "lone surrogate in a stop string": "stop", "threshold NaN": "threshold",
+          "temperature Infinity": "temperature"}
 
 
 @pytest.mark.parametrize("name, path, body, status, words", BAD, ids=[b[0] for b in BAD])
@@ -69,7 +89,77 @@ def test_bad_request_gets_a_4xx_error_object_and_the_server_keeps_serving(url, n
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"] and words.lower() in error["message"].lower()
+    if name in PARAMS:
+        assert error["param"] == PARAMS[name]
     assert _post(url, "/v1/completions", GOOD).status_code == 200
+
+
+def _texts():
+    from hypothesis import strategies as st
+
+    # every code point, lone surrogates included (hypothesis leaves them out unless asked)
+    return st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+
+
+def _bodies():
+    """Request bodies as a client could send them: JSON objects whose strings are arbitrary Unicode (lone
+    surrogates reach the server as \\uXXXX escapes), and raw bytes that need not be UTF-8 at all."""
+    from hypothesis import strategies as st
+
+    text = _texts()
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                     "content": text | st.lists(st.fixed_dictionaries(
+                                         {"type": st.just("text"), "text": text}), max_size=2)})
+    common = {"model": st.just("tiny") | text, "max_tokens": st.integers(1, 4), "stream": st.booleans()}
+    optional = {"stop": text | st.lists(text, max_size=3), "user": text, "threshold": st.floats(allow_nan=True)}
+    completion = st.fixed_dictionaries({**common, "prompt": text | st.lists(text, min_size=1, max_size=2)},
+                                       optional=optional)
+    chat = st.fixed_dictionaries({**common, "messages": st.lists(message, min_size=1, max_size=2)}, optional=optional)
+    as_json = st.one_of(completion.map(lambda b: ("/v1/completions", b)), chat.map(lambda b: ("/v1/chat/completions", b)))
+    return as_json.map(lambda p: (p[0], json.dumps(p[1]).encode())) | st.tuples(
+        st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.binary(max_size=64))
+
+
+def test_fuzzed_bodies_with_any_text_never_get_a_server_error(url):
+    from hypothesis import given
+
+    @given(_bodies())
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    def check(case):
+        path, body = case
+        r = _post(url, path, body)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            assert r.text.rstrip().endswith("data: [DONE]")
+
+    check()
+
+
+def test_only_the_host_names_served_are_answered(url):
+    """A page on another site that rebinds its name to 127.0.0.1 sends its own name as Host: refused."""
+    r = _post(url, "/v1/completions", GOOD, headers={"content-type": "application/json", "host": "evil.example"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "host"
+    assert "--allowed-host evil.example" in r.json()["error"]["message"]
+    for host in ("localhost:1234", "127.0.0.1", "[::1]:80"):
+        ok = _post(url, "/v1/completions", GOOD, headers={"content-type": "application/json", "host": host})
+        assert ok.status_code == 200, host
+    with live(build_app(tiny_pair(), ServeConfig(model_name="tiny", max_tokens=4, allowed_hosts=("*",)))) as open_url:
+        r = _post(open_url, "/v1/completions", GOOD, headers={"content-type": "application/json", "host": "box.lan"})
+        assert r.status_code == 200
+
+
+def test_an_api_key_is_required_where_one_is_set():
+    import openai
+
+    with live(build_app(tiny_pair(), ServeConfig(model_name="tiny", max_tokens=4, api_key="s3cret"))) as keyed:
+        with pytest.raises(openai.AuthenticationError, match="needs an API key"):
+            openai.OpenAI(base_url=f"{keyed}/v1", api_key="wrong").completions.create(model="tiny", prompt="a")
+        out = openai.OpenAI(base_url=f"{keyed}/v1", api_key="s3cret").completions.create(
+            model="tiny", prompt="a", max_tokens=2)
+        assert out.usage.completion_tokens == 2
+        assert httpx.get(f"{keyed}/health").status_code == 200  # health and the page need no key
 
 
 def test_context_limit_is_checked_with_max_tokens():  # the tiny models' context is 512 positions

@@ -200,3 +200,14 @@ def test_stopping_the_scheduler_drops_rows_still_decoding():
 
     asyncio.run(run())
     assert engine.active == 0 and engine.dropped == [0]
+
+
+def test_a_timed_out_row_leaves_the_count_at_once(pair):
+    """Two 408s under --max-concurrent 1, each step slow: /health counts no row right after each, though the
+    engine frees a dropped row only at its next step boundary."""
+    engine = ScriptedEngine(delay=0.4)
+    with _serve(pair, engine, max_concurrent=1, request_timeout=0.5, max_tokens=400) as url:
+        for _ in range(2):
+            r = httpx.post(f"{url}/v1/completions", json=_body(400), timeout=30)
+            assert r.status_code == 408
+            assert httpx.get(f"{url}/health", timeout=30).json()["active_rows"] == 0

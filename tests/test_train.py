@@ -402,3 +402,64 @@ def test_cli_score_then_train_with_a_config_file(tmp_path):
                              timeout=120)
     assert refused.returncode == 2 and "other data or encoding settings" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def _run_bytes(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_and_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(known_case, monkeypatch):
+    """Every file of the run, checkpoints and log included: the same folder name, so the saved config agrees."""
+    import shutil
+
+    import collm.training.train as t
+
+    common = dict(base_mode="lora", lora_dropout=0.1, max_steps=6, save_every=2, weak_steps=10)
+    out = known_case["root"] / "bytes"
+    train(config(known_case, "bytes", **common))
+    whole = _run_bytes(out)
+    shutil.rmtree(out)
+    real_step, calls = t.train_step, []
+
+    def crash_at_step_4(s, module, optimizer, scheduler, step):
+        if step == 4 and not calls:
+            calls.append(step)
+            raise KeyboardInterrupt
+        return real_step(s, module, optimizer, scheduler, step)
+
+    monkeypatch.setattr(t, "train_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(known_case, "bytes", **common))
+    train(config(known_case, "bytes", **common))
+    resumed = _run_bytes(out)
+    assert resumed.keys() == whole.keys()
+    assert [name for name in whole if resumed[name] != whole[name]] == []
+
+
+def test_training_opens_no_socket_and_prints_nothing_to_act_on(known_case, monkeypatch, recwarn):
+    """With the network blocked and the base named as a hub id would be (as the embedded default is), a LoRA
+    run tries no connection and raises no warning: peft's adapter save would otherwise look the name up."""
+    import socket
+
+    import collm.training.train as t
+
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(args)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    real_load = t.load_model
+
+    def named(spec, **kwargs):
+        model, tokenizer = real_load(spec, **kwargs)
+        model.name_or_path = model.config._name_or_path = "smollm2-135m-instruct"  # no folder of that name
+        return model, tokenizer
+
+    monkeypatch.setattr(t, "load_model", named)
+    run = train(config(known_case, "offline", base_mode="lora", max_steps=2, weak_steps=5))
+    assert (run / "base_adapter" / "adapter_model.safetensors").is_file()
+    assert tried == []
+    assert [str(w.message) for w in recwarn] == []

@@ -1,5 +1,10 @@
 """Collaborative decoding of a base and expert language models (Co-LLM, Shen et al., ACL 2024)."""
 
+from collm.offline import go_offline
+
+go_offline()  # before anything imports transformers, peft or huggingface_hub
+
+
 from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.pair import CoLLM, GenerateOutput

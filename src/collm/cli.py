@@ -57,16 +57,19 @@ def load_config(ctx: typer.Context, param, value: Optional[Path]):
     options = {p.name for p in ctx.command.params if p.name != "config"}
     for key in data:
         if str(key).replace("-", "_") not in options:
-            raise CollmError(f"config file {value}: {key!r} is not an option of collm {ctx.info_name}; "
-                             f"did you mean {_closest(str(key).replace('-', '_'), options)!r}?")
+            guess = _closest(str(key).replace("-", "_"), options)
+            hint = f"did you mean {guess!r}?" if guess else f"see `collm {ctx.info_name} --help` for its options"
+            raise CollmError(f"config file {value}: {key!r} is not an option of collm {ctx.info_name}; {hint}")
     ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
     return value
 
 
-def _closest(word: str, choices: set[str]) -> str:
+def _closest(word: str, choices: set[str]) -> str | None:
+    """The option a misspelt key most likely meant, or None where none is close."""
     import difflib
 
-    return max(sorted(choices), key=lambda c: difflib.SequenceMatcher(None, word, c).ratio())
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _yaml(text: str):
@@ -95,10 +98,10 @@ ConfigOption = Annotated[
 def generate(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts; several run as one batch.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read prompts from a file, one per line.")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="A trained run folder (collm.json); replaces --base/--expert/--head.")] = None,
-    base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")] = EMBEDDED_DEFAULT,
-    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several): a spec, or a completions server http://HOST:PORT/v1[#MODEL]. Default: the embedded model.")] = None,
-    head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: a zero head, P(defer) = 0.5 everywhere, which with one expert never exceeds the default threshold 0.5: the expert writes nothing until you train a head (or pass --threshold below 0.5, or --head always).")] = None,
+    run: RunOption = None,
+    base: BaseOption = None,
+    expert: ExpertOption = None,
+    head: HeadOption = None,
     threshold: Annotated[Optional[float], typer.Option(help="Defer where P(expert) exceeds this, in [0, 1]. Default: the run's, else 0.5.")] = None,
     mode: Annotated[str, typer.Option(help="collm (route by the head), compose (sample the mixture), base or expert (one model alone).")] = "collm",
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per prompt.")] = 256,
@@ -108,8 +111,8 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same tokens.", callback=_seed)] = 0,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
     raw: Annotated[bool, typer.Option(help="Send prompts as raw text, without the base's chat template.")] = False,
-    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's, else float32.")] = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (slow first call, faster after).")] = False,
     lookahead: Annotated[Optional[int], typer.Option(help="Greedy Co-LLM: at a deferral the base drafts up to this many tokens and the expert checks them in one read (Co-LLM's greedy tokens, fewer expert calls; prompts answered one at a time). With --mode expert: speculative decoding (the base drafts every token; the expert's answer).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of colored text.")] = False,
@@ -126,12 +129,8 @@ def generate(
         from collm.decoding.speculative import check_settings
 
         check_settings(lookahead, do_sample=do_sample, stop=stop or (), mode=mode, compile=compile)
-    if run is None and head is None and mode == "collm" and len(expert or [EMBEDDED_DEFAULT]) == 1 and \
-            (0.5 if threshold is None else threshold) >= 0.5:
-        err.print(f"[yellow]note:[/yellow] no --head: the zero head gives P(defer) = 0.5, which never exceeds "
-                  f"threshold {0.5 if threshold is None else threshold:g}, so the expert writes nothing; train a "
-                  f"head (collm train), or pass --threshold below 0.5 or --head always", highlight=False, soft_wrap=True)
-    warnings.filterwarnings("ignore", message="no head was given")  # the note above said it, before loading
+    if mode == "collm":
+        _zero_head_note(run, base, expert, head, threshold)
     pair = _load_pair(run, base, expert, head, device, dtype)
     stream = None
     if not as_json and len(texts) == 1 and not stop:  # one answer, no text to trim: show it as it is written
@@ -155,28 +154,70 @@ def generate(
     _print_answers(pair, texts, out)
 
 
-def _load_pair(run: Optional[Path], base: str, expert: Optional[list[str]], head: Optional[str], device: str,
-               dtype: Optional[str]):
-    """The pair named by the model options that generate and serve share."""
-    from collm.pair import CoLLM
+# The model options generate and serve share: one definition, one help text.
+RunOption = Annotated[Optional[Path], typer.Option(
+    help="A trained run folder (collm.json), or a shipped run by name (smollm2, qwen); replaces --base/--expert/"
+         "--head. Default, when no model option is given: the shipped SmolLM2 run (tuned base, math expert, "
+         "trained head and its threshold), as `collm demo` uses.")]
+BaseOption = Annotated[Optional[str], typer.Option(
+    help=f"Base model: HF folder, .gguf file, or a named model such as {EMBEDDED_DEFAULT} (the default once any "
+         f"model option is given).")]
+ExpertOption = Annotated[Optional[list[str]], typer.Option(
+    help="Expert model (repeat for several): a spec, or a completions server http://HOST:PORT/v1[#MODEL]. "
+         "Default: the embedded model.")]
+HeadOption = Annotated[Optional[str], typer.Option(
+    help="Deferral head: a .safetensors file, or by name: 'zero' (P(defer) = 0.5 everywhere: with one expert the "
+         "default threshold 0.5 never defers), 'never' or 'always'. Default with --base/--expert: zero.")]
+DeviceOption = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
+DtypeOption = Annotated[Optional[str], typer.Option(
+    help="float32, bfloat16 or float16. Default: the run's, else float32.")]
 
+
+def _no_models(run, base, expert, head) -> bool:
+    return run is None and base is None and not expert and head is None
+
+
+def _zero_head_note(run, base, expert, head, threshold) -> None:
+    """Say (once, before loading) that models given without a head never defer at the default threshold; the
+    pair's own warning at the first request is then silenced."""
+    if run is None and not _no_models(run, base, expert, head) and head is None and len(expert or [None]) == 1 \
+            and (0.5 if threshold is None else threshold) >= 0.5:
+        err.print(f"[yellow]note:[/yellow] no --head: the zero head gives P(defer) = 0.5, which never exceeds "
+                  f"threshold {0.5 if threshold is None else threshold:g}, so the expert writes nothing; train a "
+                  f"head (collm train), or pass --threshold below 0.5 or --head always", highlight=False, soft_wrap=True)
+    warnings.filterwarnings("ignore", message="no head was given")  # said above, or not the case
+
+
+def _load_pair(run: Optional[Path], base: Optional[str], expert: Optional[list[str]], head: Optional[str],
+               device: str, dtype: Optional[str]):
+    """The pair named by the model options that generate and serve share; none: the shipped SmolLM2 run."""
+    from collm.pair import CoLLM
+    from collm.run import DEFAULT_RUN
+
+    if _no_models(run, base, expert, head):
+        run = Path(DEFAULT_RUN)
+        err.print(f"[dim]no model options: the shipped {DEFAULT_RUN} run (tuned base, math expert, trained head); "
+                  f"--run, --base/--expert/--head choose others[/dim]", highlight=False)
     with err.status("loading models"):
         if run is not None:
             return CoLLM.from_pretrained(run, device=device, dtype=dtype)
-        return CoLLM.load(base, expert or [EMBEDDED_DEFAULT], head, device=device, dtype=dtype or "float32")
+        return CoLLM.load(base or EMBEDDED_DEFAULT, expert or [EMBEDDED_DEFAULT], head, device=device,
+                          dtype=dtype or "float32")
 
 
 @app.command()
 def serve(
-    run: Annotated[Optional[Path], typer.Option(help="A trained run folder (collm.json); replaces --base/--expert/--head.")] = None,
-    base: Annotated[str, typer.Option(help="Base model: HF folder, .gguf file, or the embedded default's name.")] = EMBEDDED_DEFAULT,
-    expert: Annotated[Optional[list[str]], typer.Option(help="Expert model (repeat for several). Default: the embedded model.")] = None,
-    head: Annotated[Optional[str], typer.Option(help="Deferral head: a .safetensors file, 'never' or 'always'. Default: zero head (P=0.5).")] = None,
+    run: RunOption = None,
+    base: BaseOption = None,
+    expert: ExpertOption = None,
+    head: HeadOption = None,
     threshold: Annotated[Optional[float], typer.Option(help="Threshold for requests that give none, in [0, 1]. Default: the run's, else 0.5.")] = None,
-    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's, else float32.")] = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="A host name clients may reach this server by (repeatable; '*' for any). Always allowed: localhost, 127.0.0.1, [::1] and --host itself. Others get 400, which keeps web pages out through DNS rebinding.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="COLLM_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1/ request (the openai client's api_key); also read from $COLLM_API_KEY.")] = None,
     model_name: Annotated[str, typer.Option(help="The model name clients send (GET /v1/models lists it).")] = "collm",
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (and the chat default).")] = 1024,
@@ -196,12 +237,24 @@ def serve(
 
     if threshold is not None:
         check_threshold(threshold)
+    from collm.serve.app import LOOPBACK
+
+    hosts = tuple(dict.fromkeys([*LOOPBACK, *([host] if host not in ("0.0.0.0", "::") else []),
+                                 *(allowed_host or [])]))
     limits = dict(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                  max_concurrent=max_concurrent, max_waiting=max_waiting, request_timeout=request_timeout)
+                  max_concurrent=max_concurrent, max_waiting=max_waiting, request_timeout=request_timeout,
+                  allowed_hosts=hosts, api_key=api_key)
     ServeConfig(model_name=model_name, **limits)  # refuse bad limits before minutes of loading
+    _zero_head_note(run, base, expert, head, threshold)
     pair = _load_pair(run, base, expert, head, device, dtype)
     cfg = ServeConfig(model_name=model_name, threshold=pair.threshold if threshold is None else threshold, **limits)
     err.print(f"[dim]serving {model_name!r} on http://{host}:{port} (playground at /)[/dim]")
+    if host not in LOOPBACK and api_key is None:
+        err.print(f"[yellow]note:[/yellow] listening on {host} with no --api-key: anyone who can reach this port "
+                  f"can use the models", highlight=False)
+    if host in ("0.0.0.0", "::") and "*" not in hosts:
+        err.print(f"[dim]answering requests for {', '.join(hosts)}; add the names clients use with "
+                  f"--allowed-host[/dim]", highlight=False)
     # open streams get 5 s to finish on Ctrl-C; then their rows are dropped with the engine
     uvicorn.run(build_app(pair, cfg), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 

@@ -18,8 +18,8 @@ from collm.errors import CollmError
 from collm.core.head import DeferralHead
 from collm.backends.models import check_shapes, check_vocab, load_model
 from collm.backends.remote import RemoteExpert, is_remote_spec
-from collm.run import (HEAD_FILE, RUN_CONFIG, RUN_FORMAT, check_head, read_run_config, seal,  # noqa: F401
-                       spec_in, write_run_config)
+from collm.run import (DEFAULT_RUN, HEAD_FILE, RUN_CONFIG, RUN_FORMAT, check_head, read_run_config,  # noqa: F401
+                       resolve_run, seal, spec_in, write_run_config)
 
 
 @dataclass
@@ -73,7 +73,8 @@ class CoLLM:
         """Load models by spec (folder, .gguf, adapter folder or the embedded default; for experts also a
         completions server, ``http://HOST:PORT/v1[#MODEL]``, see collm.backends.remote) and a head.
 
-        ``head``: a head file, ``"never"``/``"always"`` (a constant head), or None for a zero head.
+        ``head``: a head file, ``"zero"`` (P(defer) = 0.5 everywhere), ``"never"``/``"always"`` (a constant
+        head), or None: a zero head, with a warning at the first request where it can never defer.
         """
         base_model, tokenizer = load_model(base, device=device, dtype=dtype)
         expert_models = []
@@ -88,6 +89,8 @@ class CoLLM:
         n = max(len(experts), 1)
         if head in ("never", "always"):
             head_module = DeferralHead.constant(hidden, 1.0 if head == "always" else 0.0, n)
+        elif head == "zero":
+            head_module = DeferralHead(hidden, n)
         else:
             head_module = DeferralHead.load(head) if head else None
         info = {"base": base, "experts": list(experts), "dtype": dtype, "base_weights": "original"}
@@ -96,10 +99,12 @@ class CoLLM:
         return pair
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, *, device: str = "cpu", dtype: str | None = None) -> "CoLLM":
+    def from_pretrained(cls, run_dir: str | Path = DEFAULT_RUN, *, device: str = "cpu",
+                        dtype: str | None = None) -> "CoLLM":
         """Load a run folder written by :meth:`save_pretrained` or by ``collm train``, after checking every
-        file against the run's manifest (see :mod:`collm.run`)."""
-        run_dir = Path(run_dir)
+        file against the run's manifest (see :mod:`collm.run`). A shipped run may be named instead of a folder:
+        ``"smollm2"`` (the default: the embedded SmolLM2 with its tuned base, math expert and head) or ``"qwen"``."""
+        run_dir = resolve_run(run_dir)
         config = read_run_config(run_dir)
         dtype = dtype or config.get("dtype", "float32")
         weights = config.get("base_weights", "original")
@@ -121,7 +126,7 @@ class CoLLM:
         self.head.save(run_dir / HEAD_FILE)
         weights = self.info.get("base_weights", "original")
         if hasattr(self.base, "peft_config"):
-            self.base.save_pretrained(run_dir / "base_adapter")
+            self.base.save_pretrained(run_dir / "base_adapter", save_embedding_layers=False)  # no hub lookup
             weights = "lora"
         config = {**self.info, "base_weights": weights, "threshold": self.threshold, **extra}
         config.setdefault("base", getattr(self.base, "name_or_path", ""))

@@ -28,6 +28,19 @@ HEAD_FILE = "head.safetensors"
 MANIFEST = "manifest.json"
 BASE_WEIGHTS = ("original", "lora", "full")
 _WEIGHT_FOLDERS = {"lora": "base_adapter", "full": "base"}
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED = {"smollm2": ASSETS / "gsm", "qwen": ASSETS / "qwen"}
+"""Runs shipped in the package, by name: a run folder argument may name one of them."""
+DEFAULT_RUN = "smollm2"
+"""The run that ``CoLLM.from_pretrained()`` and ``collm generate``/``serve`` load when no models are named."""
+
+
+def resolve_run(run_dir: str | Path) -> Path:
+    """A run folder, or a shipped run's name (SHIPPED) where no folder of that name exists."""
+    path = Path(run_dir)
+    if str(run_dir) in SHIPPED and not path.exists():
+        return SHIPPED[str(run_dir)]
+    return path
 
 
 # ---------------------------------------------------------------- collm.json
@@ -39,6 +52,11 @@ def read_run_config(run_dir: str | Path, *, verify: bool = True) -> dict:
     or the config is malformed."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG
+    if not run_dir.exists():
+        raise CollmError(f"run folder {str(run_dir)!r} does not exist: give a folder that collm train or "
+                         f"save_pretrained wrote, or a shipped run ({', '.join(SHIPPED)})")
+    if not run_dir.is_dir():
+        raise CollmError(f"{run_dir} is a file, not a run folder: give the folder that holds {RUN_CONFIG}")
     if not path.is_file():
         raise CollmError(f"{run_dir} is not a collm run: {RUN_CONFIG} is missing")
     manifest = verify_manifest(run_dir) if verify else None

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collm.run import MANIFEST
+from collm.run import MANIFEST, SHIPPED
 
-ASSETS = Path(__file__).parent.parent / "assets" / "gsm"
-QWEN_ASSETS = Path(__file__).parent.parent / "assets" / "qwen"  # scripts/qwen.sh: needs `bash scripts/install.sh --qwen`
-PAIRS = {"smollm2": ASSETS, "qwen": QWEN_ASSETS}
+ASSETS = SHIPPED["smollm2"]
+QWEN_ASSETS = SHIPPED["qwen"]  # needs `bash scripts/install.sh --qwen`
+PAIRS = SHIPPED
 
 
 def write_manifest(folder: Path) -> dict:

@@ -7,6 +7,8 @@ an async iterator of server-sent events in a ``StreamingResponse``).
 from __future__ import annotations
 
 import asyncio
+import codecs
+import secrets
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -20,7 +22,7 @@ from collm.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse,
 from collm.serve.scheduler import Scheduler
 from collm.serve.serving import ApiError, ServeConfig, Serving
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 408, 413, 429)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429)}
 
 
 def build_app(pair, config: ServeConfig | None = None, engine=None) -> FastAPI:
@@ -42,6 +44,7 @@ def build_app(pair, config: ServeConfig | None = None, engine=None) -> FastAPI:
     app.state.serving = serving
     _errors(app)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(Guard, hosts=config.allowed_hosts, api_key=config.api_key)
 
     @app.get("/health")
     async def health():
@@ -123,6 +126,9 @@ def _errors(app: FastAPI) -> None:
         mine = [x for x in e.errors() if _where(x)[:1] == loc[:1]]
         path = [part for part, *others in zip(*map(_where, mine)) if all(o == part for o in others)]
         reasons = dict.fromkeys(x["msg"] for x in mine)
+        # a value of the right type that a check refused says more than "or it should have been a list"
+        checked = [r.removeprefix("Value error, ") for r in reasons if r.startswith("Value error, ")]
+        reasons = dict.fromkeys(checked) if checked else reasons
         return _error(400, f"{'.'.join(path) or 'body'}: {'; or '.join(reasons)}", "invalid_request_error",
                       loc[0] if loc else None)
 
@@ -144,14 +150,20 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await self._refuse(send)
         seen = 0
+        utf8 = codecs.getincrementaldecoder("utf-8")()  # JSON bodies are UTF-8 (RFC 8259): say so, not "parse error"
 
         async def limited():
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                body = message.get("body", b"")
+                seen += len(body)
                 if seen > self.limit:
                     raise _TooLarge(self.limit)
+                try:
+                    utf8.decode(body, final=not message.get("more_body", False))
+                except UnicodeDecodeError as e:
+                    raise _NotText(seen - len(body) + e.start) from None
             return message
 
         try:
@@ -161,6 +173,49 @@ class BodyLimit:
 
     async def _refuse(self, send):
         await _error(413, _TooLarge(self.limit).detail, "invalid_request_error")({"type": "http"}, None, send)
+
+
+class _NotText(StarletteHTTPException):
+    """Raised from ``receive`` for a body that is not UTF-8, answered by the error handlers with a 400."""
+
+    def __init__(self, at: int):
+        super().__init__(400, f"the request body is not UTF-8 text (byte {at}): send JSON encoded as UTF-8")
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+
+
+class Guard:
+    """Answer only requests for the host names this server serves (a browser page on another site that rebinds
+    its DNS name to 127.0.0.1 sends its own name as Host) and, with an API key, only requests that carry it as
+    ``Authorization: Bearer KEY`` on /v1/ (as vLLM's --api-key); the playground page and /health stay open."""
+
+    def __init__(self, app, hosts: tuple[str, ...], api_key: str | None):
+        self.app, self.hosts, self.api_key = app, {h.lower() for h in hosts}, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+        if "*" not in self.hosts and host not in self.hosts:
+            return await _error(400, f"host {host!r} is not served here: start collm serve with --allowed-host "
+                                     f"{host or 'NAME'} to serve it", "invalid_request_error", "host")(scope, receive, send)
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return await _error(401, "this server needs an API key: send it as 'Authorization: Bearer KEY' "
+                                         "(the openai client's api_key)", "authentication_error",
+                                    code="invalid_api_key")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _host_name(header: str) -> str:
+    """'example.com:8000' -> 'example.com'; '[::1]:8000' -> '[::1]'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class _TooLarge(StarletteHTTPException):

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from collm.core.seed import MAX_SEED
 
@@ -26,6 +26,20 @@ UNSUPPORTED = {
 }
 
 
+def check_text(value: str) -> str:
+    """Text a tokenizer can read: JSON may carry a lone surrogate (``"\\ud800"``), which is no Unicode text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}), which is "
+                         f"not Unicode text: send valid text") from None
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(check_text)]
+"""Every string a request carries: checked once here, for every endpoint."""
+
+
 class _Strict(BaseModel):
     # An unknown field is an error (as OpenAI's API does), not silently dropped.
     model_config = ConfigDict(extra="forbid")
@@ -37,22 +51,22 @@ class StreamOptions(_Strict):
 
 
 class _Common(_Strict):
-    model: StrictStr
+    model: Text
     max_tokens: StrictInt | None = Field(None, ge=1, description="Most new tokens (the server caps it).")
-    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy; otherwise sample at this temperature.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0: greedy; otherwise sample at this temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same sampled tokens; random if absent.")
-    stop: StrictStr | list[StrictStr] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # collm's extras
-    threshold: float | None = Field(None, ge=0, le=1, description="collm: defer where P(expert) exceeds this; default: the server's.")
+    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="collm: defer where P(expert) exceeds this; default: the server's.")
     mode: Literal["collm", "base", "expert"] = Field("collm", description="collm: the head routes; base / expert: one model alone.")
     # OpenAI options accepted only at their neutral value (see UNSUPPORTED)
     n: StrictInt | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     logit_bias: dict | None = None
     logprobs: bool | int | None = None
 
@@ -80,11 +94,11 @@ TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
 class CompletionRequest(_Common):
-    prompt: StrictStr | TokenIds | list[StrictStr] | list[TokenIds] = Field(
+    prompt: Text | TokenIds | list[Text] | list[TokenIds] = Field(
         description="Raw text (no chat template) or token ids; a list gives one choice per prompt.")
     echo: bool | None = None
     best_of: StrictInt | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def prompts(self) -> list:
         """The prompts, each a string or a list of token ids."""
@@ -96,13 +110,13 @@ class CompletionRequest(_Common):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: StrictStr | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -113,9 +127,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Same as max_tokens (its newer name).")
     top_logprobs: StrictInt | None = None
     tools: list | None = None
-    tool_choice: Union[str, dict, None] = None
+    tool_choice: Union[Text, dict, None] = None
     functions: list | None = None
-    function_call: Union[str, dict, None] = None
+    function_call: Union[Text, dict, None] = None
     response_format: dict | None = None
     parallel_tool_calls: bool | None = None
 

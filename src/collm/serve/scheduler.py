@@ -117,8 +117,9 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Rows in the engine (decoding or about to join)."""
-        return self.engine.active
+        """Rows still served (decoding or about to join). A row whose request ended (timeout, client gone) no
+        longer counts, though the engine frees its cache only at its next step boundary."""
+        return len(self._owner)
 
     # ---------------------------------------------------------------- requests (event-loop thread)
 

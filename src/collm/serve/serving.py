@@ -40,6 +40,11 @@ class ServeConfig:
     """Seconds a request may take, waiting included; then its rows are dropped and it fails with 408."""
     threshold: float = 0.5
     """The deferral threshold for requests that give none."""
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
+    """Host names (the Host header, port aside) this server answers; others get 400, which stops a web page
+    from reaching a local server through DNS rebinding. "*" answers any."""
+    api_key: str | None = None
+    """When set, every /v1/ request must send ``Authorization: Bearer <api_key>``; others get 401."""
 
     def __post_init__(self):
         for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes", "max_concurrent"):
@@ -47,12 +52,17 @@ class ServeConfig:
                 raise CollmError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0 or not self.request_timeout > 0:
             raise CollmError("max_waiting must be >= 0 and request_timeout > 0")
+        if isinstance(self.allowed_hosts, str) or not self.allowed_hosts or not all(
+                isinstance(h, str) and h.strip() for h in self.allowed_hosts):
+            raise CollmError("allowed_hosts must be a non-empty list of host names (or '*')")
+        if self.api_key is not None and not self.api_key.strip():
+            raise CollmError("api_key must not be empty: give a secret, or leave it out")
 
 
 class ApiError(Exception):
     """A request the server refuses: an HTTP status, an OpenAI error type and a message saying what to fix."""
 
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):

@@ -324,7 +324,7 @@ def _run_round(pair, rows: list[dict], checker: Checker, config: RewardConfig, r
         write_tensors(tensors_path, {"inputs": got["inputs"], "choices": got["choices"]})
         write_json(meta_path, {"answers": [list(a) for a in answers], "lengths": got["lengths"],
                                "scores": scores, "rewards": rewards, "expert_tokens": got["expert_tokens"],
-                               "texts": got["texts"], "seconds": time.perf_counter() - started})
+                               "texts": got["texts"]})
         progress(f"round {round_ + 1} batch {index + 1}/{len(batches)}: mean reward "
                  f"{sum(rewards) / len(rewards):.3f}, {time.perf_counter() - started:.0f} s")
     return _gather(folder, len(batches))
@@ -344,7 +344,6 @@ def _gather(folder: Path, count: int) -> dict:
             "scores": [s for m in metas for s in m["scores"]],
             "rewards": torch.tensor([r for m in metas for r in m["rewards"]], dtype=torch.float64),
             "expert_tokens": [e for m in metas for e in m["expert_tokens"]],
-            "seconds": sum(m["seconds"] for m in metas),
             "inputs": torch.cat(inputs), "choices": torch.cat(choices)}
 
 
@@ -411,14 +410,15 @@ def _write_run(out: Path, start_dir: Path, start_config: dict, head: DeferralHea
          if folder else [out / RUN_CONFIG, out / HEAD_FILE])
 
 
-def _summary(round_: int, gathered: dict, stats: dict, seconds: float) -> dict:
+def _summary(round_: int, gathered: dict, stats: dict) -> dict:
+    """A round's line in metrics.jsonl: what it computed, no wall-clock time (a resumed run writes the same
+    bytes); the time goes to the progress line."""
     tokens = int(gathered["lengths"].sum())
     expert = sum(gathered["expert_tokens"])
     n = len(gathered["scores"])
     return {"round": round_ + 1, "answers": n, "reward": float(gathered["rewards"].mean()),
             "accuracy": sum(gathered["scores"]) / n, "defer_rate": expert / tokens if tokens else 0.0,
-            "tokens": tokens, "rollout_seconds": round(gathered["seconds"], 1), "seconds": round(seconds, 1),
-            **stats}
+            "tokens": tokens, **stats}
 
 
 def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) -> Path:
@@ -458,16 +458,18 @@ def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) 
         gathered["advantages"] = advantages(gathered["rewards"], gathered["problems"], config.normalize)
         with torch.enable_grad():
             stats = update_head(head, optimizer, gathered, config)
-        summary = _summary(round_, gathered, stats, time.perf_counter() - started)
+        summary = _summary(round_, gathered, stats)
         history.append(summary)
+        # the draws come from per-answer generators, not the global RNG: record a fixed state, not the process's
         save_checkpoint(out / CHECKPOINTS, round_ + 1, head, optimizer, scheduler, {"history": history},
-                        [torch.get_rng_state()], keep=config.keep_checkpoints)
+                        [torch.Generator().manual_seed(config.seed).get_state()], keep=config.keep_checkpoints)
         _write_run(out, start_dir, start_config, head, config, round_ + 1, history)
         append_line(out / METRICS, json.dumps(summary, sort_keys=True))
         _remove_round(folder, out / ROLLOUTS)
         progress(f"round {round_ + 1}/{config.rounds}: reward {summary['reward']:.3f}, accuracy "
                  f"{summary['accuracy']:.3f}, deferral rate {summary['defer_rate']:.3f}, "
-                 f"P(defer) {stats['p_defer_before']:.3f} -> {stats['p_defer_after']:.3f}")
+                 f"P(defer) {stats['p_defer_before']:.3f} -> {stats['p_defer_after']:.3f}, "
+                 f"{time.perf_counter() - started:.0f} s")
     if not (out / RUN_CONFIG).is_file():  # resumed a finished run, or rounds already done: still a run
         _write_run(out, start_dir, start_config, head, config, done, history)
     return out

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -266,7 +267,10 @@ def _prepare_base(base, config: TrainConfig):
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(base, lora)
+        with warnings.catch_warnings():  # peft reads a property transformers has deprecated: nothing to act on
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(base, lora)
     except ValueError as e:
         raise CollmError(f"LoRA cannot wrap this base: {str(e).splitlines()[0]}") from None
 
@@ -476,10 +480,9 @@ def fit(s: Setup) -> None:
     metrics = out / "metrics.jsonl"
     bar = tqdm(total=s.total_steps, initial=start, desc=f"train {c.objective}/{c.base_mode}",
                disable=not acc.is_main_process)
-    began = time.perf_counter()
     for step in range(start, s.total_steps):
+        # metrics.jsonl holds what the step computed, no wall-clock time: a resumed run writes the same bytes
         row = train_step(s, module, optimizer, scheduler, step)
-        row["seconds"] = round(time.perf_counter() - began, 3)
         if acc.is_main_process:
             append_line(metrics, json.dumps(row))
             shown = {"bce": f"{row['head_bce']:.4f}"} if "head_bce" in row else {}
@@ -610,7 +613,8 @@ def finish(s: Setup) -> Path:
     head.save(out / HEAD_FILE)  # sft: a head that never defers, so the run decodes as the tuned base alone
     weights = {"frozen": "original", "lora": "lora", "full": "full"}[c.base_mode]
     if weights == "lora":
-        atomic_folder(out / "base_adapter", lambda tmp: base.save_pretrained(tmp))
+        # embeddings are never adapted here; "auto" would look up the base's config.json on a model hub
+        atomic_folder(out / "base_adapter", lambda tmp: base.save_pretrained(tmp, save_embedding_layers=False))
     elif weights == "full":
         atomic_folder(out / "base", lambda tmp: (base.save_pretrained(tmp), s.tokenizer.save_pretrained(tmp)))
     experts = [sc.expert for sc in s.scores]
