@@ -20,17 +20,24 @@ def test_shipped_files_match_their_recorded_sha256():
     assert manifest["total_bytes"] <= 30 * 2**20  # the repository's budget for shipped weights and results
 
 
-def test_the_shipped_qwen_run_is_whole_and_names_its_models():
+def test_the_shipped_qwen_run_is_whole_small_and_names_its_models():
+    """The package ships what the commands read (the run, the demo's problems and table), under 1 MB; the
+    study's answers, speed and plots stay in the repository beside its scripts."""
     import json
+    from pathlib import Path
 
     manifest = demo.verify(demo.QWEN_ASSETS)
-    assert {"collm.json", "head.safetensors", "problems.json", "results.md", "test_results.json"} <= set(manifest["files"])
-    assert manifest["total_bytes"] <= 30 * 2**20
+    assert set(manifest["files"]) == {"collm.json", "head.safetensors", "problems.json", "results.md"}
+    assert manifest["total_bytes"] <= 2**20
     config = json.loads((demo.QWEN_ASSETS / "collm.json").read_text())
     assert config["base"] == "qwen2.5-coder-0.5b-instruct" and config["experts"] == ["qwen2.5-coder-1.5b-instruct"]
     assert config["threshold"] == config["calibration"]["chosen"]["threshold"]
-    results = json.loads((demo.QWEN_ASSETS / "test_results.json").read_text())
-    assert results["rows"] == 220 and {s["name"] for s in results["systems"]} >= {"base alone", "expert alone", "Co-LLM"}
+    study = Path(__file__).parent.parent / "research" / "qwen" / "results" / "run"
+    if study.is_dir():  # a checkout (an installed wheel has no research folder)
+        demo.verify(study)
+        results = json.loads((study / "test_results.json").read_text())
+        assert results["rows"] == 220
+        assert {s["name"] for s in results["systems"]} >= {"base alone", "expert alone", "Co-LLM"}
 
 
 def test_verify_refuses_a_changed_or_missing_file(tmp_path):

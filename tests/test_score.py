@@ -54,15 +54,18 @@ def test_scores_equal_a_plain_forward(tmp_path, make):
 
 KILL_AFTER_FIRST_SHARD = """
 import os, signal, sys
+import collm.tensorfile as t
 import collm.training.score as s
 calls = []
-real_save = s.save_file
-def save_then_die(tensors, path, metadata=None):
-    calls.append(path)
-    real_save(tensors, path, metadata=metadata)
-    if len(calls) == 2:  # the second shard's temp file is written, not yet renamed: the worst moment
-        os.kill(os.getpid(), signal.SIGKILL)
-s.save_file = save_then_die
+real_atomic = t.atomic_write
+def write_then_die(path, write):
+    def written(tmp):
+        write(tmp)
+        calls.append(path)
+        if len(calls) == 2:  # the second shard's temp file is written, not yet renamed: the worst moment
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_atomic(path, written)
+t.atomic_write = write_then_die
 real_shard = s._score_shard
 def counting(*a, **k):
     print("SHARD", flush=True)
@@ -199,21 +202,24 @@ def test_scores_of_the_older_argmax_rule_are_refused_not_mixed(tmp_path):
 def test_disk_full_mid_shard_is_one_line_then_the_same_command_resumes(tmp_path, monkeypatch):
     import errno
 
-    import collm.training.score as s
 
     model, tok = make_llama(1), make_tokenizer()
     data_path = write_rows(tmp_path / "d.jsonl", n=12)
     config = lambda out: ScoreConfig(expert="tiny", data=str(data_path), out=str(tmp_path / out), shard_rows=4)
-    real_save, calls = s.save_file, []
+    import collm.tensorfile as t
 
-    def fill_the_disk(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
-            open(path, "wb").write(b"half a shard")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensors, path, metadata=metadata)
+    real_atomic, calls = t.atomic_write, []
 
-    monkeypatch.setattr(s, "save_file", fill_the_disk)
+    def fill_the_disk(path, write):
+        def half(tmp):
+            calls.append(path)
+            if len(calls) == 2:
+                open(tmp, "wb").write(b"half a shard")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(tmp)
+        real_atomic(path, half)
+
+    monkeypatch.setattr(t, "atomic_write", fill_the_disk)
     with pytest.raises(CollmError) as e:
         score(config("a"), model, tok)
     assert "no space left on the device while writing" in str(e.value) and "shard-00001" in str(e.value)

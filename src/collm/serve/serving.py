@@ -11,7 +11,6 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from collm.errors import CollmError

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

@@ -2,7 +2,7 @@
 answered by the engine and with the lookahead, compared token for token, answer for answer, and with the
 shipped evaluation's answers (the engine at batch 55).
 
-    OMP_NUM_THREADS=2 python scripts/qwen_lookahead.py --run src/collm/assets/qwen \
+    OMP_NUM_THREADS=2 python research/qwen/qwen_lookahead.py --run src/collm/assets/qwen \
         --data runs/qwen/data/gsm/test.jsonl --rows 16 --lookahead 4 --out runs/qwen/lookahead4.json
 
 In exact arithmetic the two decoders write the same tokens (tests/test_speculative.py, float32). In bfloat16 a

@@ -8,7 +8,7 @@ and both. Rows, not tokens, are held out (a quarter, fixed seed), so a row's nei
 both sides. Reports the held-out AUC and average precision, and the share of held-out tokens each head defers at
 P > 0.5, as one JSON file.
 
-    python scripts/qwen_head_probe.py --base qwen2.5-coder-0.5b-instruct --data runs/qwen/mixed_style.jsonl \
+    python research/qwen/qwen_head_probe.py --base qwen2.5-coder-0.5b-instruct --data runs/qwen/mixed_style.jsonl \
         --scores runs/qwen/scores-mixed --max-len 512 --cache runs/qwen/probe/outputs.pt \
         --json runs/qwen/probe/probe.json
 
@@ -20,7 +20,6 @@ tried).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """What one expert read costs by its width: the 1.5B reading L new tokens after a 400-token prefix, in bf16 on
 prepacked oneDNN weights (as collm decodes on a CPU), outside collm's loop.
 
-    OMP_NUM_THREADS=2 python bench/qwen_catch_up.py
+    OMP_NUM_THREADS=2 python research/qwen/qwen_catch_up.py
 
 Prints the min and median ms per read over 4 repeats of 5 reads, for L = 1, 2, 4, 8. A Co-LLM deferral is one
 such read over the tokens the base wrote since the expert's last turn (3.7 on average in the Qwen evaluation).

@@ -14,7 +14,7 @@ One that moves the threshold along the answer: ``sched:N/EARLY@η``, η_early fo
 And one that reads the tokens too: ``arith:@η``, the head's rule at η plus the expert writing each result after
 an ``=``, to the end of the number (the paper's recipe on gold text learned that deferral: README item 13).
 
-    python scripts/qwen_span.py --run runs/qwen/router-policy --data runs/qwen/data/gsm/validation.jsonl \
+    python research/qwen/qwen_span.py --run runs/qwen/router-policy --data runs/qwen/data/gsm/validation.jsonl \
         --rules span:4@0.6,hyst:0.3@0.6 --out runs/qwen/span-val110
 
 Each rule's result goes to ``<out>/<rule>.json`` as it finishes; a rerun skips the ones there.

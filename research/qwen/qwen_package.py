@@ -1,10 +1,12 @@
 """Ship the Qwen run: the router's head, collm.json, training config and its training rows, results, speed and plots.
 
-    python scripts/qwen_package.py --runs runs/qwen --router router --out src/collm/assets/qwen
+    python research/qwen/qwen_package.py --runs runs/qwen --router router --out src/collm/assets/qwen
 
-Copies measured files only, then writes what `collm demo --pair qwen` reads: ``problems.json`` (three held-out
-problems where Co-LLM is right and its base wrong first) and ``results.md`` (the table of the evaluation), and a
-``manifest.json`` with the sha256 of every file. The shipped results keep every answer's text and sources but
+The package (--out) gets only what the commands read: the run (collm.json, head, a LoRA adapter where there is
+one) and what `collm demo --pair qwen` shows: ``problems.json`` (three held-out problems where Co-LLM is right
+and its base wrong first) and ``results.md`` (the table of the evaluation), with a ``manifest.json`` of sha256s.
+Everything else measured (answers, speed, plots, training config and rows) goes to --study, beside the study's
+scripts, with its own manifest. The shipped results keep every answer's text and sources but
 not its per-token ids and probabilities (the full files stay in the run folder), so the folder stays small.
 Files this packaging shipped before and no longer ships (its own file names, listed in the old manifest)
 are removed; any other file in the folder is left alone.
@@ -25,6 +27,7 @@ from collm.evaluation.evaluate import markdown_table
 ADAPTER = ("base_adapter/adapter_config.json", "base_adapter/adapter_model.safetensors")
 HEAVY = ("tokens", "defer_probs")  # per-token lists: kept in the run folder, not shipped
 WRITTEN = {"test_results.json", "problems.json", "results.md"}  # made here, not copied
+PACKAGED = {"collm.json", "head.safetensors", "problems.json", "results.md"}  # what the commands read
 # Names the packaging step wrote before this script (qwen.sh's inline packaging): removed when still there.
 EARLIER = {"test44_results.json", "test44_results.md", "test220_results.json", "test220_results.md"}
 
@@ -47,8 +50,10 @@ def main() -> None:
     p.add_argument("--calibration", default="calibration.png", help="the calibration plot in --runs")
     p.add_argument("--plots", default="plot", help="prefix of the two plots in --runs (<prefix>_accuracy_vs_*.png)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--study", type=Path, default=Path("research/qwen/results/run"),
+                   help="where the measured files that no command reads go")
     a = p.parse_args()
-    runs, out = a.runs, a.out
+    runs, out, study = a.runs, a.out, a.study
     results_path = runs / a.eval / "results.json"
     if not results_path.exists():
         raise SystemExit(f"{results_path} is missing: run the evaluation stage first")
@@ -63,13 +68,15 @@ def main() -> None:
     shipped = set()
     for src, name in files.items():
         if src.exists():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out / name)
+            where = out if name in PACKAGED or name in ADAPTER else study
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, where / name)
             shipped.add(name)
     results = json.loads(results_path.read_text())
     light = {**results, "systems": [{**s, "examples": [{k: v for k, v in e.items() if k not in HEAVY}
                                                        for e in s["examples"]]} for s in results["systems"]]}
-    write_json(out / "test_results.json", light)
+    study.mkdir(parents=True, exist_ok=True)
+    write_json(study / "test_results.json", light)
     rows = results["systems"][0]["examples"]
     write_json(out / "problems.json", {"problems": [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"]}
                                                     for i in pick_examples(results)],
@@ -82,6 +89,7 @@ def main() -> None:
     for name in sorted((set(old["files"]) & ours) - shipped):  # shipped before, and not now
         (out / name).unlink(missing_ok=True)
         print("removed", name, "(listed in the old manifest, not shipped now)")
+    write_manifest(study)
     print(write_manifest(out)["total_bytes"], "bytes shipped")
 
 

@@ -1,9 +1,9 @@
 """Where Co-LLM's decoding time goes, call by call: every forward of the base and of the expert timed inside
 collm's loop, at batch 1, on whole answers to held-out prompts.
 
-    OMP_NUM_THREADS=2 python bench/qwen_calls.py --run runs/qwen/router --data runs/qwen/data/gsm/test.jsonl
+    OMP_NUM_THREADS=2 python research/qwen/qwen_calls.py --run runs/qwen/router --data runs/qwen/data/gsm/test.jsonl
 
-For each prompt (the same rows as ``bench/qwen_speed.py --spread``): new tokens, deferred tokens, decoding
+For each prompt (the same rows as ``research/qwen/qwen_speed.py --spread``): new tokens, deferred tokens, decoding
 ms/token (prefill excluded), the base's reads (count, mean ms), the expert's catch-up reads of one token and of
 several (count, mean ms), and what the loop spends outside the models per token. τ(f) = t_base + f·t_expert
 holds when each deferral costs one expert read and nothing else grows; this shows whether it does.

@@ -11,9 +11,9 @@ instead (they should reproduce the wrong answer: a check that the rollouts decod
 (is it the expert's word that rescues, or any change of word?). ``--head RUN`` adds the router's P(defer) at each
 tested place to the report.
 
-    python scripts/qwen_decisive.py --data runs/qwen/mixed_style.jsonl --scores runs/qwen/scores-mixed \
+    python research/qwen/qwen_decisive.py --data runs/qwen/mixed_style.jsonl --scores runs/qwen/scores-mixed \
         --base-rows 160 --out runs/qwen/decisive --head src/collm/assets/qwen
-    python scripts/qwen_decisive.py ... --random 0 --controls 0 --swap other --out runs/qwen/decisive-other
+    python research/qwen/qwen_decisive.py ... --random 0 --controls 0 --swap other --out runs/qwen/decisive-other
 
 Writes ``chunk-NNN.jsonl`` (one rollout per line) one batch at a time, so a killed run resumes at the next
 batch, then ``summary.json``. Refuses an ``--out`` holding another run's ``plan.json``.
@@ -37,7 +37,7 @@ from collm.data.answer import is_correct
 from collm.data.rows import DataConfig, encode_file
 from collm.pair import CoLLM
 from collm.training.score import load_scores
-from qwen_head_probe import auc  # scripts/ is on the path when a script runs
+from qwen_head_probe import auc  # this folder is on the path when a script runs
 
 
 def plan(args, data, scores, rows) -> list[dict]:

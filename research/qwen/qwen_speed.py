@@ -4,8 +4,8 @@ and `transformers` assisted generation (speculative decoding, the base drafting 
 Batch 1 (ms/token), and with ``--batch B`` also tokens/s at batch B for collm's systems (B prompts at once,
 new tokens over the whole call's wall time, prefill included); assisted generation takes one sequence at a time.
 
-    OMP_NUM_THREADS=1 python bench/qwen_speed.py --run runs/qwen/collm --data runs/qwen/data/gsm/test.jsonl \
-        --prompts 4 --new-tokens 96 --json bench/results/cpu_qwen_speed.json --markdown bench/results/cpu_qwen_speed.md
+    OMP_NUM_THREADS=1 python research/qwen/qwen_speed.py --run runs/qwen/collm --data runs/qwen/data/gsm/test.jsonl \
+        --prompts 4 --new-tokens 96 --json research/qwen/results/cpu_qwen_speed.json --markdown research/qwen/results/cpu_qwen_speed.md
 
 Every system answers the same prompts (chat template, greedy) in one process. As `collm bench` counts it,
 ms/token is the decoding phase: each prompt is written with N new tokens and with 1 (prefill and first token),

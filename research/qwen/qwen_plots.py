@@ -1,7 +1,7 @@
 """The issue-13 plots from measured files only: accuracy against deferral rate, and accuracy against ms/token.
 
-    python scripts/qwen_plots.py --eval runs/qwen/eval-test44/results.json --speed runs/qwen/speed.json \
-        --calibration runs/qwen/weak/collm.json --out bench/results/cpu_qwen
+    python research/qwen/qwen_plots.py --eval runs/qwen/eval-test44/results.json --speed runs/qwen/speed.json \
+        --calibration runs/qwen/weak/collm.json --out research/qwen/results/cpu_qwen
 
 Accuracy comes from the evaluation, ms/token from the batch-1 speed run. Speculative decoding is plotted at
 the expert's accuracy: greedy assisted generation writes the expert's own greedy tokens.

@@ -3,7 +3,7 @@
 On 2 CPU cores each system takes minutes to tens of minutes; a kill loses only the system being decoded.
 The models load once; the weak-supervision head is swapped into the same pair instead of loading it again.
 
-    python scripts/qwen_eval.py --run runs/qwen/collm --weak-run runs/qwen/weak --data runs/qwen/data/gsm/test.jsonl \
+    python research/qwen/qwen_eval.py --run runs/qwen/collm --weak-run runs/qwen/weak --data runs/qwen/data/gsm/test.jsonl \
         --every 5 --out runs/qwen/eval-test44
 
 Writes ``<out>/system-*.json`` (one per system, with every answer), then ``results.json``, ``results.md`` and

@@ -7,7 +7,7 @@ writing. So the head trains on the expert's own solutions (the base is scored on
 With ``--run`` a trained Co-LLM pair writes instead (greedy, at the run's threshold): its mixed answers are the
 prefixes a router really reads at decoding time (on-policy rows; keep them all with ``--keep all``).
 
-    python scripts/own_style.py --model qwen2.5-coder-1.5b-instruct --data runs/qwen/data/gsm/train.jsonl \
+    python research/qwen/own_style.py --model qwen2.5-coder-1.5b-instruct --data runs/qwen/data/gsm/train.jsonl \
         --rows 160 --out runs/qwen/own_style
 
 Writes ``chunk-NNN.jsonl`` (every generated row, with ``correct`` and ``finished``) one batch at a time, so a
