@@ -8,7 +8,8 @@ The base decodes 400 tokens alone; every 20th step something else runs first:
   pause   6 ms of a Python loop that touches no memory (a catch-up's duration, nothing read),
   expert  one step of the tiny expert (what a deferral does).
 Prints the base's median step time at each of the 10 distances after the perturbation and their summed
-excess over the same run's steps 10 to 19 after it (the steady state, measured in the same run). `bench/deferral_cost.py` charges this excess to a deferral; here it
+excess over the same run's steps 10 to 19 after it (the steady state, measured in the same run).
+`bench/deferral_cost.py` charges this excess to a deferral; here it
 shows how much of it comes from merely being away, which no decoder change can remove (most likely, on a
 virtual machine whose last-level cache is shared, others use it meanwhile).
 """
@@ -20,8 +21,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from collm.evaluation.bench import BenchConfig, build_models
 from collm.backends.prepack import prepacked
+from collm.evaluation.bench import BenchConfig, build_models
 
 PROMPT, STEPS, EVERY, SHOWN = 32, 400, 20, 10
 PAUSE_S = 0.006

@@ -13,8 +13,8 @@ from contextlib import nullcontext
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from collm.evaluation.bench import SHAPES
 from collm.backends.prepack import prepacked
+from collm.evaluation.bench import SHAPES
 
 LENGTHS = (1, 2, 4, 8, 10, 16, 32)
 

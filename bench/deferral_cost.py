@@ -2,9 +2,9 @@
 
     python bench/deferral_cost.py [--no-prepack]
 
-Times every backbone forward inside `collm.decoding.decode` and splits a deferral's cost into the expert's catch-up,
-the excess of the base's next steps over its steps without deferrals (the expert's weights have pushed the
-base's out of the cache), and the rest.
+Times every decoder forward inside `collm.decoding.decode` (module hooks) and splits a deferral's cost into the
+expert's catch-up, the excess of the base's next steps over its steps without deferrals (the expert's weights
+have pushed the base's out of the cache), and the rest.
 Prints medians over rounds, after a warm-up round.
 """
 
@@ -15,10 +15,26 @@ import time
 import torch
 
 import collm.decoding.decode as decoding
-from collm.evaluation.bench import BenchConfig, build_models, pattern_router
 from collm.core.head import DeferralHead
+from collm.evaluation.bench import BenchConfig, build_models, pattern_router
 
 NEW, ROUNDS = 128, 7
+
+
+def _time_decoder(model, is_expert: bool, calls: list) -> None:
+    """Time every forward of the model's decoder stack (the part every read runs, with or without the output
+    embedding) with PyTorch's module hooks; the end column is the attention mask's width."""
+    began = {}
+
+    def before(module, args, kwargs):
+        began["t"] = time.perf_counter()
+
+    def after(module, args, kwargs, output):
+        calls.append((is_expert, kwargs["attention_mask"].shape[1], time.perf_counter() - began["t"]))
+
+    decoder = model.get_decoder()
+    decoder.register_forward_pre_hook(before, with_kwargs=True)
+    decoder.register_forward_hook(after, with_kwargs=True)
 
 
 def main() -> None:
@@ -27,15 +43,8 @@ def main() -> None:
     head = DeferralHead(base.config.hidden_size)
     prompts = torch.randint(0, base.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).tolist()
     calls = []  # (is expert, end column, seconds)
-    advance = decoding._Model.advance
-
-    def timed(self, seq, mask, positions, end, hidden=False):
-        start = time.perf_counter()
-        out = advance(self, seq, mask, positions, end, hidden)
-        calls.append((self.model is expert, end, time.perf_counter() - start))
-        return out
-
-    decoding._Model.advance = timed
+    for model in (base, expert):
+        _time_decoder(model, model is expert, calls)
 
     def run(f: float) -> float:
         calls.clear()

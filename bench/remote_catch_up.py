@@ -28,10 +28,11 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback server helper the tests use
 
+from vllm_server import VllmServer  # noqa: E402
+
 from collm.backends.models import EMBEDDED_DEFAULT, hf_folder, load_model  # noqa: E402
 from collm.backends.remote import RemoteExpert  # noqa: E402
 from collm.core.request import Sampling  # noqa: E402
-from vllm_server import VllmServer  # noqa: E402
 
 
 def token_stream(tokenizer, length: int, seed: int) -> list[int]:
@@ -81,7 +82,8 @@ def main() -> None:
     for n in lengths:
         prompt = token_stream(tokenizer, n, seed=n)
         extra = token_stream(tokenizer, args.gap * args.deferrals, seed=n + 1)
-        rows.append({"prompt": n, "system": "in-process", "ms": in_process_ms(model, prompt, extra, args.gap, args.deferrals)})
+        rows.append({"prompt": n, "system": "in-process",
+                     "ms": in_process_ms(model, prompt, extra, args.gap, args.deferrals)})
     for caching in (True, False):
         with VllmServer(hf_folder(EMBEDDED_DEFAULT), "smol", prefix_caching=caching) as server:
             expert = RemoteExpert(server.spec, tokenizer)

@@ -9,9 +9,9 @@ import time
 
 import torch
 import uvicorn
+from conftest import make_llama, make_tokenizer
 
 from collm import CoLLM, DeferralHead
-from conftest import make_llama, make_tokenizer
 
 
 def tiny_pair() -> CoLLM:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import invoke
-
 
 
 def test_bench_json_rows(tmp_path):

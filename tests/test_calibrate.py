@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
-from collm.evaluation.calibrate import CalibrateConfig, Point, calibrate, choose_threshold
-from collm.errors import CollmError
-from collm.pair import CoLLM
 from conftest import make_llama, make_tokenizer
+
+from collm.errors import CollmError
+from collm.evaluation.calibrate import CalibrateConfig, Point, calibrate, choose_threshold
+from collm.pair import CoLLM
 
 # Accuracy rises with deferral, then the expert's own mistakes cost a little: worked out by hand,
 # the best is threshold 0.3 (0.80); within a 0.25 budget it is 0.6 (0.70 at 0.20 deferral).

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import invoke, make_gpt2, make_llama, make_tokenizer, save_tiny
 from typer.testing import CliRunner
 
 from collm.cli import app
-from conftest import invoke, make_gpt2, make_llama, make_tokenizer, save_tiny
 
 runner = CliRunner()
 
@@ -201,16 +201,18 @@ def test_one_prompt_streams_the_same_text_as_json(folders):
     args = ("generate", "--base", base, "--expert", expert, "--head", "always", "--max-new-tokens", 12)
     text = json.loads(invoke(*args, "--json", "hello").stdout)["texts"][0]
     streamed = invoke(*args, "hello").stdout
-    squeeze = lambda t: "".join(t.split())  # rich wraps lines at the terminal width
+    def squeeze(t):  # rich wraps lines at the terminal width
+        return "".join(t.split())
+
     assert squeeze(text) and squeeze(text) in squeeze(streamed)
     assert "deferral rate 100.0%" in streamed
 
 
 def test_on_token_sees_every_token_and_its_writer():
     import torch
+    from conftest import make_llama
 
     from collm import CoLLM, DeferralHead
-    from conftest import make_llama
 
     base, expert = make_llama(0), make_llama(1)
     torch.manual_seed(7)
@@ -233,9 +235,9 @@ def test_train_options_are_the_config_fields():
     """`collm train` is generated from TrainConfig: every field is an option, with its docstring as help."""
     import dataclasses
 
-    from collm.training.train import TrainConfig
-
     import typer
+
+    from collm.training.train import TrainConfig
 
     options = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
     for f in dataclasses.fields(TrainConfig):

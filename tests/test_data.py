@@ -2,12 +2,12 @@
 
 import json
 import logging
+
 import pytest
+from conftest import CHAT_TEMPLATE, make_tokenizer
 
 from collm.data.rows import DataConfig, encode_file, length_order, read_rows
 from collm.errors import CollmError
-from conftest import CHAT_TEMPLATE, make_tokenizer
-
 
 
 def char_tokenizer(template: str | None = CHAT_TEMPLATE):
@@ -103,7 +103,8 @@ def test_missing_file_and_missing_template_are_errors(tmp_path):
 
 
 def test_length_order_is_longest_first_and_stable(tmp_path):
-    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "abc", "completion": "d"}, {"prompt": "a", "completion": "c"}]
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "abc", "completion": "d"},
+            {"prompt": "a", "completion": "c"}]
     data = encode_file(write_jsonl(tmp_path / "d.jsonl", rows), char_tokenizer())
     assert length_order(data.examples) == [1, 0, 2]
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EOS_ID, PAD_ID, make_llama
+from helpers import NEW, PROMPTS, feature_head, random_head, reference
 
 from collm import CoLLM, DeferralHead
-from conftest import EOS_ID, PAD_ID, make_llama
-
-PROMPTS = [[1, 40, 41, 42, 60, 61], [1, 50, 51], [1, 70, 71, 72, 73, 74, 75, 76, 77]]  # ragged on purpose
-NEW = 24
 
 
 def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
@@ -19,33 +17,6 @@ def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
                          pad_token_id=PAD_ID, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     ids = out[0, len(prompt):].tolist()
     return ids[: ids.index(EOS_ID) + 1] if EOS_ID in ids else ids
-
-
-def random_head(hidden: int, num_experts: int = 1, scale: float = 3.0, seed: int = 7) -> DeferralHead:
-    """A head with random weights whose defer probabilities straddle 0.5, so routing is mixed."""
-    torch.manual_seed(seed)
-    head = DeferralHead(hidden, num_experts)
-    with torch.no_grad():
-        head.linear.weight.normal_(0, scale / hidden**0.5)
-    return head
-
-
-@torch.no_grad()
-def reference(base, experts, head, prompt, new, threshold) -> tuple[list[int], list[int]]:
-    """The slow loop: every step re-encodes the whole prefix with each model, no caches at all."""
-    seq, tokens, sources = list(prompt), [], []
-    for _ in range(new):
-        x = torch.tensor([seq])
-        out = base(x, output_hidden_states=True)
-        log_pz = head.log_probs(head.inputs(out.hidden_states[-1][:, -1], out.logits[:, -1]))[0]
-        p_defer = 1 - log_pz[0].exp()
-        source = int(log_pz[1:].argmax()) + 1 if p_defer > threshold else 0
-        logits = out.logits[0, -1] if source == 0 else experts[source - 1](x).logits[0, -1]
-        token = int(logits.argmax())
-        seq.append(token), tokens.append(token), sources.append(source)
-        if token == EOS_ID:
-            break
-    return tokens, sources
 
 
 def test_threshold_one_is_base_greedy(models):
@@ -82,24 +53,6 @@ def generate_as_reference(base, expert, head):
 def test_mixed_routing_equals_reencoding_reference(models):
     base, expert = models
     generate_as_reference(base, expert, random_head(base.config.hidden_size))
-
-
-@torch.no_grad()
-def feature_head(base, num_experts: int = 1) -> DeferralHead:
-    """A random head that also reads the base's entropy, top probability and margin, weighted by their spread
-    on the prompts so that they move the routing (a head on the hidden state alone routes differently)."""
-    from collm.core.head import distribution_features
-
-    hidden = base.config.hidden_size
-    head = DeferralHead(hidden, num_experts, "entropy,max_prob,margin")
-    logits = torch.cat([base(torch.tensor([p])).logits[0] for p in PROMPTS])
-    f = distribution_features(logits, head.features)
-    weights = torch.tensor([2.0, 0.0, -1.0]) / f.std(0)
-    torch.manual_seed(3)
-    head.linear.weight.normal_(0, 1.0 / hidden**0.5)
-    head.linear.weight[:, hidden:] = weights
-    head.linear.bias.fill_(-float(weights @ f.mean(0)))
-    return head
 
 
 def test_a_head_reading_the_base_s_distribution_routes_as_the_reference(models):
@@ -348,8 +301,8 @@ class BracketTokenizer:
 def test_fused_step_follows_a_router_table_and_refuses_what_it_cannot_run():
     """The benchmark's per-row deferral pattern, read from its table on the device, routes exactly as the
     router called step by step; asking for the fused step with sampling is an error, not a silent fallback."""
-    from collm.evaluation.bench import pattern_router
     from collm.decoding.decode import Sampling, decode
+    from collm.evaluation.bench import pattern_router
 
     base, expert = make_llama(0), make_llama(1)
     head = random_head(base.config.hidden_size)
@@ -408,3 +361,27 @@ def test_proxy_tuning_picks_argmax_of_expert_plus_tuned_minus_untuned():
             assert token == int(scores.argmax())
             seq.append(token)
     assert out.stats["expert_calls"] == 2 * len(out.token_ids[0])  # both helpers, every step
+
+
+class AfterToken:
+    """A router that reads the written tokens: the expert writes right after each ``token``."""
+
+    reads_tokens = True
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, step, log_pz, last):
+        return (last == self.token).long().to(log_pz.device)
+
+
+def test_a_router_that_reads_tokens_sees_each_row_s_newest_token(models):
+    base, expert = models
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
+    free = pair.generate(PROMPTS, max_new_tokens=24, threshold=1.0)
+    token = max(set(t for row in free.token_ids for t in row), key=lambda t: sum(r.count(t) for r in free.token_ids))
+    out = pair.generate(PROMPTS, max_new_tokens=24, router=AfterToken(token))
+    for prompt, ids, sources in zip(PROMPTS, out.token_ids, out.sources):
+        before = [prompt[-1], *ids[:-1]]
+        assert sources == [int(t == token) for t in before]
+    assert any(any(s) for s in out.sources)

@@ -11,9 +11,9 @@ import sys
 import time
 
 import httpx
+from serve_live import free_port
 
 from collm.run import SHIPPED, resolve_run
-from serve_live import free_port
 
 PROBLEMS = json.loads((SHIPPED["smollm2"] / "problems.json").read_text())["problems"]
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONWARNINGS": "default"}

@@ -59,7 +59,8 @@ def test_verify_refuses_a_changed_or_missing_file(tmp_path):
 
 
 def test_deferral_summary_counts_deferred_tokens_inside_numbers():
-    example = {"tokens": ["Half", " is", " ", "2", "4", ".", "5", " clips", "."], "sources": [0, 0, 0, 1, 1, 1, 1, 1, 0]}
+    example = {"tokens": ["Half", " is", " ", "2", "4", ".", "5", " clips", "."],
+               "sources": [0, 0, 0, 1, 1, 1, 1, 1, 0]}
     summary = demo.deferral_summary({"examples": [example]})
     assert summary["deferred"] == 5 and summary["deferred_in_numbers"] == 4
     assert summary["defer_rate"] == pytest.approx(5 / 9) and summary["share_in_numbers"] == pytest.approx(0.8)

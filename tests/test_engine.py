@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_llama
+from helpers import PROMPTS, random_head
 
 from collm import CoLLM
 from collm.core.request import Request, Sampling
 from collm.decoding.detok import Detokenizer
-from conftest import make_llama
-from test_decode import PROMPTS, random_head
 
 NEW = 20
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import invoke, make_llama, make_tokenizer, save_tiny
 from typer.testing import CliRunner
 
 from collm.cli import app
 from collm.errors import CollmError
 from collm.pair import CoLLM
-from conftest import invoke, make_llama, make_tokenizer, save_tiny
 
 runner = CliRunner()
 

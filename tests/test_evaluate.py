@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_llama
 
 from collm.errors import CollmError
 from collm.evaluation.evaluate import (
@@ -18,11 +19,11 @@ from collm.evaluation.evaluate import (
     wilson_interval,
 )
 from collm.pair import CoLLM
-from conftest import make_llama
 
 
 @pytest.mark.parametrize(("correct", "total", "low", "high"),
-                         [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (81, 100, 0.7222, 0.8749)])
+                         [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0),
+                          (81, 100, 0.7222, 0.8749)])
 def test_wilson_interval_known_values(correct, total, low, high):
     got = wilson_interval(correct, total)
     assert got == pytest.approx((low, high), abs=1e-4)
@@ -117,8 +118,9 @@ def test_proxy_tuning_row_runs_when_an_sft_run_is_given(tiny_pair, tmp_path):
 def test_proxy_tuning_loads_the_untuned_base_in_the_tuned_base_s_dtype(tiny_pair, tmp_path, monkeypatch):
     """collm.json records the training dtype (float32); an evaluation in bfloat16 must subtract a bfloat16
     untuned base from the bfloat16 tuned one."""
-    import collm.backends.models as models
     from conftest import make_tokenizer, save_tiny
+
+    import collm.backends.models as models
 
     original = save_tiny(make_llama(0), make_tokenizer(), tmp_path / "original")
     sft = CoLLM(make_llama(5).to(torch.bfloat16), [make_llama(1)], None, make_tokenizer(),

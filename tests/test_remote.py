@@ -13,7 +13,9 @@ import time
 
 import pytest
 import torch
+from conftest import make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
+from vllm_server import VllmServer, vllm_python
 
 from collm.backends.base import Columns
 from collm.backends.models import EMBEDDED_DEFAULT, hf_folder, load_model
@@ -24,8 +26,6 @@ from collm.data.rows import encode_file
 from collm.errors import CollmError
 from collm.pair import CoLLM, read_run_config
 from collm.training.score import ScoreConfig, load_scores, score
-from conftest import make_tokenizer
-from vllm_server import VllmServer, vllm_python
 
 pytestmark = pytest.mark.skipif(vllm_python() is None,
                                 reason="no vLLM environment (.venv-vllm): run scripts/install_vllm.sh")

@@ -11,7 +11,8 @@ from collm.evaluation.evaluate import wilson_interval
 from collm.evaluation.report import render_html, write_html
 
 # A 1x1 PNG stands in for the calibration plot.
-PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
+PIXEL = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
 
 
 def _system(name, examples, defer_rate):

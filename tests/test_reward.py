@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import invoke, make_llama, make_tokenizer, save_tiny
 
 from collm import CoLLM, CollmError, DeferralHead
 from collm.core.routing import defer_prob
 from collm.training import reward as rw
-from conftest import invoke, make_llama, make_tokenizer, save_tiny
 
 
 @pytest.fixture(scope="module")

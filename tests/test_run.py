@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import invoke, make_llama, make_tokenizer, save_tiny
 from safetensors.torch import load_file, save_file
 
 from collm import CoLLM, CollmError, DeferralHead
@@ -17,7 +18,6 @@ def run_main(argv):
     from collm.run import main
 
     main(argv)
-from conftest import invoke, make_llama, make_tokenizer, save_tiny
 
 
 @pytest.fixture(scope="module")

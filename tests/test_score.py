@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 import torch
+from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
 
 from collm.data.rows import DataConfig, encode_file
 from collm.errors import CollmError
 from collm.training.score import ScoreConfig, load_scores, score
-from conftest import make_gpt2, make_llama, make_tokenizer, save_tiny
 
 
 def write_rows(path, n=30, seed=0):
@@ -205,7 +205,9 @@ def test_disk_full_mid_shard_is_one_line_then_the_same_command_resumes(tmp_path,
 
     model, tok = make_llama(1), make_tokenizer()
     data_path = write_rows(tmp_path / "d.jsonl", n=12)
-    config = lambda out: ScoreConfig(expert="tiny", data=str(data_path), out=str(tmp_path / out), shard_rows=4)
+    def config(out):
+        return ScoreConfig(expert="tiny", data=str(data_path), out=str(tmp_path / out), shard_rows=4)
+
     import collm.tensorfile as t
 
     real_atomic, calls = t.atomic_write, []

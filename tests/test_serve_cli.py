@@ -10,11 +10,11 @@ import time
 
 import httpx
 import pytest
+from conftest import make_llama, make_tokenizer, save_tiny
+from serve_live import free_port
 from typer.testing import CliRunner
 
 from collm.cli import app
-from conftest import make_llama, make_tokenizer, save_tiny
-from serve_live import free_port
 
 runner = CliRunner()
 
@@ -59,7 +59,8 @@ def test_collm_serve_process_answers_and_stops(tmp_path):
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"collm serve did not come up:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+                raise AssertionError("collm serve did not come up:\n"
+                                     f"{proc.stdout.read() if proc.poll() is not None else ''}")
             time.sleep(0.2)
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0})

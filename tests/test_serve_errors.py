@@ -8,12 +8,12 @@ import json
 import httpx
 import pytest
 import schemathesis
-from schemathesis.checks import not_a_server_error
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from serve_live import live, tiny_pair
 
 from collm.serve.app import build_app
 from collm.serve.serving import ServeConfig
-from serve_live import live, tiny_pair
 
 LIMITS = ServeConfig(model_name="tiny", max_prompt_tokens=300, max_tokens=32, max_body_bytes=4096)
 GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
@@ -47,7 +47,8 @@ BAD = [
     ("n other than 1", "/v1/completions", GOOD | {"n": 2}, 400, "n other than 1"),
     ("unsupported option", "/v1/completions", GOOD | {"logprobs": 3}, 400, "logprobs"),
     ("unsupported penalty", "/v1/chat/completions",
-     {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1.0}, 400, "presence_penalty"),
+     {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1.0},
+     400, "presence_penalty"),
     ("tools", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ("unknown field", "/v1/completions", GOOD | {"temprature": 0.5}, 400, "temprature"),
@@ -56,7 +57,8 @@ BAD = [
     ("seed negative", "/v1/completions", GOOD | {"seed": -1}, 400, "seed"),
     ("too many stops", "/v1/completions", GOOD | {"stop": list("abcde")}, 400, "stop"),
     ("empty messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
-    ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+     400, "role"),
     ("invalid JSON", "/v1/completions", '{"model": "tiny", "prompt": ', 400, "JSON"),
     ("lone surrogate in a prompt", "/v1/completions", '{"model": "tiny", "prompt": "\\ud800 hi"}', 400, "surrogate"),
     ("lone surrogate in a streamed prompt", "/v1/completions",
@@ -115,7 +117,8 @@ def _bodies():
     completion = st.fixed_dictionaries({**common, "prompt": text | st.lists(text, min_size=1, max_size=2)},
                                        optional=optional)
     chat = st.fixed_dictionaries({**common, "messages": st.lists(message, min_size=1, max_size=2)}, optional=optional)
-    as_json = st.one_of(completion.map(lambda b: ("/v1/completions", b)), chat.map(lambda b: ("/v1/chat/completions", b)))
+    as_json = st.one_of(completion.map(lambda b: ("/v1/completions", b)),
+                        chat.map(lambda b: ("/v1/chat/completions", b)))
     return as_json.map(lambda p: (p[0], json.dumps(p[1]).encode())) | st.tuples(
         st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.binary(max_size=64))
 

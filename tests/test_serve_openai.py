@@ -8,10 +8,10 @@ import time
 import httpx
 import openai
 import pytest
+from serve_live import live, tiny_pair
 
 from collm.serve.app import build_app
 from collm.serve.serving import ServeConfig
-from serve_live import live, tiny_pair
 
 PROMPT = "Tell me a story"
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_live import live, tiny_pair
 from websockets.sync.client import connect
 
 from collm.serve.app import build_app
 from collm.serve.serving import ServeConfig
-from serve_live import live, tiny_pair
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")

@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
+from serve_live import live
 
 from collm import CoLLM, DeferralHead
 from collm.backends.models import EMBEDDED_DEFAULT, load_model
 from collm.serve.app import build_app
 from collm.serve.serving import ServeConfig
-from serve_live import live
 
 pytestmark = [
     pytest.mark.slow,

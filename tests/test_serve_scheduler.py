@@ -10,12 +10,12 @@ import time
 
 import httpx
 import pytest
+from serve_live import live, tiny_pair
 
 from collm.core.request import Request, TokenEvent
 from collm.serve.app import build_app
 from collm.serve.scheduler import Row, Scheduler
 from collm.serve.serving import ServeConfig
-from serve_live import live, tiny_pair
 
 
 class ScriptedEngine:  # (the tiny models' context, 512, still bounds max_tokens)

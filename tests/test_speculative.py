@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EOS_ID, make_llama
+from helpers import PROMPTS, feature_head, random_head, reference
 
 from collm import CoLLM, CollmError
 from collm.backends import hf
 from collm.decoding import speculative
-from conftest import EOS_ID, make_llama
-from test_decode import PROMPTS, feature_head, random_head, reference
 
 NEW = 40
 

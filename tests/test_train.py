@@ -15,14 +15,14 @@ import textwrap
 
 import pytest
 import torch
+from conftest import make_llama, make_tokenizer, save_tiny
 
+from collm.core.head import DeferralHead
 from collm.data.rows import encode_file
 from collm.errors import CollmError
-from collm.core.head import DeferralHead
 from collm.training.loss import defer_prob
 from collm.training.score import ScoreConfig, pad_batch, score, target_outputs
 from collm.training.train import TrainConfig, train
-from conftest import make_llama, make_tokenizer, save_tiny
 
 DIGITS = set("0123456789")
 

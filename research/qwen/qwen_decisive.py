@@ -28,16 +28,16 @@ import time
 from pathlib import Path
 
 import torch
+from qwen_head_probe import auc  # this folder is on the path when a script runs
 
 from collm.atomic import atomic_write, write_json
+from collm.backends.models import load_model
 from collm.core.head import DeferralHead
 from collm.core.routing import defer_prob
-from collm.backends.models import load_model
 from collm.data.answer import is_correct
 from collm.data.rows import DataConfig, encode_file
 from collm.pair import CoLLM
 from collm.training.score import load_scores
-from qwen_head_probe import auc  # this folder is on the path when a script runs
 
 
 def plan(args, data, scores, rows) -> list[dict]:
@@ -118,7 +118,9 @@ def report(done: list[dict], tokenizer, threshold: float | None, swap: str = "ex
         by_rank[key][0] += 1
         by_rank[key][1] += r["correct"]
     out["by_disagreement_rank"] = {k: {"tested": v[0], "decisive": v[1]} for k, v in sorted(by_rank.items())}
-    digit = lambda t: any(ch.isdigit() for ch in tokenizer.decode([t]))
+    def digit(t):
+        return any(ch.isdigit() for ch in tokenizer.decode([t]))
+
     for name, test in (("swapped_token_has_digit", lambda r: digit(r[swapped])),
                        ("written_token_has_digit", lambda r: digit(r["written_token"]))):
         sel = [r for r in tested if test(r)]

@@ -3,7 +3,8 @@
 On 2 CPU cores each system takes minutes to tens of minutes; a kill loses only the system being decoded.
 The models load once; the weak-supervision head is swapped into the same pair instead of loading it again.
 
-    python research/qwen/qwen_eval.py --run runs/qwen/collm --weak-run runs/qwen/weak --data runs/qwen/data/gsm/test.jsonl \
+    python research/qwen/qwen_eval.py --run runs/qwen/collm --weak-run runs/qwen/weak \
+        --data runs/qwen/data/gsm/test.jsonl \
         --every 5 --out runs/qwen/eval-test44
 
 Writes ``<out>/system-*.json`` (one per system, with every answer), then ``results.json``, ``results.md`` and
@@ -20,8 +21,15 @@ from pathlib import Path
 
 from collm.atomic import write_json
 from collm.core.head import DeferralHead
-from collm.evaluation.evaluate import (EvalConfig, markdown_table, missing, random_router, read_rows, run_system,
-                                       save_results)
+from collm.evaluation.evaluate import (
+    EvalConfig,
+    markdown_table,
+    missing,
+    random_router,
+    read_rows,
+    run_system,
+    save_results,
+)
 from collm.pair import CoLLM, read_run_config
 
 WEAK = "Co-LLM, weak-supervision head"
@@ -93,7 +101,8 @@ def main() -> None:
         weak_eta = read_run_config(a.weak_run)["threshold"]
         return system(WEAK, threshold=weak_eta,
                       head=DeferralHead.load(a.weak_run / "head.safetensors"),
-                      note=f"the paper's pseudo-labels on the expert's own text (run {a.weak_run}), threshold {weak_eta:g}")
+                      note=f"the paper's pseudo-labels on the expert's own text (run {a.weak_run}), "
+                           f"threshold {weak_eta:g}")
 
     def randomised(rate: float, where: str) -> dict:
         return system("random deferral", router=random_router(rate, config.seed),

@@ -1,17 +1,22 @@
-"""Measured once for README (issue 13): run with PYTHONPATH=src OMP_NUM_THREADS=1 after research/qwen/qwen.sh stage 4."""
+"""Measured once for README (issue 13): run with PYTHONPATH=src OMP_NUM_THREADS=1
+after research/qwen/qwen.sh stage 4."""
 # Quantiles of each head's P(defer) on the training rows' completion tokens, and how often the base's argmax
 # differs from the expert-written token, to choose a threshold grid.
 import torch
+
 from collm.backends.models import load_model
 from collm.core.head import DeferralHead
-from collm.data.rows import encode_file, DataConfig
+from collm.data.rows import DataConfig, encode_file
+
 torch.set_grad_enabled(False)
 base, tok = load_model("qwen2.5-coder-0.5b-instruct", dtype="bfloat16")
 data = encode_file("runs/qwen/own_style/train.jsonl", tok, DataConfig(max_len=512))
 heads = {n: DeferralHead.load(f"runs/qwen/{n}/head.safetensors") for n in ("collm", "weak")}
-pis = {n: [] for n in heads}; disagree = []
+pis = {n: [] for n in heads}
+disagree = []
 for ex in data.examples:
-    ids = torch.tensor([ex.input_ids]); mask = torch.tensor(ex.completion_mask)
+    ids = torch.tensor([ex.input_ids])
+    mask = torch.tensor(ex.completion_mask)
     out = base(input_ids=ids, output_hidden_states=True)
     h = out.hidden_states[-1][0, :-1][mask[1:]]
     pred = out.logits[0, :-1].argmax(-1)[mask[1:]]

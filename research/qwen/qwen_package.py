@@ -64,7 +64,8 @@ def main() -> None:
     files |= {runs / a.calibration: "calibration.png", runs / f"{a.speed}.json": "speed.json",
               runs / f"{a.speed}.md": "speed.md", train_rows(runs / a.router): "train_rows.jsonl",
               runs / f"{a.plots}_accuracy_vs_deferral.png": "accuracy_vs_deferral.png",
-              runs / f"{a.plots}_accuracy_vs_ms.png": "accuracy_vs_ms.png", runs / a.eval / "results.md": "test_results.md"}
+              runs / f"{a.plots}_accuracy_vs_ms.png": "accuracy_vs_ms.png",
+              runs / a.eval / "results.md": "test_results.md"}
     shipped = set()
     for src, name in files.items():
         if src.exists():

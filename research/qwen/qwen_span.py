@@ -32,7 +32,6 @@ import torch
 
 from collm.atomic import write_json
 from collm.core.routing import defer_prob, most_probable_expert, route
-from collm.decoding import engine as engine_module
 from collm.evaluation.evaluate import EvalConfig, read_rows, run_system
 from collm.pair import CoLLM
 
@@ -66,28 +65,25 @@ class RunRouter:
 
 class ArithRouter:
     """The head's rule, plus: the expert writes the result after every ``=`` the answer writes, until the
-    number ends (Qwen writes one digit per token). A router sees only P(defer), so this one reads the written
-    tokens from the engine that calls it (``bind``, from the patched ``Engine._route`` below)."""
+    number ends (Qwen writes one digit per token). It reads each row's newest token (``reads_tokens``: the
+    engine passes it)."""
+
+    reads_tokens = True
 
     NUMBER = re.compile(r"^ ?[$\d.,]+$|^ $")  # a digit, '.', ',', '$' (after an optional space), or one space
 
     def __init__(self, threshold: float, tokenizer):
-        self.threshold, self.engine, self.span = threshold, None, None
+        self.threshold, self.span = threshold, None
         pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
         self.ends_eq = torch.tensor([piece.rstrip().endswith("=") for piece in pieces])
         self.number = torch.tensor([bool(self.NUMBER.match(piece)) for piece in pieces])
 
-    def bind(self, engine) -> None:
-        self.engine = engine
-
-    def __call__(self, step: int, log_pz: torch.Tensor) -> torch.Tensor:
+    def __call__(self, step: int, log_pz: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         rows = log_pz.shape[0]
         if step == 0 or self.span is None or self.span.shape[0] != rows:
             self.span = torch.zeros(rows, dtype=torch.bool)
         else:
-            if self.engine is None:
-                raise SystemExit("an arith rule reads the written tokens: call _bind_routers() before decoding")
-            last = self.engine.cols.seq[:, self.engine.n - 1].cpu().clamp(0, len(self.ends_eq) - 1)
+            last = last.cpu().clamp(0, len(self.ends_eq) - 1)
             self.span = self.ends_eq[last] | (self.span & self.number[last])
         return torch.where(self.span.to(log_pz.device), most_probable_expert(log_pz), route(log_pz, self.threshold))
 
@@ -102,17 +98,6 @@ class ScheduleRouter:
 
     def __call__(self, step: int, log_pz: torch.Tensor) -> torch.Tensor:
         return route(log_pz, self.early if step < self.steps else self.late)
-
-
-def _bind_routers() -> None:
-    real = engine_module.Engine._route
-
-    def _route(self):
-        if isinstance(self.router, ArithRouter):
-            self.router.bind(self)
-        return real(self)
-
-    engine_module.Engine._route = _route
 
 
 def parse_rule(rule: str, tokenizer=None):
@@ -153,7 +138,6 @@ def main() -> None:
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     a.out.mkdir(parents=True, exist_ok=True)
     pair = CoLLM.from_pretrained(a.run, dtype=a.dtype)
-    _bind_routers()
     for rule in a.rules.split(","):
         path = a.out / f"{rule.replace(':', '-').replace('/', '-').replace('@', '-eta')}.json"
         if path.exists():

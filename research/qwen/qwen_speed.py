@@ -5,7 +5,8 @@ Batch 1 (ms/token), and with ``--batch B`` also tokens/s at batch B for collm's 
 new tokens over the whole call's wall time, prefill included); assisted generation takes one sequence at a time.
 
     OMP_NUM_THREADS=1 python research/qwen/qwen_speed.py --run runs/qwen/collm --data runs/qwen/data/gsm/test.jsonl \
-        --prompts 4 --new-tokens 96 --json research/qwen/results/cpu_qwen_speed.json --markdown research/qwen/results/cpu_qwen_speed.md
+        --prompts 4 --new-tokens 96 --json research/qwen/results/cpu_qwen_speed.json \
+        --markdown research/qwen/results/cpu_qwen_speed.md
 
 Every system answers the same prompts (chat template, greedy) in one process. As `collm bench` counts it,
 ms/token is the decoding phase: each prompt is written with N new tokens and with 1 (prefill and first token),
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,29 +35,13 @@ def timed(fn) -> tuple[float, int]:
     return time.perf_counter() - started, n
 
 
-def collm_system(pair, ids, mode, threshold, eager_logits=False, lookahead=None, record=None):
+def collm_system(pair, ids, mode, threshold, lookahead=None, record=None):
     def run(n):
-        with writer_logits_every_step(eager_logits):
-            out = pair.generate([ids], max_new_tokens=n, mode=mode, threshold=threshold, lookahead=lookahead)
+        out = pair.generate([ids], max_new_tokens=n, mode=mode, threshold=threshold, lookahead=lookahead)
         if record is not None:
             record.append(out)
         return len(out.token_ids[0]), sum(1 for s in out.sources[0] if s)
     return run
-
-
-@contextmanager
-def writer_logits_every_step(on: bool):
-    """The engine as it was before it skipped the writer's output embedding at deferred steps: the base's
-    logits at every read (`collm-eager` in --systems, for the before/after ratio in one run)."""
-    from collm.backends import hf
-
-    real = hf.plain_logits
-    if on:
-        hf.plain_logits = lambda model: False
-    try:
-        yield
-    finally:
-        hf.plain_logits = real
 
 
 def hf_system(model, ids, assistant=None):
@@ -83,8 +67,8 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=None, help="Co-LLM threshold; default the run's")
     p.add_argument("--no-hf", action="store_true", help="collm's systems only (no transformers generate)")
     p.add_argument("--systems", default="base,expert,collm,generate,speculative",
-                   help="batch-1 systems, comma-separated: base, expert, collm, collm-eager (Co-LLM computing the base's "
-                        "logits at every step, as before), generate (transformers, expert), speculative "
+                   help="batch-1 systems, comma-separated: base, expert, collm, "
+                        "generate (transformers, expert), speculative "
                         "(transformers assisted), proxy (proxy tuning; a run with a tuned base)")
     p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned: adds its tuned base alone and, with "
                    "proxy in --systems, proxy tuning with it (default: --run itself, when its base is tuned)")
@@ -110,7 +94,7 @@ def main() -> None:
     base, expert = pair.base, pair.experts[0]
     chosen = {x.strip() for x in a.systems.split(",") if x.strip()}
     chosen -= {"generate", "speculative"} if a.no_hf else set()
-    unknown = chosen - {"base", "expert", "collm", "collm-eager", "generate", "speculative", "proxy"}
+    unknown = chosen - {"base", "expert", "collm", "generate", "speculative", "proxy"}
     if unknown or not {"base", "expert", "collm"} <= chosen:
         raise SystemExit(f"--systems: base, expert and collm are needed (for τ(f)); unknown: {sorted(unknown)}")
     tuned = pair.info.get("base_weights", "original") != "original"
@@ -132,8 +116,6 @@ def main() -> None:
         "base": (base_name, lambda ids: collm_system(pair, ids, "base", eta)),
         "expert": ("expert alone", lambda ids: collm_system(pair, ids, "expert", eta, record=answers["expert alone"])),
         "collm": (engine_name, lambda ids: collm_system(pair, ids, "collm", eta, record=answers[engine_name])),
-        "collm-eager": (f"Co-LLM (eta={eta:g}), base logits at every step",
-                        lambda ids: collm_system(pair, ids, "collm", eta, eager_logits=True)),
         "generate": ("transformers generate, expert", lambda ids: hf_system(expert, ids)),
         "speculative": ("speculative decoding (transformers assisted, base drafts)",
                         lambda ids: hf_system(expert, ids, base)),
@@ -202,7 +184,8 @@ def main() -> None:
             seconds = time.perf_counter() - started
             new = sum(len(t) for t in out.token_ids)
             row = {"system": name, "batch": a.batch, "tokens_per_s": new / seconds, "new_tokens": new,
-                   "deferral_rate": (sum(sum(1 for x in s if x) for s in out.sources) / new) if mode == "collm" else None}
+                   "deferral_rate": ((sum(sum(1 for x in s if x) for s in out.sources) / new)
+                                     if mode == "collm" else None)}
             print(json.dumps(row), flush=True)
             batched.append(row)
     by = {r["system"]: r["ms_per_token"] for r in results}
@@ -221,18 +204,21 @@ def main() -> None:
         rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
         lines.append(f"| {r['system']} | {r['ms_per_token']:.1f} | {r['decoded_tokens']} | {rate} |")
     if batched:
-        lines += ["", f"| System | tokens/s (batch {a.batch}) | new tokens | deferral rate |", "| --- | --- | --- | --- |"]
+        lines += ["", f"| System | tokens/s (batch {a.batch}) | new tokens | deferral rate |",
+                  "| --- | --- | --- | --- |"]
         for r in batched:
             rate = "" if r["deferral_rate"] is None else f"{r['deferral_rate']:.3f}"
             lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['new_tokens']} | {rate} |")
     for r in (r for r in results if "same_answers_as_engine" in r):
         lines.append(f"\n{r['system']}: {r['expert_calls']} expert calls for {r['checked']} checked deferrals, "
-                     f"{r['rejected']} drafts cut where the expert wrote another token ({r['discarded']} drafted tokens "
+                     f"{r['rejected']} drafts cut where the expert wrote another token "
+                     f"({r['discarded']} drafted tokens "
                      f"dropped), {r['base_reads']} base reads; {r['same_answers_as_engine']}/{len(prompts)} answers "
                      "token for token the engine's")
     for r in (r for r in results if "same_answers_as_expert" in r):
         lines.append(f"\n{r['system']}: {r['expert_calls']} expert calls for {r['checked']} tokens checked, "
-                     f"{r['rejected']} drafts cut where the expert wrote another token ({r['discarded']} drafted tokens "
+                     f"{r['rejected']} drafts cut where the expert wrote another token "
+                     f"({r['discarded']} drafted tokens "
                      f"dropped), {r['base_reads']} base reads; {r['same_answers_as_expert']}/{len(prompts)} answers "
                      "token for token the expert's")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "

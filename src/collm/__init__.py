@@ -5,8 +5,8 @@ from collm.offline import go_offline
 go_offline()  # before anything imports transformers, peft or huggingface_hub
 
 
-from collm.errors import CollmError
 from collm.core.head import DeferralHead
+from collm.errors import CollmError
 from collm.pair import CoLLM, GenerateOutput
 
 __all__ = ["CoLLM", "CollmError", "DeferralHead", "GenerateOutput"]

@@ -16,9 +16,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 
-from collm.errors import CollmError
 from collm.backends.models import EMBEDDED_DEFAULT, check_device
+from collm.errors import CollmError
 
 app = typer.Typer(
     help="Collaborative decoding: a cheap base model writes, and defers single tokens to an expert.",
@@ -375,8 +376,10 @@ def data_gsm(
     """GSM8K problems and checked new variants from the GSM-Symbolic templates, split by template."""
     from collm.data import gsm
 
-    manifest = gsm.write_dataset(out, gsm.GsmConfig(seed, _floats(fractions), train_variants, new_numbers_variants,
-                                                    eval_variants, originals))
+    config = gsm.GsmConfig(seed=seed, fractions=_floats(fractions), train_variants=train_variants,
+                           new_numbers_variants=new_numbers_variants, eval_variants=eval_variants,
+                           include_originals=originals)
+    manifest = gsm.write_dataset(out, config)
     for template_id, reason in manifest["skipped"].items():
         err.print(f"[yellow]skipped[/yellow] {reason}", highlight=False)
     print(json.dumps({"rows": manifest["rows"], "skipped": len(manifest["skipped"])}))
@@ -395,7 +398,8 @@ def data_arithmetic(
     from collm.data import arithmetic
 
     names = tuple(m.strip() for m in modules.split(",") if m.strip())
-    manifest = arithmetic.write_dataset(out, arithmetic.ArithmeticConfig(seed, names, train, validation, test))
+    manifest = arithmetic.write_dataset(out, arithmetic.ArithmeticConfig(
+        seed=seed, modules=names, train_per_module=train, validation_per_module=validation, test_per_module=test))
     print(json.dumps({"rows": manifest["rows"]}))
 
 
@@ -411,36 +415,12 @@ def data_calc(
     """Training rows for the math expert: calculations written as GSM8K notes, plus arithmetic (no word problems)."""
     from collm.training import expert
 
-    manifest = expert.write_calc_dataset(out, expert.CalcConfig(seed, rows, gsm_share=gsm_share,
+    manifest = expert.write_calc_dataset(out, expert.CalcConfig(seed=seed, rows=rows, gsm_share=gsm_share,
                                                                gsm=str(gsm) if gsm else None,
                                                                arithmetic=str(arithmetic) if arithmetic else None))
     print(json.dumps({"rows": manifest["rows"]}))
 
 
-@app.command()
-def score(
-    expert: Annotated[str, typer.Option(help="Expert model: HF folder, .gguf file, the embedded default's name, or a vLLM server http://HOST:PORT/v1[#MODEL] (then give --tokenizer).")],
-    data: Annotated[Path, typer.Option(help="JSONL of {\"prompt\",\"completion\"} or {\"messages\"} rows.")],
-    out: Annotated[Path, typer.Option(help="Output folder for the shards and manifest.json; an unfinished run there resumes.")],
-    tokenizer: Annotated[Optional[str], typer.Option(help="Model whose tokenizer encodes the data (give the base's if it differs from the expert's).")] = None,
-    max_len: Annotated[int, typer.Option(help="Tokens per row; longer rows are cut and counted. Must match training.")] = 1024,
-    chat: Annotated[bool, typer.Option(help="Render prompt/completion rows with the chat template, as generate does.")] = True,
-    add_eos: Annotated[bool, typer.Option(help="End raw (non-chat) completions with EOS.")] = True,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass; bounds memory.")] = 8192,
-    shard_rows: Annotated[int, typer.Option(help="Rows per shard, the unit of resumption.")] = 512,
-    dtype: Annotated[str, typer.Option(help="Expert dtype: float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Replace scores made for another data/expert/tokenizer key instead of refusing.")] = False,
-    reuse: Annotated[Optional[list[Path]], typer.Option(help="A finished scores folder (same expert, dtype, tokenizer) whose rows are copied, not scored again; repeatable.")] = None,
-    config: ConfigOption = None,
-):
-    """Run the expert once over the data: per completion token, log P(gold) and whether its argmax is gold."""
-    from collm.training import score as sc
-
-    sc.score(sc.ScoreConfig(expert=expert, data=str(data), out=str(out), tokenizer=tokenizer, max_len=max_len,
-                            chat=chat, add_eos=add_eos, batch_tokens=batch_tokens, shard_rows=shard_rows,
-                            dtype=dtype, device=device, overwrite=overwrite,
-                            reuse=tuple(str(p) for p in reuse or ())))
 
 
 def dataclass_command(cls, name: str, run, *, short_help: str) -> None:
@@ -458,7 +438,7 @@ def dataclass_command(cls, name: str, run, *, short_help: str) -> None:
         default = ... if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
         if default == []:
             default = None
-        option = typer.Option(help=docs.get(f.name, ""), show_default=not required)
+        option = typer.Option(help=rich_escape(docs.get(f.name, "")), show_default=not required)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[hint, option]))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -520,6 +500,23 @@ def _register_reward() -> None:
 _register_reward()
 
 
+def _score(config) -> None:
+    from collm.training import score as sc
+
+    sc.score(config)
+
+
+def _register_score() -> None:
+    from collm.training.score import ScoreConfig
+
+    dataclass_command(ScoreConfig, "score", _score,
+                      short_help="Run the expert once over the data: per completion token, log P(gold) and whether "
+                                 "its argmax is gold (resumable, sharded).")
+
+
+_register_score()
+
+
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Option(help="Trained run folder (collm.json) to evaluate.")],
@@ -542,7 +539,8 @@ def eval_(
     """Exact-match accuracy of base, expert, Co-LLM and random deferral (and given runs), with 95% intervals."""
     from collm.evaluation import evaluate as ev
 
-    cfg = ev.EvalConfig(max_new_tokens, batch_size, threshold, limit, seed, tuple(stop or ()))
+    cfg = ev.EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, threshold=threshold, limit=limit,
+                        seed=seed, stop=tuple(stop or ()))
     results = ev.evaluate_run(run, data, cfg, weak_run=weak_run, sft_run=sft_run, json_path=json_out,
                               markdown_path=markdown, html_path=html, device=device, dtype=dtype)
     print(ev.markdown_table(results))
@@ -566,7 +564,8 @@ def calibrate(
     """Pick the threshold with the best validation accuracy (within --max-defer) and save it in the run."""
     from collm.evaluation import calibrate as cal
 
-    cfg = cal.CalibrateConfig(_floats(thresholds), max_defer, max_new_tokens, batch_size, limit, baselines)
+    cfg = cal.CalibrateConfig(thresholds=_floats(thresholds), max_defer=max_defer, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, limit=limit, baselines=baselines)
     record = cal.calibrate_run(run, data, cfg, png, device, dtype, progress=lambda t, p: err.print(
         f"[dim]threshold {t:g}: accuracy {p.accuracy:.3f}, deferral rate {p.defer_rate:.3f}[/dim]"))
     print(json.dumps({"threshold": record["chosen"]["threshold"], "chosen": record["chosen"]}))

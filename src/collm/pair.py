@@ -8,18 +8,28 @@ from pathlib import Path
 
 import torch
 
+from collm.backends.models import check_shapes, check_vocab, load_model
 from collm.backends.prepack import available
+from collm.backends.remote import RemoteExpert, is_remote_spec
+from collm.core.head import DeferralHead
 from collm.core.request import Request, Router, Sampling, check_threshold
 from collm.data.rows import pad_id
 from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
 from collm.decoding.speculative import check_settings, speculative_decode
 from collm.errors import CollmError
-from collm.core.head import DeferralHead
-from collm.backends.models import check_shapes, check_vocab, load_model
-from collm.backends.remote import RemoteExpert, is_remote_spec
-from collm.run import (DEFAULT_RUN, HEAD_FILE, RUN_CONFIG, RUN_FORMAT, check_head, read_run_config,  # noqa: F401
-                       resolve_run, seal, spec_in, write_run_config)
+from collm.run import (  # noqa: F401
+    DEFAULT_RUN,
+    HEAD_FILE,
+    RUN_CONFIG,
+    RUN_FORMAT,
+    check_head,
+    read_run_config,
+    resolve_run,
+    seal,
+    spec_in,
+    write_run_config,
+)
 
 
 @dataclass

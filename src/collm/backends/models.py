@@ -38,7 +38,8 @@ def resolve(spec: str) -> tuple[Path, str | None]:
     ``spec`` is the embedded default's name, a named packaged model (:data:`packaged.PACKAGED`, joined into
     one GGUF in the cache on first use), a ``.gguf`` file, or a folder holding either an HF checkpoint
     (``config.json``) or exactly one ``.gguf`` file. (A peft LoRA adapter folder is a spec for
-    :func:`load_model` too: it loads the adapter's base and merges the adapter in.) Raises CollmError when nothing loadable is there.
+    :func:`load_model` too: it loads the adapter's base and merges the adapter in.)
+    Raises CollmError when nothing loadable is there.
     """
     if spec in _EMBEDDED:
         package, file = _EMBEDDED[spec]

@@ -159,7 +159,8 @@ class RemoteExpert:
                              f" name one as {self.url}#MODEL")
         entry = served[0] if model is None else next((m for m in served if m.get("id") == model), None)
         if entry is None:
-            raise CollmError(f"the server at {self.url} does not serve {model!r}; it serves {', '.join(map(str, names))}")
+            raise CollmError(f"the server at {self.url} does not serve {model!r}; "
+                             f"it serves {', '.join(map(str, names))}")
         return entry["id"], entry.get("max_model_len"), str(entry.get("root", entry["id"]))
 
     def _choices(self, answer: dict, count: int) -> list[dict]:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from collm.tensorfile import write_tensors
 from collm.errors import CollmError
+from collm.tensorfile import write_tensors
 
 # A logit this large saturates sigmoid/softmax to exactly 0 or 1 in float32, which "never"/"always" need.
 _SATURATED = 1e4

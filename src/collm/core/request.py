@@ -16,6 +16,8 @@ MODES = ("collm", "compose", "base", "expert", "proxy")
 runs every step); base / expert: one model alone (baselines); proxy: proxy tuning (see collm.pair.proxy_tuning)."""
 
 # router(step, head_log_probs (B, M+1)) -> choice (B,) in 0..M; replaces the threshold rule (benchmarks, baselines).
+# A router with `reads_tokens = True` is called as router(step, head_log_probs, last_tokens (B,)): each row's newest
+# token (the prompt's last at step 0), for rules that depend on what has been written.
 # A router whose choices are fixed in advance may also carry them as `router.table` (steps, rows or 1), long:
 # the fused step (collm.decoding.fused) then reads them on the device instead of calling back into Python.
 Router = Callable[[int, torch.Tensor], torch.Tensor]

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from collm.data.answer import normalize_number
 from collm.atomic import write_json
-from collm.errors import CollmError
+from collm.data.answer import normalize_number
 from collm.data.gsm import write_jsonl
+from collm.errors import CollmError
 
 DEFAULT_MODULES = ("add_or_sub", "mul", "div", "mixed")
 # The package's own limits (generate_settings.MAX_*_LENGTH): longer samples are dropped, as it does.

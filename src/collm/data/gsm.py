@@ -24,8 +24,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
-from collm.data.answer import normalize_number
 from collm.atomic import atomic_write, write_json
+from collm.data.answer import normalize_number
 from collm.errors import CollmError
 
 # Syntax a template may use: arithmetic, comparisons, boolean logic, conditional expressions, literals,
@@ -466,7 +466,8 @@ def build_dataset(config: GsmConfig, templates: list[Template] | None = None) ->
         try:
             # Seeded per template, so one template's draws do not depend on which others exist.
             rng = random.Random(f"{config.seed}:{template.id}")
-            found = Generator(template, named_values, config.max_tries).variants(wanted, rng, rejected.setdefault(template.id, {}))
+            found = Generator(template, named_values, config.max_tries).variants(
+                wanted, rng, rejected.setdefault(template.id, {}))
         except TemplateError as error:
             skipped[template.id] = str(error)
             continue

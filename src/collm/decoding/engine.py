@@ -187,8 +187,12 @@ class Engine:
             return zero, torch.zeros(rows, device=self.device)
         log_pz = self.head.log_probs(self._head_inputs())  # (B, M+1)
         p_defer = defer_prob(log_pz)
-        rule = self.router(self.step_index, log_pz) if self.router is not None else \
-            route(log_pz, self.thresholds, p_defer)
+        if self.router is None:
+            rule = route(log_pz, self.thresholds, p_defer)
+        elif getattr(self.router, "reads_tokens", False):  # each row's newest token (what the head just read)
+            rule = self.router(self.step_index, log_pz, self.cols.seq[:, self.n - 1])
+        else:
+            rule = self.router(self.step_index, log_pz)
         if self._overrides:
             rule = torch.where(self.override >= 0, self.override, rule)
         if self._finished_rows:

@@ -19,11 +19,11 @@ from typing import Callable
 import torch
 
 from collm.atomic import atomic_write, write_json
-from collm.decoding.decode import Decoded, Sampling, decode
-from collm.errors import CollmError
-from collm.core.head import DeferralHead
 from collm.backends.models import DTYPES, load_model, vocab_size
 from collm.backends.remote import RemoteExpert, is_remote_spec
+from collm.core.head import DeferralHead
+from collm.decoding.decode import Decoded, Sampling, decode
+from collm.errors import CollmError
 
 SYSTEMS = ("base", "expert", "collm", "naive", "hf_base", "hf_expert", "hf_base_static", "hf_expert_static")
 

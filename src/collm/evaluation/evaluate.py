@@ -15,13 +15,13 @@ from typing import Any, Callable
 
 import torch
 
-from collm.data.answer import is_correct, normalize_number
 from collm.atomic import atomic_write, write_json
 from collm.core.routing import most_probable_expert
 from collm.core.seed import check_seed
-from collm.evaluation.report import system_table
-from collm.errors import CollmError
+from collm.data.answer import is_correct, normalize_number
 from collm.decoding.provenance import token_pieces
+from collm.errors import CollmError
+from collm.evaluation.report import system_table
 
 _NUMBER_PUNCT = {".", ","}
 PROXY_TUNING_NOTE = "not run: needs an SFT run (--sft-run) for the tuned small model"
@@ -207,7 +207,8 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
 
     `weak_run`: a run whose head was trained on weak (pseudo-label) supervision, decoded as Co-LLM at its own
     threshold. `sft_run`: a run with a fine-tuned base, decoded as the base alone. `load_run` loads a run
-    folder (default `CoLLM.from_pretrained`). Returns the dict `save_results` writes and `collm.evaluation.report` shows.
+    folder (default `CoLLM.from_pretrained`).
+    Returns the dict `save_results` writes and `collm.evaluation.report` shows.
     """
     check_prompts_fit(pair, rows, config)
     threshold = pair.threshold if config.threshold is None else config.threshold
@@ -223,7 +224,8 @@ def evaluate(pair, rows: list[dict], config: EvalConfig, *, weak_run: str | Path
     systems.append(randomised)
     load_run = load_run or _load_run
     loaded = {}
-    for name, folder, mode in (("Co-LLM, weak-supervision head", weak_run, "collm"), ("SFT base alone", sft_run, "base")):
+    for name, folder, mode in (("Co-LLM, weak-supervision head", weak_run, "collm"),
+                               ("SFT base alone", sft_run, "base")):
         if folder is None:
             systems.append(missing(name, "not run: no run folder given"))
             continue
@@ -308,7 +310,7 @@ def evaluate_run(run: str | Path, data: str | Path, config: EvalConfig, *, weak_
     results["run"], results["data"] = str(run), str(data)
     save_results(results, json_path, markdown_path)
     if html_path is not None:
-        from collm.evaluation.calibrate import calibration_png
+        from collm.evaluation.plots import calibration_png
         from collm.evaluation.report import write_html
 
         write_html(html_path, results, calibration_png(pair.info.get("calibration")))

@@ -17,8 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from collm.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                  CompletionResponse, ErrorResponse, ModelCard, ModelList)
+from collm.serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from collm.serve.scheduler import Scheduler
 from collm.serve.serving import ApiError, ServeConfig, Serving
 
@@ -200,7 +207,8 @@ class Guard:
         host = _host_name(headers.get(b"host", b"").decode("latin-1"))
         if "*" not in self.hosts and host not in self.hosts:
             return await _error(400, f"host {host!r} is not served here: start collm serve with --allowed-host "
-                                     f"{host or 'NAME'} to serve it", "invalid_request_error", "host")(scope, receive, send)
+                                     f"{host or 'NAME'} to serve it",
+                                "invalid_request_error", "host")(scope, receive, send)
         if self.api_key is not None and scope["path"].startswith("/v1/"):
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):

@@ -53,16 +53,20 @@ class StreamOptions(_Strict):
 class _Common(_Strict):
     model: Text
     max_tokens: StrictInt | None = Field(None, ge=1, description="Most new tokens (the server caps it).")
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0: greedy; otherwise sample at this temperature.")
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False,
+                               description="0: greedy; otherwise sample at this temperature.")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same sampled tokens; random if absent.")
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED,
+                                   description="Same seed, same sampled tokens; random if absent.")
     stop: Text | list[Text] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
     # collm's extras
-    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="collm: defer where P(expert) exceeds this; default: the server's.")
-    mode: Literal["collm", "base", "expert"] = Field("collm", description="collm: the head routes; base / expert: one model alone.")
+    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                    description="collm: defer where P(expert) exceeds this; default: the server's.")
+    mode: Literal["collm", "base", "expert"] = Field(
+        "collm", description="collm: the head routes; base / expert: one model alone.")
     # OpenAI options accepted only at their neutral value (see UNSUPPORTED)
     n: StrictInt | None = None
     presence_penalty: float | None = Field(None, allow_inf_nan=False)

@@ -14,8 +14,17 @@ import uuid
 from dataclasses import dataclass, field
 
 from collm.errors import CollmError
-from collm.serve.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
-                                  CompletionChoice, CompletionRequest, CompletionResponse, TokenProvenance, Usage)
+from collm.serve.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    TokenProvenance,
+    Usage,
+)
 from collm.serve.scheduler import Busy, EngineFailed, Row, Scheduler
 
 
@@ -61,8 +70,8 @@ class ServeConfig:
 class ApiError(Exception):
     """A request the server refuses: an HTTP status, an OpenAI error type and a message saying what to fix."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -128,7 +137,8 @@ class Serving:
             self.pair._check_context(longest + max_tokens)
             greedy = body.temperature == 0  # OpenAI's convention; collm's sampler wants a temperature > 0
             request = self.pair.request(
-                max_new_tokens=max_tokens, threshold=self.config.threshold if body.threshold is None else body.threshold,
+                max_new_tokens=max_tokens,
+                threshold=self.config.threshold if body.threshold is None else body.threshold,
                 do_sample=not greedy, temperature=1.0 if greedy else body.temperature, top_p=body.top_p,
                 stop=body.stop, seed=secrets.randbits(32) if body.seed is None else body.seed, mode=body.mode)
         except CollmError as e:

@@ -156,9 +156,8 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None)
     """
     from peft import PeftModel
 
-    from collm.backends.models import load_model
-
     from collm.atomic import atomic_folder
+    from collm.backends.models import load_model
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
@@ -191,7 +190,8 @@ def adapter_to_bf16(adapter: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m collm.training.expert merge ADAPTER OUT`` | ``bf16 ADAPTER``: the steps the reproduction script needs."""
+    """``python -m collm.training.expert merge ADAPTER OUT`` | ``bf16 ADAPTER``: the steps the reproduction
+    script needs."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv

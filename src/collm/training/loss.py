@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from collm.errors import CollmError
+
 from collm.core.head import logits_to_log_probs
+from collm.errors import CollmError
 
 
 def defer_log_probs(head_logits: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,8 @@ def marginal_token_nll(head_logits: torch.Tensor, base_logp: torch.Tensor, exper
     return -torch.logsumexp(log_pi + writers, dim=-1)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor,
+                num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
     """Σ values·mask / num_tokens (default mask.sum()).
 
     Pass ``num_tokens`` = completion tokens in the whole accumulation window (all micro-batches, all

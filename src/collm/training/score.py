@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,14 +29,21 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from collm.atomic import remove, temp_siblings, write_json
+from collm.backends.models import (
+    DTYPES,
+    check_vocab,
+    context_length,
+    load_model,
+    load_tokenizer,
+    plain_logits,
+    weight_files,
+)
+from collm.backends.remote import RemoteExpert, is_remote_spec
+from collm.core.head import head_inputs
 from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
 from collm.errors import CollmError
 from collm.tensorfile import write_tensors
-from collm.core.head import head_inputs
 from collm.training.loss import ARGMAX_RTOL, gold_outputs
-from collm.backends.models import DTYPES, check_vocab, context_length, load_model, load_tokenizer, plain_logits, \
-    weight_files
-from collm.backends.remote import RemoteExpert, is_remote_spec
 
 MANIFEST = "manifest.json"
 # 2: a target counts as the expert's greedy choice when it ties the maximum (loss.argmax_is_gold); format 1
@@ -75,13 +82,15 @@ class ScoreConfig:
     """Torch device for the expert."""
     overwrite: bool = False
     """Replace a folder holding scores for another key instead of refusing."""
-    reuse: tuple[str, ...] = ()
+    reuse: list[str] = field(default_factory=list)
     """Finished score folders of the same expert, dtype and tokenizer: rows with the same tokens are copied
-    from them instead of scored again."""
+    from them instead of scored again (repeatable)."""
 
     def __post_init__(self):
+        self.reuse = [self.reuse] if isinstance(self.reuse, str) else [str(p) for p in self.reuse]
         if self.batch_tokens < 2 or self.shard_rows < 1:
-            raise CollmError(f"batch_tokens must be >= 2 and shard_rows >= 1, got {self.batch_tokens}, {self.shard_rows}")
+            raise CollmError("batch_tokens must be >= 2 and shard_rows >= 1, "
+                             f"got {self.batch_tokens}, {self.shard_rows}")
         if self.dtype not in DTYPES:
             raise CollmError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
@@ -453,7 +462,8 @@ def load_scores(folder: str | Path, data: EncodedData) -> Scores:
                          f"re-run collm score with --tokenizer set to the base")
     if key["data"] != data.fingerprint:
         raise CollmError(f"scores in {folder} were made for other data or encoding settings "
-                         f"(fingerprint {key['data'][:12]} != {data.fingerprint[:12]}): re-run collm score on this file")
+                         f"(fingerprint {key['data'][:12]} != {data.fingerprint[:12]}): "
+                         "re-run collm score on this file")
     return _assemble(folder, manifest, data)
 
 

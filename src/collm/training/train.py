@@ -22,15 +22,23 @@ from accelerate.utils import broadcast, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from collm.atomic import append_line, atomic_folder, atomic_write, temp_siblings, write_json
-from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file, pad_id
-from collm.errors import CollmError
+from collm.backends.models import context_length, load_model
 from collm.core.head import DeferralHead, parse_features
 from collm.core.seed import check_seed
-from collm.training.loss import (class_weights, defer_prob, disagreement_labels, lm_nll, marginal_token_nll,
-                                 masked_mean, weak_bce, weak_labels)
-from collm.backends.models import context_length, load_model
+from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file, pad_id
+from collm.errors import CollmError
 from collm.run import HEAD_FILE, seal, write_run_config
+from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from collm.training.loss import (
+    class_weights,
+    defer_prob,
+    disagreement_labels,
+    lm_nll,
+    marginal_token_nll,
+    masked_mean,
+    weak_bce,
+    weak_labels,
+)
 from collm.training.score import Scores, load_scores, pad_batch, target_outputs
 from collm.training.weak import RowOutputs, base_pass, fit_weak_start
 

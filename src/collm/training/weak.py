@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from collm.data.rows import Example
 from collm.core.head import DeferralHead
+from collm.data.rows import Example
 from collm.training.loss import class_weights, defer_prob, weak_bce
 from collm.training.score import pad_batch, target_outputs, token_batches
 
