@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reward-trained router on the Qwen pair (collm reward), from the shipped router-policy head.
 #   bash scripts/install.sh --qwen && bash research/qwen/reward.sh     # re-run after a kill: it resumes
-#   PRICE=0.004 ROUNDS=12 bash research/qwen/reward.sh                # another lambda, or more rounds
+#   PRICE=0.008 ROUNDS=12 bash research/qwen/reward.sh                # another lambda, or more rounds
 # Rollouts: GSM-Symbolic train templates (collm data gsm, seed 0, as the shipped run); each round answers
 # PROBLEMS problems ROLLOUTS times at 320 new tokens, bf16, one thread (the other core stays free).
 # Then calibrate on the 110 validation problems and evaluate on the 220 test problems:
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 R=${RUNS:-runs/qwen}
 D=$R/data/gsm
-PRICE=${PRICE:-0.002}
+PRICE=${PRICE:-0.004}
 ROUNDS=${ROUNDS:-8}
 OUT=$R/reward-price$PRICE
 [[ -f $D/manifest.json ]] || collm data gsm --out "$D"
@@ -19,7 +19,7 @@ case ${STAGE:-train} in
   train)
     collm reward --run src/collm/assets/qwen --data "$D/train.jsonl" --out "$OUT" --price "$PRICE" \
       --rounds "$ROUNDS" --problems "${PROBLEMS:-32}" --rollouts "${ROLLOUTS:-4}" --batch-size "${BATCH:-64}" \
-      --max-new-tokens 320 --lr "${LR:-0.001}" --updates 4 --dtype bfloat16 ;;
+      --max-new-tokens 320 --lr "${LR:-0.0001}" --updates 4 --dtype bfloat16 ;;
   calibrate)
     collm calibrate --run "$OUT" --data "$D/validation.jsonl" --thresholds "${THRESHOLDS:-0.4,0.5,0.6,0.7}" \
       --max-new-tokens 320 --batch-size 55 --no-baselines --dtype bfloat16 --png "$OUT/calibration.png" ;;

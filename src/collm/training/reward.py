@@ -79,8 +79,9 @@ class RewardConfig:
     """Answers decoded together (each batch is one resumable shard)."""
     max_new_tokens: int = 256
     """Most new tokens per answer."""
-    lr: float = 1e-3
-    """Adam learning rate of the head."""
+    lr: float = 1e-4
+    """Adam learning rate of the head (a hidden state's entries are large: each step moves a logit by about lr
+    times their summed magnitude; watch the per-round KL in metrics.jsonl)."""
     updates: int = 4
     """Optimizer steps per round, each over all of the round's tokens."""
     clip_ratio: float = 0.2
@@ -272,9 +273,12 @@ def update_head(head: DeferralHead, optimizer, batch: dict, config: RewardConfig
         optimizer.step()
         losses.append(float(loss.detach()))
     with torch.no_grad():
-        after = defer_prob(head.log_probs(x)).mean()
+        new = head.log_probs(x)
+        moved = (new.gather(1, choices[:, None]) - old.gather(1, choices[:, None])).squeeze(1)
+        clipped = ((moved.exp() - 1).abs() > config.clip_ratio).float().mean() if config.clip_ratio > 0 else 0.0
+        kl = (old.exp() * (old - new)).sum(-1).mean()  # KL(decoding head || updated head) per token
     return {"loss_first": losses[0], "loss_last": losses[-1], "p_defer_before": float(defer_prob(old).mean()),
-            "p_defer_after": float(after)}
+            "p_defer_after": float(defer_prob(new).mean()), "kl": float(kl), "clipped": float(clipped)}
 
 
 # ---------------------------------------------------------------- the run
@@ -468,7 +472,7 @@ def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) 
         _remove_round(folder, out / ROLLOUTS)
         progress(f"round {round_ + 1}/{config.rounds}: reward {summary['reward']:.3f}, accuracy "
                  f"{summary['accuracy']:.3f}, deferral rate {summary['defer_rate']:.3f}, "
-                 f"P(defer) {stats['p_defer_before']:.3f} -> {stats['p_defer_after']:.3f}, "
+                 f"P(defer) {stats['p_defer_before']:.3f} -> {stats['p_defer_after']:.3f}, KL {stats['kl']:.4f}, "
                  f"{time.perf_counter() - started:.0f} s")
     if not (out / RUN_CONFIG).is_file():  # resumed a finished run, or rounds already done: still a run
         _write_run(out, start_dir, start_config, head, config, done, history)
