@@ -81,6 +81,14 @@ def test_config_file_with_an_unknown_key_is_refused_naming_the_closest(tmp_path,
     assert "is not UTF-8 text" in str(result.exception)
 
 
+def test_config_file_with_a_key_like_no_option_suggests_none(tmp_path):
+    config = tmp_path / "gen.yaml"
+    config.write_text("frobnicate: 1\n")
+    message = str(runner.invoke(app, ["generate", "--config", str(config), "hi"]).exception)
+    assert "'frobnicate' is not an option of collm generate; see `collm generate --help`" in message
+    assert "did you mean" not in message
+
+
 def test_bad_input_is_one_line_and_exit_2(folders):
     base, expert = folders
     proc = subprocess.run([sys.executable, "-m", "collm.cli", "generate", "--base", base, "--expert", expert,

@@ -177,3 +177,30 @@ def test_calibrate_keeps_the_run_loadable(run):
 
     write_threshold(run, 0.7, {"points": []})
     assert CoLLM.from_pretrained(run).threshold == 0.7
+
+
+def test_a_head_saved_in_two_processes_has_one_sha256(tmp_path):
+    """safetensors orders its header from a hash map; collm writes it canonically, so equal heads are equal bytes."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from collm import DeferralHead; torch.manual_seed(0); "
+              "h = DeferralHead(16, 2, 'entropy,margin'); h.linear.weight.data.normal_(); h.save(sys.argv[1])")
+    digests = set()
+    for i in range(3):
+        path = tmp_path / f"head{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env={"PYTHONHASHSEED": str(i),
+                       **{k: v for k, v in __import__("os").environ.items() if k != "PYTHONHASHSEED"}})
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        DeferralHead.load(path)  # still a valid head
+    assert len(digests) == 1
+
+
+def test_a_missing_run_folder_is_named_as_missing(tmp_path):
+    with pytest.raises(CollmError, match="run folder .*missing.* does not exist") as e:
+        CoLLM.from_pretrained(tmp_path / "missing")
+    assert "\n" not in str(e.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CollmError, match="is a file, not a run folder"):
+        CoLLM.from_pretrained(tmp_path / "file")
