@@ -274,3 +274,22 @@ def test_merge_adapter_replaces_only_a_folder_it_wrote(tmp_path):
     merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=base_dir)
     merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=base_dir)  # its own folder: replaced
     assert load_model(str(tmp_path / "merged"))[1].get_vocab() == tok.get_vocab()
+
+
+def test_a_request_and_keyword_options_are_one_way_to_ask(pair):
+    """generate takes a Request, keyword options replacing its fields, or both: the same tokens."""
+    from collm.core.request import Request, Sampling
+
+    request = Request(max_new_tokens=6, threshold=0.3, sampling=Sampling(do_sample=True, temperature=0.7, seed=3))
+    by_request = pair.generate("hi", request)
+    by_options = pair.generate("hi", max_new_tokens=6, threshold=0.3, do_sample=True, temperature=0.7, seed=3)
+    overridden = pair.generate("hi", Request(max_new_tokens=2), max_new_tokens=6, threshold=0.3, do_sample=True,
+                               temperature=0.7, seed=3)
+    assert by_request.token_ids == by_options.token_ids == overridden.token_ids
+    assert pair.request(stop="x").stop == ("x",) and pair.request().threshold == pair.threshold
+
+
+def test_an_unknown_option_is_one_line(pair):
+    with pytest.raises(CollmError) as e:
+        pair.generate("hi", max_tokens=4)
+    assert "unknown option 'max_tokens': choose from max_new_tokens" in one_line(e)

@@ -55,8 +55,9 @@ def test_every_collm_line_names_real_commands_and_options(page):
 
 def test_the_readme_quick_start_line_runs_as_written():
     """The first `collm generate` of the quick start, shortened to a few tokens: the shipped run answers."""
-    from collm.cli import app
     from typer.testing import CliRunner
+
+    from collm.cli import app
 
     line = next(line for line in _command_lines(ROOT / "README.md") if line.startswith("collm generate "))
     args = shlex.split(line)[1:] + ["--max-new-tokens", "8", "--json"]

@@ -120,11 +120,12 @@ def generate(
     config: ConfigOption = None,
 ):
     """Answer prompts with a base and expert(s); each token is colored by the model that wrote it."""
-    from collm.pair import check_request
+    from collm.core.request import make_request
 
     texts = _read_prompts(prompts, prompt_file) or [EXAMPLE_QUESTION]
-    check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop, do_sample=do_sample,
-                  temperature=temperature, top_p=top_p, seed=seed)  # before minutes of loading, not after
+    options = dict(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop, do_sample=do_sample,
+                   temperature=temperature, top_p=top_p, seed=seed)
+    make_request(**options)  # checked before minutes of loading, not after
     check_device(device)
     if lookahead is not None:
         from collm.decoding.speculative import check_settings
@@ -141,9 +142,7 @@ def generate(
         console.rule(style="dim")
         console.print(f"[dim]> {texts[0]}[/dim]")
         stream = Stream(console, pair.tokenizer)
-    out = pair.generate(texts, max_new_tokens=max_new_tokens, threshold=threshold, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, stop=stop, seed=seed, mode=mode, chat=not raw,
-                        compile=compile, on_token=stream, lookahead=lookahead)
+    out = pair.generate(texts, chat=not raw, compile=compile, on_token=stream, lookahead=lookahead, **options)
     if stream is not None:
         console.print()
         _print_summary(out.stats)

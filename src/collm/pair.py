@@ -12,7 +12,7 @@ from collm.backends.models import check_shapes, check_vocab, load_model
 from collm.backends.prepack import available
 from collm.backends.remote import RemoteExpert, is_remote_spec
 from collm.core.head import DeferralHead
-from collm.core.request import Request, Router, Sampling, check_threshold
+from collm.core.request import Request, Router, check_threshold, make_request
 from collm.data.rows import pad_id
 from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
@@ -150,18 +150,19 @@ class CoLLM:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompts=None, max_new_tokens: int = 128, threshold: float | None = None,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 stop: list[str] | str | None = None, seed: int = 0, *, input_ids=None, mode: str = "collm",
-                 chat: bool = True, router: Router | None = None, compile: bool = False,
-                 on_token=None, lookahead: int | None = None) -> GenerateOutput:
+    def generate(self, prompts=None, request: Request | None = None, *, input_ids=None, chat: bool = True,
+                 router: Router | None = None, compile: bool = False, on_token=None, lookahead: int | None = None,
+                 **options) -> GenerateOutput:
         """Write an answer to each prompt together: :meth:`stream`, collected.
 
         ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
-        or token ids (a 2-D LongTensor or a list of lists; also accepted as ``input_ids=``). ``threshold``:
-        defer where P(Z != base) exceeds it (default: the pair's). ``mode``: ``collm`` (route by the head),
-        ``compose`` (sample the mixture), ``base`` or ``expert`` (one model alone, for baselines), ``proxy``
-        (proxy tuning, for a pair made by :func:`proxy_tuning`). ``router`` overrides the threshold rule.
+        or token ids (a 2-D LongTensor or a list of lists; also accepted as ``input_ids=``). What to write is a
+        :class:`Request` (default: this pair's threshold, 128 new tokens, greedy), given as ``request`` and/or
+        as keyword ``options`` that replace its fields (collm.core.request.OPTIONS): ``max_new_tokens``,
+        ``threshold`` (defer where P(Z != base) exceeds it), ``do_sample``, ``temperature``, ``top_p``, ``seed``,
+        ``stop`` and ``mode``: ``collm`` (route by the head), ``compose`` (sample the mixture), ``base`` or
+        ``expert`` (one model alone, for baselines), ``proxy`` (proxy tuning, for a pair made by
+        :func:`proxy_tuning`). ``router`` overrides the threshold rule.
         ``compile`` (CUDA): torch.compile the static-cache steps; the first calls take minutes, later ones run
         fastest. ``on_token(tokens, sources, done)`` is called after each step with every row's new token and
         writer, for streaming. ``lookahead`` (greedy Co-LLM, in-process models): at a deferral the base drafts
@@ -170,15 +171,16 @@ class CoLLM:
         resolve otherwise), the expert is called less often; prompts are answered one at a time. With
         ``mode="expert"`` it is speculative decoding: the base drafts every token, the expert checks each draft in
         one read, and the answer is the expert's own greedy answer.
-        Raises CollmError for empty prompts, max_new_tokens <= 0, a threshold outside [0, 1], an unknown mode.
+        Raises CollmError for empty prompts, an unknown option, max_new_tokens <= 0, a threshold outside [0, 1],
+        an unknown mode.
         """
         prompts = _prompts_or_ids(prompts, input_ids)
-        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode, router)
+        request = self.request(request, router=router, **options)
         ids = self._prepare(prompts, chat, request)
         if lookahead is not None:
             return self._speculative(ids, request, lookahead, router, compile, on_token)
         raw = decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
-                     threshold=request.threshold, sampling=request.sampling, mode=mode, stop=request.stop,
+                     threshold=request.threshold, sampling=request.sampling, mode=request.mode, stop=request.stop,
                      on_token=on_token, **self._options(router, compile))
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
@@ -198,15 +200,13 @@ class CoLLM:
             raw.defer_probs = [[0.0] * len(p) for p in raw.defer_probs]
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
-    def stream(self, prompts=None, max_new_tokens: int = 128, threshold: float | None = None,
-               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-               stop: list[str] | str | None = None, seed: int = 0, *, input_ids=None, mode: str = "collm",
-               chat: bool = True, router: Router | None = None, compile: bool = False):
-        """Like :meth:`generate`, but yields each step's events as they are written: a list of
-        :class:`collm.core.request.TokenEvent` (row = the prompt's index; token id, text piece, source,
-        defer_prob, finished). The text pieces of a row join to its ``generate`` text."""
+    def stream(self, prompts=None, request: Request | None = None, *, input_ids=None, chat: bool = True,
+               router: Router | None = None, compile: bool = False, **options):
+        """Like :meth:`generate` (the same ``request`` and ``options``), but yields each step's events as they are
+        written: a list of :class:`collm.core.request.TokenEvent` (row = the prompt's index; token id, text
+        piece, source, defer_prob, finished). The text pieces of a row join to its ``generate`` text."""
         prompts = _prompts_or_ids(prompts, input_ids)
-        request = self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode, router)
+        request = self.request(request, router=router, **options)
         ids = self._prepare(prompts, chat, request)
         yield from run(self.base, self.experts, self.head, ids, request, Options(**self._options(router, compile)))
 
@@ -218,22 +218,18 @@ class CoLLM:
                       pad_id=self._pad_id(), tokenizer=self.tokenizer, mode="collm" if self.experts else "base",
                       prepack=available(device))
 
-    def request(self, max_new_tokens: int = 128, threshold: float | None = None, do_sample: bool = False,
-                temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None, seed: int = 0,
-                mode: str = "collm") -> Request:
-        """A checked :class:`Request` with this pair's defaults (its threshold)."""
-        return self._request(max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode)
-
-    def _request(self, max_new_tokens, threshold, do_sample, temperature, top_p, stop, seed, mode,
-                 router=None) -> Request:
-        threshold = self.threshold if threshold is None else threshold
-        request = check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop,
-                                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+    def request(self, request: Request | None = None, *, router: Router | None = None, **options) -> Request:
+        """A checked :class:`Request` for this pair: ``request`` (default: one with this pair's threshold) with
+        ``options`` replacing its fields (collm.core.request.make_request), and what this pair can serve: modes
+        that need experts, proxy tuning's three models, stop strings' tokenizer. ``router``: the rule that will
+        route instead of the threshold (a zero head is then not warned about)."""
+        request = make_request(request or Request(threshold=self.threshold), **options)
+        mode, threshold = request.mode, request.threshold
         if mode != "base" and not self.experts:
             raise CollmError(f"mode {mode!r} needs at least one expert")
         if mode == "proxy" and len(self.experts) != 2:
             raise CollmError("mode 'proxy' needs a pair made by collm.pair.proxy_tuning(expert, tuned, untuned, ...)")
-        if _stop_list(stop) and self.tokenizer is None:
+        if request.stop and self.tokenizer is None:
             raise CollmError("stop strings need a tokenizer")
         if self._default_head and mode == "collm" and router is None and len(self.experts) == 1 \
                 and threshold >= 0.5:
@@ -313,26 +309,11 @@ def proxy_tuning(expert, tuned, untuned, tokenizer=None) -> CoLLM:
     return CoLLM(tuned, [expert, untuned], DeferralHead(hidden, 2), tokenizer, info={"proxy": True})
 
 
-def check_request(*, max_new_tokens: int, threshold: float | None, mode: str, stop: list[str] | str | None,
-                  do_sample: bool, temperature: float, top_p: float, seed: int) -> Request:
-    """Check what :meth:`CoLLM.generate` is asked for, before any model is needed (the CLI calls it before
-    loading them): the :class:`Request` it makes, whose checks are the only ones. ``threshold=None`` (the
-    pair's, not known yet) is checked as 0.5. Raises CollmError with what to fix."""
-    return Request(max_new_tokens, 0.5 if threshold is None else threshold,
-                   Sampling(do_sample, temperature, top_p, seed), mode, tuple(_stop_list(stop)))
-
-
 def _prompts_or_ids(prompts, input_ids):
     """``generate(prompts)`` or ``generate(input_ids=...)``, the keyword ``transformers`` users type."""
     if (prompts is None) == (input_ids is None):
         raise CollmError("give the prompts (strings or token ids) or input_ids, not both and not neither")
     return prompts if input_ids is None else input_ids
-
-
-def _stop_list(stop: list[str] | str | None) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop or [])
-
-
 
 
 def _merge_adapter(base, adapter_dir: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -68,6 +69,26 @@ class Request:
             raise CollmError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise CollmError("stop strings must be non-empty (a list of strings)")
+
+
+OPTIONS = ("max_new_tokens", "threshold", "do_sample", "temperature", "top_p", "seed", "stop", "mode")
+"""A request's fields as flat keyword options: what ``CoLLM.generate``/``stream``, the CLI and the server take."""
+
+
+def make_request(request: Request | None = None, **options) -> Request:
+    """``request`` (default: ``Request()``) with flat ``options`` (OPTIONS) replacing its fields: the one place a
+    request is built and checked. ``threshold=None`` or ``stop=None`` keep the request's; ``stop`` may be one
+    string. Raises CollmError for an unknown option or a value out of range."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise CollmError(f"unknown option {unknown[0]!r}: choose from {', '.join(OPTIONS)}")
+    request = request or Request()
+    options = {k: v for k, v in options.items() if not (k in ("threshold", "stop") and v is None)}
+    sampling = {k: options.pop(k) for k in ("do_sample", "temperature", "top_p", "seed") if k in options}
+    if "stop" in options:
+        stop = options["stop"]
+        options["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, **sampling), **options)
 
 
 def check_threshold(threshold) -> float:

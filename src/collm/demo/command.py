@@ -19,13 +19,13 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     from rich.markdown import Markdown
 
     from collm.backends.models import check_device
+    from collm.core.request import make_request
     from collm.data.answer import extract_answer
     from collm.decoding.provenance import colored, legend
-    from collm.pair import CoLLM, check_request
+    from collm.pair import CoLLM
 
     # Every setting is checked before the model loads and decodes (~20 s), not after.
-    check_request(max_new_tokens=max_new_tokens, threshold=threshold, mode="collm", stop=None, do_sample=False,
-                  temperature=1.0, top_p=1.0, seed=0)
+    make_request(max_new_tokens=max_new_tokens, threshold=threshold)
     check_device(device)
     verify(folder)
     shipped = json.loads((folder / "problems.json").read_text(encoding="utf-8"))
