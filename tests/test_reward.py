@@ -165,3 +165,29 @@ def test_the_command_runs_and_refuses_bad_settings(start, tmp_path):
     with pytest.raises(CollmError, match="holds files collm reward did not write"):
         rw.train_reward(config(start, foreign), progress=lambda _: None)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_no_resume_starts_over_and_a_failed_start_blocks_nothing(start, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CollmError):  # a start run that does not exist: refused before anything is written
+        rw.train_reward(config(start, out, run=str(tmp_path / "nowhere")), progress=lambda _: None)
+    assert not (out / "reward_config.json").exists()
+    fresh = files(rw.train_reward(config(start, tmp_path / "fresh"), progress=lambda _: None))
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_round_two(line):
+        if line.startswith("round 2 batch 1/"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        rw.train_reward(config(start, out, price=0.5), progress=kill_in_round_two)
+    (out / "rollouts" / "round-0001" / "notes.txt").write_text("mine")  # not ours: stays
+    lines = []
+    rw.train_reward(config(start, out, resume=False), progress=lines.append)
+    assert not any(line.startswith("resuming") for line in lines)
+    assert (out / "rollouts" / "round-0001" / "notes.txt").read_text() == "mine"
+    mine = files(out)
+    assert mine["head.safetensors"] == fresh["head.safetensors"]
+    assert mine["metrics.jsonl"] == fresh["metrics.jsonl"]

@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,19 +34,22 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from collm.atomic import append_line, atomic_folder, remove, temp_siblings, write_json
+from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, temp_siblings, write_json
 from collm.core.head import DeferralHead
 from collm.core.routing import defer_prob
 from collm.core.seed import check_seed
 from collm.errors import CollmError
 from collm.run import HEAD_FILE, RUN_CONFIG, read_json, read_run_config, seal, spec_in, write_run_config
 from collm.tensorfile import write_tensors
-from collm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 
 REWARD_CONFIG = "reward_config.json"  # written first: it marks a folder as a run collm reward owns
 METRICS = "metrics.jsonl"
 ROLLOUTS = "rollouts"  # shards of the round in progress: rollouts/round-NNNN/batch-NNNN.{safetensors,json}
 CHECKPOINTS = "checkpoints"
+_ROUND = re.compile(r"round-\d{4}")
+_SHARD = re.compile(r"batch-\d{4}\.(?:safetensors|json)")
+_SHARD_TEMP = re.compile(rf"\.batch-\d{{4}}\.(?:safetensors|json)\.{TEMP_SUFFIX}")
 # Fields that do not change the trajectory: a run may resume (or go on for more rounds) with them changed.
 _RESUME_FREE = ("out", "rounds", "resume", "keep_checkpoints")
 
@@ -441,9 +445,11 @@ def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) 
     start_config = read_run_config(start_dir)
     if start_config.get("num_experts", 1) < 1 or not start_config["experts"]:
         raise CollmError(f"{start_dir} has no expert: collm reward trains who writes, which needs one")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved_path, asdict(config))
     pair = CoLLM.from_pretrained(start_dir, device=config.device, dtype=config.dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        _start_over(out)
+    write_json(saved_path, asdict(config))  # once the start run and the data are known good
     head = pair.head.float()
     for p in head.parameters():
         p.requires_grad_(True)
@@ -468,7 +474,7 @@ def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) 
         save_checkpoint(out / CHECKPOINTS, round_ + 1, head, optimizer, scheduler, {"history": history},
                         [torch.Generator().manual_seed(config.seed).get_state()], keep=config.keep_checkpoints)
         _write_run(out, start_dir, start_config, head, config, round_ + 1, history)
-        append_line(out / METRICS, json.dumps(summary, sort_keys=True))
+        _write_metrics(out / METRICS, history)
         _remove_round(folder, out / ROLLOUTS)
         progress(f"round {round_ + 1}/{config.rounds}: reward {summary['reward']:.3f}, accuracy "
                  f"{summary['accuracy']:.3f}, deferral rate {summary['defer_rate']:.3f}, "
@@ -479,12 +485,31 @@ def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) 
     return out
 
 
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.jsonl from the checkpoint's history, whole and atomically: it always agrees with the checkpoint."""
+    text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _start_over(out: Path) -> None:
+    """--no-resume: remove what earlier runs of collm reward wrote here that would be resumed from (checkpoints,
+    the round in progress, the log); the run files are rewritten after the first round."""
+    clear_checkpoints(out / CHECKPOINTS)
+    rollouts = out / ROLLOUTS
+    if rollouts.is_dir():
+        for folder in sorted(p for p in rollouts.iterdir() if _ROUND.fullmatch(p.name)):
+            _remove_round(folder, rollouts)
+    if (out / METRICS).is_file():
+        remove(out / METRICS)
+
+
 def _remove_round(folder: Path, parent: Path) -> None:
-    """Remove a finished round's shards: only the files :func:`_run_round` writes, then the empty folders."""
+    """Remove a round's shards: only the files :func:`_run_round` writes (and the temporary files a kill while
+    writing one leaves), then the folders if nothing else is in them."""
     if not folder.is_dir():
         return
     for path in sorted(folder.iterdir()):
-        if path.name.startswith("batch-") and path.suffix in (".safetensors", ".json"):
+        if _SHARD.fullmatch(path.name) or _SHARD_TEMP.fullmatch(path.name):
             remove(path)
     for f in (folder, parent):
         if f.is_dir() and not any(f.iterdir()):
