@@ -2,8 +2,9 @@
 # The reward-trained router on the Qwen pair (collm reward), from the shipped router-policy head.
 #   bash scripts/install.sh --qwen && bash research/qwen/reward.sh     # re-run after a kill: it resumes
 #   PRICE=0.008 ROUNDS=12 bash research/qwen/reward.sh                # another lambda, or more rounds
-# Rollouts: GSM-Symbolic train templates (collm data gsm, seed 0, as the shipped run); each round answers
-# PROBLEMS problems ROLLOUTS times at 320 new tokens, bf16, one thread (the other core stays free).
+# The recipe is research/qwen/configs/reward.yaml (rollouts on the GSM-Symbolic train templates, 32 problems x 4
+# answers a round at 320 new tokens, bf16); this script adds the price and the rounds, one thread (the other
+# core stays free).
 # Then calibrate on the 110 validation problems and evaluate on the 220 test problems:
 #   STAGE=calibrate bash research/qwen/reward.sh ; STAGE=eval bash research/qwen/reward.sh
 set -euo pipefail
@@ -17,9 +18,7 @@ OUT=$R/reward-price$PRICE
 [[ -f $D/manifest.json ]] || collm data gsm --out "$D"
 case ${STAGE:-train} in
   train)
-    collm reward --run src/collm/assets/qwen --data "$D/train.jsonl" --out "$OUT" --price "$PRICE" \
-      --rounds "$ROUNDS" --problems "${PROBLEMS:-32}" --rollouts "${ROLLOUTS:-4}" --batch-size "${BATCH:-64}" \
-      --max-new-tokens 320 --lr "${LR:-0.0001}" --updates 4 --dtype bfloat16 ;;
+    collm reward --config research/qwen/configs/reward.yaml --out "$OUT" --price "$PRICE" --rounds "$ROUNDS" ;;
   calibrate)
     collm calibrate --run "$OUT" --data "$D/validation.jsonl" --thresholds "${THRESHOLDS:-0.4,0.5,0.6,0.7}" \
       --max-new-tokens 320 --batch-size 55 --no-baselines --dtype bfloat16 --png "$OUT/calibration.png" ;;
