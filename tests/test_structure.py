@@ -61,11 +61,12 @@ def test_ruff_finds_nothing():
     assert run.returncode == 0, run.stdout[-3000:]
 
 
-@pytest.mark.parametrize("command, config", [("train", "collm.training.train:TrainConfig"),
-                                             ("reward", "collm.training.reward:RewardConfig"),
-                                             ("score", "collm.training.score:ScoreConfig")])
-def test_generated_commands_have_one_option_per_config_field(command, config):
-    """Each option of these commands is a field of its config dataclass, with the field's docstring as help."""
+@pytest.mark.parametrize("command, configs", [
+    ("train", ["collm.training.train:TrainConfig"]), ("reward", ["collm.training.reward:RewardConfig"]),
+    ("score", ["collm.training.score:ScoreConfig"]),
+    ("serve", ["collm.pair:PairSpec", "collm.serve.serving:ServeConfig"])])
+def test_generated_commands_have_one_option_per_config_field(command, configs):
+    """Each option of these commands is a field of one config dataclass, with the field's docstring as help."""
     import dataclasses
     import importlib
 
@@ -73,13 +74,14 @@ def test_generated_commands_have_one_option_per_config_field(command, config):
 
     from collm.cli import _field_docs, app
 
-    module, name = config.split(":")
-    cls = getattr(importlib.import_module(module), name)
+    classes = [getattr(importlib.import_module(c.split(":")[0]), c.split(":")[1]) for c in configs]
     click_command = typer.main.get_command(app).commands[command]
     options = {p.name: p for p in click_command.params if p.name != "config"}
-    assert set(options) == {f.name for f in dataclasses.fields(cls)}
-    docs = _field_docs(cls)
+    fields = [f.name for cls in classes for f in dataclasses.fields(cls)]
+    assert sorted(options) == sorted(fields) and len(set(fields)) == len(fields)
+    docs = {k: v for cls in classes for k, v in _field_docs(cls).items()}
     assert all(docs.get(n) for n in options), [n for n in options if not docs.get(n)]
+    assert click_command.help
 
 
 def _private_uses(path: Path) -> list[str]:

@@ -18,8 +18,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape as rich_escape
 
-from collm.backends.models import EMBEDDED_DEFAULT, check_device
+from collm.backends.models import check_device
 from collm.errors import CollmError
+from collm.pair import PairSpec
 
 app = typer.Typer(
     help="Collaborative decoding: a cheap base model writes, and defers single tokens to an expert.",
@@ -131,9 +132,11 @@ def generate(
         from collm.decoding.speculative import check_settings
 
         check_settings(lookahead, do_sample=do_sample, stop=stop or (), mode=mode, compile=compile)
+    spec = PairSpec(run=None if run is None else str(run), base=base, expert=expert or [], head=head, device=device,
+                    dtype=dtype)
     if mode == "collm":
-        _zero_head_note(run, base, expert, head, threshold)
-    pair = _load_pair(run, base, expert, head, device, dtype)
+        _zero_head_note(spec, threshold)
+    pair = _load_pair(spec)
     stream = None
     if not as_json and len(texts) == 1 and not stop:  # one answer, no text to trim: show it as it is written
         from collm.decoding.provenance import Stream, legend
@@ -154,33 +157,31 @@ def generate(
     _print_answers(pair, texts, out)
 
 
-# The model options generate and serve share: one definition, one help text.
-RunOption = Annotated[Optional[Path], typer.Option(
-    help="A trained run folder (collm.json), or a shipped run by name (smollm2, qwen); replaces --base/--expert/"
-         "--head. Default, when no model option is given: the shipped SmolLM2 run (tuned base, math expert, "
-         "trained head and its threshold), as `collm demo` uses.")]
-BaseOption = Annotated[Optional[str], typer.Option(
-    help=f"Base model: HF folder, .gguf file, or a named model such as {EMBEDDED_DEFAULT} (the default once any "
-         f"model option is given).")]
-ExpertOption = Annotated[Optional[list[str]], typer.Option(
-    help="Expert model (repeat for several): a spec, or a completions server http://HOST:PORT/v1[#MODEL]. "
-         "Default: the embedded model.")]
-HeadOption = Annotated[Optional[str], typer.Option(
-    help="Deferral head: a .safetensors file, or by name: 'zero' (P(defer) = 0.5 everywhere: with one expert the "
-         "default threshold 0.5 never defers), 'never' or 'always'. Default with --base/--expert: zero.")]
-DeviceOption = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
-DtypeOption = Annotated[Optional[str], typer.Option(
-    help="float32, bfloat16 or float16. Default: the run's, else float32.")]
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (Python keeps none at run time: read the source)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.replace("``", "").split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)}
 
 
-def _no_models(run, base, expert, head) -> bool:
-    return run is None and base is None and not expert and head is None
+# The model options generate and serve share: PairSpec's fields, their help its docstrings.
+def _pair_option(name: str, hint):
+    return Annotated[hint, typer.Option(help=rich_escape(_field_docs(PairSpec)[name]))]
 
 
-def _zero_head_note(run, base, expert, head, threshold) -> None:
+RunOption = _pair_option("run", Optional[Path])
+BaseOption = _pair_option("base", Optional[str])
+ExpertOption = _pair_option("expert", Optional[list[str]])
+HeadOption = _pair_option("head", Optional[str])
+DeviceOption = _pair_option("device", str)
+DtypeOption = _pair_option("dtype", Optional[str])
+
+
+def _zero_head_note(spec, threshold) -> None:
     """Say (once, before loading) that models given without a head never defer at the default threshold; the
     pair's own warning at the first request is then silenced."""
-    if run is None and not _no_models(run, base, expert, head) and head is None and len(expert or [None]) == 1 \
+    if spec.names_models and spec.run is None and spec.head is None and len(spec.expert or [None]) == 1 \
             and (0.5 if threshold is None else threshold) >= 0.5:
         err.print(f"[yellow]note:[/yellow] no --head: the zero head gives P(defer) = 0.5, which never exceeds "
                   f"threshold {0.5 if threshold is None else threshold:g}, so the expert writes nothing; train a "
@@ -188,75 +189,35 @@ def _zero_head_note(run, base, expert, head, threshold) -> None:
     warnings.filterwarnings("ignore", message="no head was given")  # said above, or not the case
 
 
-def _load_pair(run: Optional[Path], base: Optional[str], expert: Optional[list[str]], head: Optional[str],
-               device: str, dtype: Optional[str]):
-    """The pair named by the model options that generate and serve share; none: the shipped SmolLM2 run."""
-    from collm.pair import CoLLM
+def _load_pair(spec):
+    """The pair a PairSpec names; with no model option, the shipped SmolLM2 run (and a line saying so)."""
     from collm.run import DEFAULT_RUN
 
-    if _no_models(run, base, expert, head):
-        run = Path(DEFAULT_RUN)
+    if not spec.names_models:
         err.print(f"[dim]no model options: the shipped {DEFAULT_RUN} run (tuned base, math expert, trained head); "
                   f"--run, --base/--expert/--head choose others[/dim]", highlight=False)
     with err.status("loading models"):
-        if run is not None:
-            return CoLLM.from_pretrained(run, device=device, dtype=dtype)
-        return CoLLM.load(base or EMBEDDED_DEFAULT, expert or [EMBEDDED_DEFAULT], head, device=device,
-                          dtype=dtype or "float32")
+        return spec.load()
 
 
-@app.command()
-def serve(
-    run: RunOption = None,
-    base: BaseOption = None,
-    expert: ExpertOption = None,
-    head: HeadOption = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Threshold for requests that give none, in [0, 1]. Default: the run's, else 0.5.")] = None,
-    device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    allowed_host: Annotated[Optional[list[str]], typer.Option(help="A host name clients may reach this server by (repeatable; '*' for any). Always allowed: localhost, 127.0.0.1, [::1] and --host itself. Others get 400, which keeps web pages out through DNS rebinding.")] = None,
-    api_key: Annotated[Optional[str], typer.Option(envvar="COLLM_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1/ request (the openai client's api_key); also read from $COLLM_API_KEY.")] = None,
-    model_name: Annotated[str, typer.Option(help="The model name clients send (GET /v1/models lists it).")] = "collm",
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
-    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (and the chat default).")] = 1024,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; bigger gets 413.")] = 1 << 20,
-    max_concurrent: Annotated[int, typer.Option(help="Rows decoding together in one batch; later requests wait.")] = 16,
-    max_waiting: Annotated[int, typer.Option(help="Requests waiting for a slot; beyond that 429.")] = 64,
-    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, waiting included; then 408.")] = 600.0,
-    config: ConfigOption = None,
-):
-    """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health) whose every
-    token carries who wrote it, with a playground page at /."""
+def _serve(spec, config) -> None:
+    """`collm serve`: load the pair (once its settings are checked), then serve it until Ctrl-C."""
     import uvicorn
 
-    from collm.core.request import check_threshold
     from collm.serve.app import build_app
-    from collm.serve.serving import ServeConfig
 
-    if threshold is not None:
-        check_threshold(threshold)
-    from collm.serve.app import LOOPBACK
-
-    hosts = tuple(dict.fromkeys([*LOOPBACK, *([host] if host not in ("0.0.0.0", "::") else []),
-                                 *(allowed_host or [])]))
-    limits = dict(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                  max_concurrent=max_concurrent, max_waiting=max_waiting, request_timeout=request_timeout,
-                  allowed_hosts=hosts, api_key=api_key)
-    ServeConfig(model_name=model_name, **limits)  # refuse bad limits before minutes of loading
-    _zero_head_note(run, base, expert, head, threshold)
-    pair = _load_pair(run, base, expert, head, device, dtype)
-    cfg = ServeConfig(model_name=model_name, threshold=pair.threshold if threshold is None else threshold, **limits)
-    err.print(f"[dim]serving {model_name!r} on http://{host}:{port} (playground at /)[/dim]")
-    if host not in LOOPBACK and api_key is None:
-        err.print(f"[yellow]note:[/yellow] listening on {host} with no --api-key: anyone who can reach this port "
-                  f"can use the models", highlight=False)
-    if host in ("0.0.0.0", "::") and "*" not in hosts:
-        err.print(f"[dim]answering requests for {', '.join(hosts)}; add the names clients use with "
+    _zero_head_note(spec, config.threshold)
+    pair = _load_pair(spec)
+    err.print(f"[dim]serving {config.model_name!r} on http://{config.host}:{config.port} (playground at /)[/dim]")
+    if config.host not in ("localhost", "127.0.0.1", "::1", "[::1]") and config.api_key is None:
+        err.print(f"[yellow]note:[/yellow] listening on {config.host} with no --api-key: anyone who can reach this "
+                  f"port can use the models", highlight=False)
+    if config.host in ("0.0.0.0", "::") and "*" not in config.allowed_hosts:
+        err.print(f"[dim]answering requests for {', '.join(config.served_hosts)}; add the names clients use with "
                   f"--allowed-host[/dim]", highlight=False)
     # open streams get 5 s to finish on Ctrl-C; then their rows are dropped with the engine
-    uvicorn.run(build_app(pair, cfg), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(build_app(pair, config), host=config.host, port=config.port, log_level="warning",
+                timeout_graceful_shutdown=5)
 
 
 def _read_prompts(prompts: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:
@@ -422,30 +383,29 @@ def data_calc(
 
 
 
-def dataclass_command(cls, name: str, run, *, short_help: str) -> None:
-    """Register command ``name`` whose options are the fields of dataclass ``cls``, each with its type, its
-    default and, as help, the docstring under the field: the config class is the one place an option is
-    described. ``run(config)`` does the work; ``--config FILE`` supplies values too."""
-    hints = typing.get_type_hints(cls)
-    docs = _field_docs(cls)
-    params = []
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `int | None`: an optional int
-            hint = typing.Optional[next(a for a in typing.get_args(hint) if a is not type(None))]
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = ... if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
-        if default == []:
-            default = None
-        option = typer.Option(help=rich_escape(docs.get(f.name, "")), show_default=not required)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=Annotated[hint, option]))
+def dataclass_command(classes, name: str, run, *, short_help: str) -> None:
+    """Register command ``name`` whose options are the fields of the dataclass ``classes`` (one, or a tuple of
+    several with distinct field names), each with its type, its default and, as help, the docstring under the
+    field: the config class is the one place an option is described. A field's metadata may name its ``flag``
+    (default --field-name) and an ``envvar``. ``run(config)`` (one class) or ``run(*configs)`` does the work;
+    ``--config FILE`` supplies values too."""
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    params, owner = [], {}
+    for cls in classes:
+        hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in owner:
+                raise ValueError(f"{cls.__name__}.{f.name} is also a field of {owner[f.name].__name__}")
+            owner[f.name] = cls
+            params.append(_option(f, hints[f.name], docs.get(f.name, "")))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                                     annotation=ConfigOption))
 
     def command(**values):
         values.pop("config", None)
-        run(cls(**{k: v for k, v in values.items() if v is not None or k not in _list_fields(cls)}))
+        configs = [cls(**{k: v for k, v in values.items() if owner[k] is cls
+                          and (v is not None or k not in _list_fields(cls))}) for cls in classes]
+        run(*configs)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = short_help
@@ -453,12 +413,18 @@ def dataclass_command(cls, name: str, run, *, short_help: str) -> None:
     app.command(name)(command)
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (Python keeps none at run time: read the source)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: " ".join(b.value.value.replace("``", "").split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
-            and isinstance(b.value.value, str)}
+def _option(f: dataclasses.Field, hint, doc: str) -> inspect.Parameter:
+    """The typer option of one dataclass field."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `int | None`: an optional int
+        hint = typing.Optional[next(a for a in typing.get_args(hint) if a is not type(None))]
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    default = ... if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+    if default == []:
+        default = None
+    flags = (f.metadata["flag"],) if "flag" in f.metadata else ()
+    option = typer.Option(*flags, help=rich_escape(doc), show_default=not required, envvar=f.metadata.get("envvar"))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[hint, option])
 
 
 def _list_fields(cls) -> set[str]:
@@ -514,6 +480,17 @@ def _register_score() -> None:
 
 
 _register_score()
+
+
+def _register_serve() -> None:
+    from collm.serve.serving import ServeConfig
+
+    dataclass_command((PairSpec, ServeConfig), "serve", _serve,
+                      short_help="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                                 "/health) whose every token carries who wrote it, with a playground page at /.")
+
+
+_register_serve()
 
 
 @app.command("eval")

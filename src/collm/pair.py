@@ -33,6 +33,46 @@ from collm.run import (  # noqa: F401
 
 
 @dataclass
+class PairSpec:
+    """Which pair to load: the model options ``collm generate`` and ``collm serve`` share."""
+
+    run: str | None = None
+    """A trained run folder (collm.json), or a shipped run by name (smollm2, qwen); replaces --base/--expert/--head.
+    Default, when no model option is given: the shipped SmolLM2 run (tuned base, math expert, trained head and its
+    threshold), as `collm demo` uses."""
+    base: str | None = None
+    """Base model: HF folder, .gguf file, or a named model such as smollm2-135m-instruct (the default once any
+    model option is given)."""
+    expert: list[str] = field(default_factory=list)
+    """Expert model (repeat for several): a spec, or a completions server http://HOST:PORT/v1[#MODEL]. Default:
+    the embedded model."""
+    head: str | None = None
+    """Deferral head: a .safetensors file, or by name: 'zero' (P(defer) = 0.5 everywhere: with one expert the
+    default threshold 0.5 never defers), 'never' or 'always'. Default with --base/--expert: zero."""
+    device: str = "cpu"
+    """Torch device, e.g. cpu or cuda."""
+    dtype: str | None = None
+    """float32, bfloat16 or float16. Default: the run's, else float32."""
+
+    def __post_init__(self):
+        self.expert = [self.expert] if isinstance(self.expert, str) else list(self.expert or [])
+
+    @property
+    def names_models(self) -> bool:
+        """Whether any model option is given (else the default run is loaded)."""
+        return not (self.run is None and self.base is None and not self.expert and self.head is None)
+
+    def load(self) -> "CoLLM":
+        """The pair: the run, or the models with the head, or (no model option) the shipped default run."""
+        if self.run is not None or not self.names_models:
+            return CoLLM.from_pretrained(self.run or DEFAULT_RUN, device=self.device, dtype=self.dtype)
+        from collm.backends.models import EMBEDDED_DEFAULT
+
+        return CoLLM.load(self.base or EMBEDDED_DEFAULT, self.expert or [EMBEDDED_DEFAULT], self.head,
+                          device=self.device, dtype=self.dtype or "float32")
+
+
+@dataclass
 class GenerateOutput:
     """What :meth:`CoLLM.generate` returns; every list has one entry per prompt, new tokens only."""
 

@@ -35,7 +35,7 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 41
 def build_app(pair, config: ServeConfig | None = None, engine=None) -> FastAPI:
     """An app serving ``pair`` under ``config``'s name and limits. ``engine``: the engine to drive (default
     ``pair.engine()``; tests pass a scripted one)."""
-    config = config or ServeConfig(threshold=pair.threshold)
+    config = config or ServeConfig()
     scheduler = Scheduler(engine if engine is not None else pair.engine(),
                           max_concurrent=config.max_concurrent, max_waiting=config.max_waiting)
     serving = Serving(pair, scheduler, config)
@@ -51,7 +51,7 @@ def build_app(pair, config: ServeConfig | None = None, engine=None) -> FastAPI:
     app.state.serving = serving
     _errors(app)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(Guard, hosts=config.allowed_hosts, api_key=config.api_key)
+    app.add_middleware(Guard, hosts=config.served_hosts, api_key=config.api_key)
 
     @app.get("/health")
     async def health():
@@ -187,9 +187,6 @@ class _NotText(StarletteHTTPException):
 
     def __init__(self, at: int):
         super().__init__(400, f"the request body is not UTF-8 text (byte {at}): send JSON encoded as UTF-8")
-
-
-LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 
 
 class Guard:

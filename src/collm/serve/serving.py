@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from collm.core.request import check_threshold
 from collm.errors import CollmError
 from collm.serve.protocol import (
     ChatChoice,
@@ -27,17 +28,25 @@ from collm.serve.protocol import (
 )
 from collm.serve.scheduler import Busy, EngineFailed, Row, Scheduler
 
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+"""Host names a server always answers."""
+
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The server's name for the pair and the limits it enforces on every request."""
+    """Where the server listens, its name for the pair, and the limits it enforces on every request (the options
+    of ``collm serve`` besides the models)."""
 
+    host: str = "127.0.0.1"
+    """Address to listen on (127.0.0.1: this machine only)."""
+    port: int = 8000
+    """TCP port."""
     model_name: str = "collm"
-    """The ``model`` requests must name (``GET /v1/models`` lists it)."""
+    """The model name clients send (GET /v1/models lists it)."""
     max_prompt_tokens: int = 4096
-    """Longest prompt, in tokens (the models' context is checked as well)."""
+    """Longest prompt accepted, in tokens (the models' context is checked as well)."""
     max_tokens: int = 1024
-    """Largest ``max_tokens`` a request may ask for; also the default where a chat request gives none."""
+    """Largest max_tokens a request may ask for; also the default where a chat request gives none."""
     max_body_bytes: int = 1 << 20
     """Largest request body; a bigger one gets 413."""
     max_concurrent: int = 16
@@ -46,13 +55,16 @@ class ServeConfig:
     """Requests waiting for a slot; beyond that a request gets 429 at once."""
     request_timeout: float = 600.0
     """Seconds a request may take, waiting included; then its rows are dropped and it fails with 408."""
-    threshold: float = 0.5
-    """The deferral threshold for requests that give none."""
-    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
-    """Host names (the Host header, port aside) this server answers; others get 400, which stops a web page
-    from reaching a local server through DNS rebinding. "*" answers any."""
-    api_key: str | None = None
-    """When set, every /v1/ request must send ``Authorization: Bearer <api_key>``; others get 401."""
+    threshold: float | None = None
+    """The deferral threshold for requests that give none, in [0, 1]. Default: the pair's (a run's calibrated
+    one, else 0.5)."""
+    allowed_hosts: list[str] = field(default_factory=list, metadata={"flag": "--allowed-host"})
+    """Host names (the Host header, port aside) clients may reach this server by, besides localhost, 127.0.0.1,
+    [::1] and --host itself; others get 400, which keeps web pages out through DNS rebinding. "*" answers any
+    (repeatable)."""
+    api_key: str | None = field(default=None, metadata={"envvar": "COLLM_API_KEY"})
+    """When set, every /v1/ request must send 'Authorization: Bearer KEY' (the openai client's api_key); others get
+    401. Also read from $COLLM_API_KEY."""
 
     def __post_init__(self):
         for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes", "max_concurrent"):
@@ -60,11 +72,22 @@ class ServeConfig:
                 raise CollmError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0 or not self.request_timeout > 0:
             raise CollmError("max_waiting must be >= 0 and request_timeout > 0")
-        if isinstance(self.allowed_hosts, str) or not self.allowed_hosts or not all(
-                isinstance(h, str) and h.strip() for h in self.allowed_hosts):
-            raise CollmError("allowed_hosts must be a non-empty list of host names (or '*')")
+        if not 0 < self.port < 65536:
+            raise CollmError(f"port must be in 1..65535, got {self.port}")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        hosts = [self.allowed_hosts] if isinstance(self.allowed_hosts, str) else list(self.allowed_hosts)
+        if not all(isinstance(h, str) and h.strip() for h in hosts):
+            raise CollmError("allowed_hosts must be host names (or '*')")
+        object.__setattr__(self, "allowed_hosts", tuple(hosts))
         if self.api_key is not None and not self.api_key.strip():
             raise CollmError("api_key must not be empty: give a secret, or leave it out")
+
+    @property
+    def served_hosts(self) -> tuple[str, ...]:
+        """Every host name this server answers: loopback, the address it listens on, and allowed_hosts."""
+        own = () if self.host in ("0.0.0.0", "::") else (self.host,)
+        return tuple(dict.fromkeys([*LOOPBACK, *own, *self.allowed_hosts]))
 
 
 class ApiError(Exception):
