@@ -64,7 +64,9 @@ def test_ruff_finds_nothing():
 @pytest.mark.parametrize("command, configs", [
     ("train", ["collm.training.train:TrainConfig"]), ("reward", ["collm.training.reward:RewardConfig"]),
     ("score", ["collm.training.score:ScoreConfig"]),
-    ("serve", ["collm.pair:PairSpec", "collm.serve.serving:ServeConfig"])])
+    ("serve", ["collm.pair:PairSpec", "collm.serve.serving:ServeConfig"]),
+    ("eval", ["collm.evaluation.evaluate:EvalRun", "collm.evaluation.evaluate:EvalConfig"]),
+    ("calibrate", ["collm.evaluation.calibrate:CalibrateRun", "collm.evaluation.calibrate:CalibrateConfig"])])
 def test_generated_commands_have_one_option_per_config_field(command, configs):
     """Each option of these commands is a field of one config dataclass, with the field's docstring as help."""
     import dataclasses

@@ -403,6 +403,10 @@ def dataclass_command(classes, name: str, run, *, short_help: str) -> None:
 
     def command(**values):
         values.pop("config", None)
+        for name, value in values.items():  # a field with a text form on the command line ("0.3,0.5")
+            parse = PARSERS.get(dataclasses.fields(owner[name])[_index(owner[name], name)].metadata.get("parse"))
+            if parse is not None and isinstance(value, str):
+                values[name] = parse(value)
         configs = [cls(**{k: v for k, v in values.items() if owner[k] is cls
                           and (v is not None or k not in _list_fields(cls))}) for cls in classes]
         run(*configs)
@@ -413,6 +417,10 @@ def dataclass_command(classes, name: str, run, *, short_help: str) -> None:
     app.command(name)(command)
 
 
+def _index(cls, name: str) -> int:
+    return [f.name for f in dataclasses.fields(cls)].index(name)
+
+
 def _option(f: dataclasses.Field, hint, doc: str) -> inspect.Parameter:
     """The typer option of one dataclass field."""
     if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `int | None`: an optional int
@@ -421,6 +429,8 @@ def _option(f: dataclasses.Field, hint, doc: str) -> inspect.Parameter:
     default = ... if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
     if default == []:
         default = None
+    if f.metadata.get("parse") == "floats":  # typed as text on the command line: comma-separated numbers
+        hint, default = str, ",".join(f"{x:g}" for x in default)
     flags = (f.metadata["flag"],) if "flag" in f.metadata else ()
     option = typer.Option(*flags, help=rich_escape(doc), show_default=not required, envvar=f.metadata.get("envvar"))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
@@ -493,58 +503,37 @@ def _register_serve() -> None:
 _register_serve()
 
 
-@app.command("eval")
-def eval_(
-    run: Annotated[Path, typer.Option(help="Trained run folder (collm.json) to evaluate.")],
-    data: Annotated[Path, typer.Option(help="JSONL with \"prompt\" and \"answer\" per line.")],
-    html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results with every answer as JSON here.")] = None,
-    markdown: Annotated[Optional[Path], typer.Option(help="Write the summary table as Markdown here.")] = None,
-    weak_run: Annotated[Optional[Path], typer.Option(help="Run whose head was trained by weak supervision (a comparison row).")] = None,
-    sft_run: Annotated[Optional[Path], typer.Option(help="Run with a fine-tuned base, decoded alone (a comparison row).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Co-LLM threshold in [0, 1]. Default: the run's.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N rows.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random-deferral baseline.", callback=_seed)] = 0,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); an answer ends before it.")] = None,
-    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's.")] = None,
-    config: ConfigOption = None,
-):
-    """Exact-match accuracy of base, expert, Co-LLM and random deferral (and given runs), with 95% intervals."""
+def _eval(target, config) -> None:
     from collm.evaluation import evaluate as ev
 
-    cfg = ev.EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, threshold=threshold, limit=limit,
-                        seed=seed, stop=tuple(stop or ()))
-    results = ev.evaluate_run(run, data, cfg, weak_run=weak_run, sft_run=sft_run, json_path=json_out,
-                              markdown_path=markdown, html_path=html, device=device, dtype=dtype)
+    results = ev.evaluate_run(target.run, target.data, config, weak_run=target.weak_run, sft_run=target.sft_run,
+                              json_path=target.json_out, markdown_path=target.markdown, html_path=target.html,
+                              device=target.device, dtype=target.dtype)
     print(ev.markdown_table(results))
 
 
-@app.command()
-def calibrate(
-    run: Annotated[Path, typer.Option(help="Trained run folder; its collm.json gets the chosen threshold.")],
-    data: Annotated[Path, typer.Option(help="Validation JSONL with \"prompt\" and \"answer\" per line.")],
-    max_defer: Annotated[Optional[float], typer.Option(help="Largest acceptable deferral rate in [0, 1]. Default: none.")] = None,
-    thresholds: Annotated[str, typer.Option(help="Comma-separated thresholds to try, each in [0, 1].")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
-    png: Annotated[Optional[Path], typer.Option(help="Write the accuracy-vs-deferral plot here.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N validation rows.")] = None,
-    baselines: Annotated[bool, typer.Option(help="Also measure base alone and expert alone for the plot.")] = True,
-    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the run's.")] = None,
-    config: ConfigOption = None,
-):
-    """Pick the threshold with the best validation accuracy (within --max-defer) and save it in the run."""
+def _calibrate(target, config) -> None:
     from collm.evaluation import calibrate as cal
 
-    cfg = cal.CalibrateConfig(thresholds=_floats(thresholds), max_defer=max_defer, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, limit=limit, baselines=baselines)
-    record = cal.calibrate_run(run, data, cfg, png, device, dtype, progress=lambda t, p: err.print(
-        f"[dim]threshold {t:g}: accuracy {p.accuracy:.3f}, deferral rate {p.defer_rate:.3f}[/dim]"))
+    record = cal.calibrate_run(target.run, target.data, config, target.png, target.device, target.dtype,
+                               progress=lambda t, p: err.print(f"[dim]threshold {t:g}: accuracy {p.accuracy:.3f}, "
+                                                               f"deferral rate {p.defer_rate:.3f}[/dim]"))
     print(json.dumps({"threshold": record["chosen"]["threshold"], "chosen": record["chosen"]}))
+
+
+def _register_evaluation() -> None:
+    from collm.evaluation.calibrate import CalibrateConfig, CalibrateRun
+    from collm.evaluation.evaluate import EvalConfig, EvalRun
+
+    dataclass_command((EvalRun, EvalConfig), "eval", _eval,
+                      short_help="Exact-match accuracy of base, expert, Co-LLM and random deferral (and given "
+                                 "runs), with 95% intervals.")
+    dataclass_command((CalibrateRun, CalibrateConfig), "calibrate", _calibrate,
+                      short_help="Pick the threshold with the best validation accuracy (within --max-defer) and "
+                                 "save it in the run.")
+
+
+_register_evaluation()
 
 
 @app.command()
@@ -560,10 +549,15 @@ def seal(
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    """"0.3, 0.5" -> (0.3, 0.5); CollmError naming the text where a part is not a number."""
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise CollmError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+PARSERS = {"floats": _floats}
+"""Text forms a config field may take on the command line (its metadata's "parse")."""
 
 
 def main() -> None:

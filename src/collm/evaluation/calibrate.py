@@ -7,7 +7,7 @@ at most `max_defer` of the tokens. The choice is written into the run's collm.js
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from collm.errors import CollmError
@@ -21,8 +21,8 @@ DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 class CalibrateConfig:
     """How `calibrate` measures and chooses; saved into collm.json under "calibration"."""
 
-    thresholds: tuple[float, ...] = DEFAULT_GRID
-    """Thresholds to try, each in [0, 1]."""
+    thresholds: tuple[float, ...] = field(default=DEFAULT_GRID, metadata={"parse": "floats"})
+    """Thresholds to try, each in [0, 1] (comma-separated)."""
     max_defer: float | None = None
     """Largest acceptable deferral rate (fraction of tokens the expert writes); None: no budget."""
     max_new_tokens: int = 256
@@ -43,6 +43,22 @@ class CalibrateConfig:
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, limit=self.limit)
+
+
+@dataclass
+class CalibrateRun:
+    """The run `collm calibrate` chooses a threshold for, its validation data, and the plot (how: CalibrateConfig)."""
+
+    run: str
+    """Trained run folder; its collm.json gets the chosen threshold."""
+    data: str
+    """Validation JSONL with "prompt" and "answer" per line."""
+    png: str | None = None
+    """Write the accuracy-vs-deferral plot here."""
+    device: str = "cpu"
+    """Torch device, e.g. cpu or cuda."""
+    dtype: str | None = None
+    """float32, bfloat16 or float16. Default: the run's."""
 
 
 @dataclass(frozen=True)

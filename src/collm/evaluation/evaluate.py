@@ -41,8 +41,8 @@ class EvalConfig:
     """Evaluate only the first `limit` rows (None: all)."""
     seed: int = 0
     """Seeds the random-deferral baseline (and sampling, were it on)."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: an answer ends before the first of them."""
+    stop: list[str] = field(default_factory=list)
+    """Stop string (repeatable): an answer ends before the first of them."""
     chat: bool = True
     """Wrap prompts in the base's chat template, as `collm.data.rows` does for training."""
 
@@ -55,6 +55,30 @@ class EvalConfig:
         if self.limit is not None and self.limit <= 0:
             raise CollmError(f"limit must be positive, got {self.limit}")
         check_seed(self.seed)
+
+
+@dataclass
+class EvalRun:
+    """What `collm eval` evaluates and where it writes its results (how it decodes: EvalConfig)."""
+
+    run: str
+    """Trained run folder (collm.json) to evaluate, or a shipped run by name."""
+    data: str
+    """JSONL with "prompt" and "answer" per line."""
+    html: str | None = None
+    """Write a self-contained HTML report here."""
+    json_out: str | None = field(default=None, metadata={"flag": "--json"})
+    """Write results with every answer as JSON here."""
+    markdown: str | None = None
+    """Write the summary table as Markdown here."""
+    weak_run: str | None = None
+    """Run whose head was trained by weak supervision (a comparison row)."""
+    sft_run: str | None = None
+    """Run with a fine-tuned base, decoded alone (a comparison row)."""
+    device: str = "cpu"
+    """Torch device, e.g. cpu or cuda."""
+    dtype: str | None = None
+    """float32, bfloat16 or float16. Default: the run's."""
 
 
 @dataclass
