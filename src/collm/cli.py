@@ -262,60 +262,21 @@ def _print_summary(stats: dict) -> None:
     )
 
 
-@app.command()
-def demo(
-    count: Annotated[int, typer.Option(help="Held-out problems to answer, from 1 to the number shipped (3).")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 256,
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    threshold: Annotated[Optional[float], typer.Option(help="Co-LLM's threshold in [0, 1]. Default: the shipped run's calibrated one.")] = None,
-    pair: Annotated[str, typer.Option(help="smollm2 (embedded) or qwen (Qwen2.5-Coder 0.5B + 1.5B; needs scripts/install.sh --qwen).")] = "smollm2",
-):
+def _demo(config) -> None:
     """The embedded default, offline: SmolLM2-135M-Instruct with a shipped math expert (LoRA) and a trained
-    deferral head answer held-out GSM8K problems (base alone, expert alone, Co-LLM), then the measured table.
-    --pair qwen does the same with the shipped Qwen2.5-Coder run."""
+    deferral head answer held-out GSM8K problems (base alone, expert alone, Co-LLM), then the measured table."""
     from collm import demo as d
 
-    if pair not in d.PAIRS:
-        raise CollmError(f"--pair must be one of {', '.join(d.PAIRS)}, got {pair!r}")
-    d.run(console, folder=d.PAIRS[pair], count=count, max_new_tokens=max_new_tokens, device=device,
-          threshold=threshold)
+    d.run(console, folder=d.PAIRS[config.pair], count=config.count, max_new_tokens=config.max_new_tokens,
+          device=config.device, threshold=config.threshold)
 
 
-@app.command()
-def bench(
-    base: Annotated[Optional[str], typer.Option(help="Base model spec (with --expert); else --shapes.")] = None,
-    expert: Annotated[Optional[str], typer.Option(help="Expert model spec (with --base), or a server http://HOST:PORT/v1[#MODEL] (systems base, expert, collm, hf_base).")] = None,
-    shapes: Annotated[str, typer.Option(help="Random-weight Llama shapes BASE+EXPERT: tiny-base, tiny-expert, llama-1b, llama-8b.")] = "tiny-base+tiny-expert",
-    fractions: Annotated[str, typer.Option(help="Comma-separated deferral fractions f.")] = "0,0.05,0.1,0.2,0.5,1",
-    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
-    systems: Annotated[str, typer.Option(help="Comma-separated systems: base, expert, collm, naive, hf_base, hf_expert, hf_base_static, hf_expert_static.")] = "base,expert,collm,naive,hf_base,hf_expert",
-    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per row.")] = 32,
-    new_tokens: Annotated[int, typer.Option(help="New tokens per row (EOS ignored).")] = 64,
-    repeats: Annotated[int, typer.Option(help="Timed runs per row after a warm-up; the median is kept.")] = 3,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed for prompts, weights and the deferral pattern.", callback=_seed)] = 0,
-    compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (warm-up takes minutes).")] = False,
-    per_row: Annotated[bool, typer.Option(help="Each row defers on its own phase (else all rows on the same steps).")] = False,
-    fused: Annotated[bool, typer.Option(help="CUDA: one device program per token; --no-fused times the step-by-step loop.")] = True,
-    prepack: Annotated[bool, typer.Option(help="CPU: oneDNN-prepacked weights for large layers; --no-prepack times PyTorch's defaults.")] = True,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write rows and config as JSON here.")] = None,
-    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as Markdown here.")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Write a plot of ms/token against f here.")] = None,
-    config: ConfigOption = None,
-):
-    """Time ms/token (decoding, after the first token; prefill apart) for base, expert, Co-LLM at deferral
-    fractions f, a naive re-encoding loop and transformers."""
+def _bench(config, output) -> None:
     from collm.evaluation import bench as b
 
-    cfg = b.BenchConfig(base=base, expert=expert, shapes=None if base else shapes,
-                        fractions=_floats(fractions), batches=tuple(int(x) for x in _floats(batch)),
-                        systems=tuple(s.strip() for s in systems.split(",") if s.strip()), prompt_len=prompt_len,
-                        new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, seed=seed,
-                        compile=compile, per_row=per_row, fused=fused, prepack=prepack)
-    rows = b.run(cfg, progress=lambda r: err.print(f"[dim]{r.system} f={r.f:g} batch={r.batch}: "
-                                                   f"{r.ms_per_token:.2f} ms/token[/dim]"))
-    b.save(rows, cfg, json_out, markdown_out, png)
+    rows = b.run(config, progress=lambda r: err.print(f"[dim]{r.system} f={r.f:g} batch={r.batch}: "
+                                                      f"{r.ms_per_token:.2f} ms/token[/dim]"))
+    b.save(rows, config, output.json_out, output.markdown_out, output.png)
     print(b.markdown(rows))
 
 
@@ -323,67 +284,59 @@ data_app = typer.Typer(help="Make prompt/completion JSONL data sets (GSM8K varia
 app.add_typer(data_app, name="data")
 
 
-@data_app.command("gsm")
-def data_gsm(
-    out: Annotated[Path, typer.Option(help="Output folder for train/new_numbers/validation/test JSONL, splits.json, manifest.json.")],
-    seed: Annotated[int, typer.Option(help="Seeds the template split and every draw; same seed, same files.", callback=_seed)] = 0,
-    fractions: Annotated[str, typer.Option(help="Shares of templates for train,validation,test.")] = "0.7,0.1,0.2",
-    train_variants: Annotated[int, typer.Option(help="Variants per train template.")] = 50,
-    new_numbers_variants: Annotated[int, typer.Option(help="Variants per train template with numbers unseen in train.")] = 10,
-    eval_variants: Annotated[int, typer.Option(help="Variants per validation or test template.")] = 10,
-    originals: Annotated[bool, typer.Option(help="Include each template's original GSM8K problem in its split.")] = True,
-):
-    """GSM8K problems and checked new variants from the GSM-Symbolic templates, split by template."""
+@dataclasses.dataclass
+class DataOut:
+    """Where a `collm data` command writes."""
+
+    out: str
+    """Output folder for the JSONL splits and manifest.json (created; the same seed gives the same files)."""
+
+
+def _data_gsm(out, config) -> None:
     from collm.data import gsm
 
-    config = gsm.GsmConfig(seed=seed, fractions=_floats(fractions), train_variants=train_variants,
-                           new_numbers_variants=new_numbers_variants, eval_variants=eval_variants,
-                           include_originals=originals)
-    manifest = gsm.write_dataset(out, config)
+    manifest = gsm.write_dataset(Path(out.out), config)
     for template_id, reason in manifest["skipped"].items():
         err.print(f"[yellow]skipped[/yellow] {reason}", highlight=False)
     print(json.dumps({"rows": manifest["rows"], "skipped": len(manifest["skipped"])}))
 
 
-@data_app.command("arithmetic")
-def data_arithmetic(
-    out: Annotated[Path, typer.Option(help="Output folder for train/validation/test JSONL and manifest.json.")],
-    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same files.", callback=_seed)] = 0,
-    modules: Annotated[str, typer.Option(help="Comma-separated mathematics_dataset arithmetic modules.")] = "add_or_sub,mul,div,mixed",
-    train: Annotated[int, typer.Option(help="Training rows per module.")] = 1000,
-    validation: Annotated[int, typer.Option(help="Validation rows per module.")] = 100,
-    test: Annotated[int, typer.Option(help="Test rows per module.")] = 200,
-):
-    """Arithmetic problems from mathematics_dataset; no question appears in two splits."""
+def _data_arithmetic(out, config) -> None:
     from collm.data import arithmetic
 
-    names = tuple(m.strip() for m in modules.split(",") if m.strip())
-    manifest = arithmetic.write_dataset(out, arithmetic.ArithmeticConfig(
-        seed=seed, modules=names, train_per_module=train, validation_per_module=validation, test_per_module=test))
-    print(json.dumps({"rows": manifest["rows"]}))
+    print(json.dumps({"rows": arithmetic.write_dataset(Path(out.out), config)["rows"]}))
 
 
-@data_app.command("calc")
-def data_calc(
-    out: Annotated[Path, typer.Option(help="Output folder for train.jsonl and manifest.json.")],
-    gsm: Annotated[Optional[Path], typer.Option(help="GSM train JSONL whose <<a=b>> notes are reused (train split only).")] = None,
-    arithmetic: Annotated[Optional[Path], typer.Option(help="Arithmetic train JSONL mixed in unchanged.")] = None,
-    rows: Annotated[int, typer.Option(help="Calculation rows, each a few lines 'a = <<a=b>>b'.")] = 30_000,
-    gsm_share: Annotated[float, typer.Option(help="Share of lines taken from the GSM notes; the rest are random.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seeds every draw; same seed, same file.", callback=_seed)] = 0,
-):
-    """Training rows for the math expert: calculations written as GSM8K notes, plus arithmetic (no word problems)."""
+def _data_calc(out, config) -> None:
     from collm.training import expert
 
-    manifest = expert.write_calc_dataset(out, expert.CalcConfig(seed=seed, rows=rows, gsm_share=gsm_share,
-                                                               gsm=str(gsm) if gsm else None,
-                                                               arithmetic=str(arithmetic) if arithmetic else None))
-    print(json.dumps({"rows": manifest["rows"]}))
+    print(json.dumps({"rows": expert.write_calc_dataset(Path(out.out), config)["rows"]}))
 
 
+def _register_more() -> None:
+    from collm.data.arithmetic import ArithmeticConfig
+    from collm.data.gsm import GsmConfig
+    from collm.demo.command import DemoConfig
+    from collm.evaluation.bench import BenchConfig, BenchOutput
+    from collm.training.expert import CalcConfig
+
+    dataclass_command(DemoConfig, "demo", _demo,
+                      short_help="The shipped run, offline: base alone, expert alone and Co-LLM answer held-out "
+                                 "GSM8K problems, each token colored by its writer, then the measured table.")
+    dataclass_command((BenchConfig, BenchOutput), "bench", _bench,
+                      short_help="Time ms/token (decoding, after the first token; prefill apart) for base, expert, "
+                                 "Co-LLM at deferral fractions f, a naive re-encoding loop and transformers.")
+    dataclass_command((DataOut, GsmConfig), "gsm", _data_gsm, on=data_app,
+                      short_help="GSM8K problems and checked new variants from the GSM-Symbolic templates, split "
+                                 "by template.")
+    dataclass_command((DataOut, ArithmeticConfig), "arithmetic", _data_arithmetic, on=data_app,
+                      short_help="Arithmetic problems from mathematics_dataset; no question appears in two splits.")
+    dataclass_command((DataOut, CalcConfig), "calc", _data_calc, on=data_app,
+                      short_help="Training rows for the math expert: calculations written as GSM8K notes, plus "
+                                 "arithmetic (no word problems).")
 
 
-def dataclass_command(classes, name: str, run, *, short_help: str) -> None:
+def dataclass_command(classes, name: str, run, *, short_help: str, on: typer.Typer | None = None) -> None:
     """Register command ``name`` whose options are the fields of the dataclass ``classes`` (one, or a tuple of
     several with distinct field names), each with its type, its default and, as help, the docstring under the
     field: the config class is the one place an option is described. A field's metadata may name its ``flag``
@@ -414,7 +367,7 @@ def dataclass_command(classes, name: str, run, *, short_help: str) -> None:
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = short_help
     command.__name__ = name
-    app.command(name)(command)
+    (on or app).command(name)(command)
 
 
 def _index(cls, name: str) -> int:
@@ -429,8 +382,8 @@ def _option(f: dataclasses.Field, hint, doc: str) -> inspect.Parameter:
     default = ... if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
     if default == []:
         default = None
-    if f.metadata.get("parse") == "floats":  # typed as text on the command line: comma-separated numbers
-        hint, default = str, ",".join(f"{x:g}" for x in default)
+    if "parse" in f.metadata:  # typed as text on the command line: comma-separated numbers or names
+        hint, default = str, ",".join(x if isinstance(x, str) else f"{x:g}" for x in default)
     flags = (f.metadata["flag"],) if "flag" in f.metadata else ()
     option = typer.Option(*flags, help=rich_escape(doc), show_default=not required, envvar=f.metadata.get("envvar"))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
@@ -534,6 +487,7 @@ def _register_evaluation() -> None:
 
 
 _register_evaluation()
+_register_more()
 
 
 @app.command()
@@ -556,7 +510,8 @@ def _floats(text: str) -> tuple[float, ...]:
         raise CollmError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-PARSERS = {"floats": _floats}
+PARSERS = {"floats": _floats, "ints": lambda text: tuple(int(x) for x in _floats(text)),
+           "names": lambda text: tuple(x.strip() for x in text.split(",") if x.strip())}
 """Text forms a config field may take on the command line (its metadata's "parse")."""
 
 

@@ -12,7 +12,7 @@ import contextlib
 import random
 import sys
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,13 +33,13 @@ class ArithmeticConfig:
 
     seed: int = 0
     """Seeds every draw; the same seed gives byte-identical files."""
-    modules: tuple[str, ...] = DEFAULT_MODULES
+    modules: tuple[str, ...] = field(default=DEFAULT_MODULES, metadata={"parse": "names"})
     """Arithmetic modules: add_or_sub, add_sub_multiple, mul, div, mul_div_multiple, mixed, ..."""
-    train_per_module: int = 1000
+    train_per_module: int = field(default=1000, metadata={"flag": "--train"})
     """Training rows per module."""
-    validation_per_module: int = 100
+    validation_per_module: int = field(default=100, metadata={"flag": "--validation"})
     """Validation rows per module."""
-    test_per_module: int = 200
+    test_per_module: int = field(default=200, metadata={"flag": "--test"})
     """Test rows per module."""
 
     def __post_init__(self):

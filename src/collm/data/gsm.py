@@ -19,7 +19,7 @@ import json
 import random
 import re
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
@@ -411,7 +411,7 @@ class GsmConfig:
 
     seed: int = 0
     """Seeds the template split and every draw; the same seed gives byte-identical files."""
-    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    fractions: tuple[float, float, float] = field(default=(0.7, 0.1, 0.2), metadata={"parse": "floats"})
     """Shares of templates for train, validation and test."""
     train_variants: int = 50
     """Variants per train template in train.jsonl."""
@@ -419,7 +419,7 @@ class GsmConfig:
     """Variants per train template in new_numbers.jsonl, with numbers no train variant uses."""
     eval_variants: int = 10
     """Variants per validation or test template."""
-    include_originals: bool = True
+    include_originals: bool = field(default=True, metadata={"flag": "--originals/--no-originals"})
     """Add each template's original GSM8K problem to its template's split."""
     max_tries: int = 20_000
     """Draws tried per variant before a template is given up as unsatisfiable."""

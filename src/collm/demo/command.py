@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from collm.demo.shipped import ASSETS, verify
+from collm.demo.shipped import ASSETS, PAIRS, verify
 from collm.errors import CollmError
+
+
+@dataclass
+class DemoConfig:
+    """What `collm demo` shows."""
+
+    count: int = 3
+    """Held-out problems to answer, from 1 to the number shipped (3)."""
+    max_new_tokens: int = 256
+    """Most new tokens per answer."""
+    device: str = "cpu"
+    """Torch device."""
+    threshold: float | None = None
+    """Co-LLM's threshold in [0, 1]. Default: the shipped run's calibrated one."""
+    pair: str = "smollm2"
+    """smollm2 (embedded) or qwen (Qwen2.5-Coder 0.5B + 1.5B; needs scripts/install.sh --qwen)."""
+
+    def __post_init__(self):
+        if self.pair not in PAIRS:
+            raise CollmError(f"--pair must be one of {', '.join(PAIRS)}, got {self.pair!r}")
 
 
 def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu",

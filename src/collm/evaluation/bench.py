@@ -50,19 +50,21 @@ class BenchConfig:
     """Expert model spec, or a completions server ``http://HOST:PORT/v1[#MODEL]`` (then leave out the systems
     that need it in process: naive, hf_expert, hf_expert_static); or use ``shapes``."""
     shapes: str | None = "tiny-base+tiny-expert"
-    """``BASE+EXPERT`` from: """ + ", ".join(SHAPES) + """ (random weights)."""
-    fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+    """Random-weight Llama shapes BASE+EXPERT from tiny-base, tiny-expert, llama-1b, llama-8b (ignored with
+    base and expert)."""
+    fractions: tuple[float, ...] = field(default=(0.0, 0.05, 0.1, 0.2, 0.5, 1.0), metadata={"parse": "floats"})
     """Deferral fractions f: the benchmark router defers on exactly round(f * steps) evenly spaced steps."""
-    batches: tuple[int, ...] = (1,)
-    """Batch sizes."""
+    batches: tuple[int, ...] = field(default=(1,), metadata={"parse": "ints", "flag": "--batch"})
+    """Batch sizes (comma-separated)."""
     prompt_len: int = 32
     """Prompt tokens per row (random ids)."""
     new_tokens: int = 64
     """Tokens generated per row (EOS is ignored so every run writes exactly this many)."""
     repeats: int = 3
     """Timed runs per row after one warm-up run; the median is reported."""
-    systems: tuple[str, ...] = SYSTEMS
-    """Which systems to time."""
+    systems: tuple[str, ...] = field(default=SYSTEMS[:6], metadata={"parse": "names"})
+    """Which systems to time (comma-separated) from base, expert, collm, naive, hf_base, hf_expert, hf_base_static,
+    hf_expert_static (the static ones: transformers with a static cache, for CUDA)."""
     dtype: str = "float32"
     """Weights dtype (bfloat16 on GPU)."""
     device: str = "cpu"
@@ -81,6 +83,8 @@ class BenchConfig:
     False times PyTorch's default kernels. The `hf_*` systems always use the defaults."""
 
     def __post_init__(self):
+        if self.base is not None:
+            self.shapes = None  # real models replace the random shapes
         if (self.base is None) != (self.expert is None):
             raise CollmError("give both --base and --expert, or --shapes")
         if self.base is None:
@@ -102,6 +106,18 @@ class BenchConfig:
         if is_remote_spec(self.expert) and in_process_only:
             raise CollmError(f"systems {', '.join(in_process_only)} need the expert in process, not at "
                              f"{self.expert}; leave them out of --systems")
+
+
+@dataclass
+class BenchOutput:
+    """Where `collm bench` writes what it measured (it always prints the table)."""
+
+    json_out: str | None = field(default=None, metadata={"flag": "--json"})
+    """Write rows and config as JSON here."""
+    markdown_out: str | None = field(default=None, metadata={"flag": "--markdown"})
+    """Write the table as Markdown here."""
+    png: str | None = None
+    """Write a plot of ms/token against f here."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,7 +32,7 @@ class CalcConfig:
     """Seeds every draw; the same seed and inputs give byte-identical files."""
     rows: int = 30_000
     """Calculation rows (each a few lines)."""
-    lines_per_row: tuple[int, int] = (2, 5)
+    lines_per_row: tuple[int, int] = field(default=(2, 5), metadata={"parse": "ints"})
     """Fewest and most calculation lines in a row."""
     gsm_share: float = 0.5
     """Share of lines taken from the GSM training notes (the rest are drawn at random)."""
