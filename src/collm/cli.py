@@ -83,12 +83,6 @@ def _yaml(text: str):
         raise ValueError(str(e)) from None
 
 
-def _seed(value: int) -> int:
-    from collm.core.seed import check_seed
-
-    return check_seed(value)
-
-
 ConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", help="JSON or YAML file of option values (options on the line override it).",
@@ -96,61 +90,73 @@ ConfigOption = Annotated[
 ]
 
 
-@app.command()
-def generate(
-    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts; several run as one batch.")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(help="Read prompts from a file, one per line.")] = None,
-    run: RunOption = None,
-    base: BaseOption = None,
-    expert: ExpertOption = None,
-    head: HeadOption = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Defer where P(expert) exceeds this, in [0, 1]. Default: the run's, else 0.5.")] = None,
-    mode: Annotated[str, typer.Option(help="collm (route by the head), compose (sample the mixture), base or expert (one model alone).")] = "collm",
-    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per prompt.")] = 256,
-    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same tokens.", callback=_seed)] = 0,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
-    raw: Annotated[bool, typer.Option(help="Send prompts as raw text, without the base's chat template.")] = False,
-    device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    compile: Annotated[bool, typer.Option(help="CUDA: torch.compile the static-cache steps (slow first call, faster after).")] = False,
-    lookahead: Annotated[Optional[int], typer.Option(help="Greedy Co-LLM: at a deferral the base drafts up to this many tokens and the expert checks them in one read (Co-LLM's greedy tokens, fewer expert calls; prompts answered one at a time). With --mode expert: speculative decoding (the base drafts every token; the expert's answer).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of colored text.")] = False,
-    config: ConfigOption = None,
-):
+@dataclasses.dataclass
+class GenerateConfig:
+    """What `collm generate` writes (which models: PairSpec)."""
+
+    prompts: list[str] = dataclasses.field(default_factory=list, metadata={"argument": True})
+    """Prompts; several run as one batch."""
+    prompt_file: str | None = None
+    """Read prompts from a file, one per line."""
+    threshold: float | None = None
+    """Defer where P(expert) exceeds this, in [0, 1]. Default: the run's, else 0.5."""
+    mode: str = "collm"
+    """collm (route by the head), compose (sample the mixture), base or expert (one model alone)."""
+    max_new_tokens: int = 256
+    """Most new tokens per prompt."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    seed: int = 0
+    """Sampling seed: same seed, same tokens."""
+    stop: list[str] = dataclasses.field(default_factory=list)
+    """Stop string (repeatable); the text ends before it."""
+    raw: bool = False
+    """Send prompts as raw text, without the base's chat template."""
+    compile: bool = False
+    """CUDA: torch.compile the static-cache steps (slow first call, faster after)."""
+    lookahead: int | None = None
+    """Greedy Co-LLM: at a deferral the base drafts up to this many tokens and the expert checks them in one read
+    (Co-LLM's greedy tokens, fewer expert calls; prompts answered one at a time). With --mode expert: speculative
+    decoding (the base drafts every token; the expert's answer)."""
+    as_json: bool = dataclasses.field(default=False, metadata={"flag": "--json"})
+    """Print one JSON object instead of colored text."""
+
+
+def _generate(config, spec) -> None:
     """Answer prompts with a base and expert(s); each token is colored by the model that wrote it."""
     from collm.core.request import make_request
 
-    texts = _read_prompts(prompts, prompt_file) or [EXAMPLE_QUESTION]
-    options = dict(max_new_tokens=max_new_tokens, threshold=threshold, mode=mode, stop=stop, do_sample=do_sample,
-                   temperature=temperature, top_p=top_p, seed=seed)
+    c = config
+    texts = _read_prompts(c.prompts, c.prompt_file) or [EXAMPLE_QUESTION]
+    options = dict(max_new_tokens=c.max_new_tokens, threshold=c.threshold, mode=c.mode, stop=c.stop,
+                   do_sample=c.do_sample, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
     make_request(**options)  # checked before minutes of loading, not after
-    check_device(device)
-    if lookahead is not None:
+    check_device(spec.device)
+    if c.lookahead is not None:
         from collm.decoding.speculative import check_settings
 
-        check_settings(lookahead, do_sample=do_sample, stop=stop or (), mode=mode, compile=compile)
-    spec = PairSpec(run=None if run is None else str(run), base=base, expert=expert or [], head=head, device=device,
-                    dtype=dtype)
-    if mode == "collm":
-        _zero_head_note(spec, threshold)
+        check_settings(c.lookahead, do_sample=c.do_sample, stop=c.stop, mode=c.mode, compile=c.compile)
+    if c.mode == "collm":
+        _zero_head_note(spec, c.threshold)
     pair = _load_pair(spec)
     stream = None
-    if not as_json and len(texts) == 1 and not stop:  # one answer, no text to trim: show it as it is written
+    if not c.as_json and len(texts) == 1 and not c.stop:  # one answer, no text to trim: show it as it is written
         from collm.decoding.provenance import Stream, legend
 
         console.print(legend(_expert_names(pair)))
         console.rule(style="dim")
         console.print(f"[dim]> {texts[0]}[/dim]")
         stream = Stream(console, pair.tokenizer)
-    out = pair.generate(texts, chat=not raw, compile=compile, on_token=stream, lookahead=lookahead, **options)
+    out = pair.generate(texts, chat=not c.raw, compile=c.compile, on_token=stream, lookahead=c.lookahead, **options)
     if stream is not None:
         console.print()
         _print_summary(out.stats)
         return
-    if as_json:
+    if c.as_json:
         print(json.dumps({"prompts": texts, "texts": out.texts, "token_ids": out.token_ids, "sources": out.sources,
                           "defer_probs": out.defer_probs, "stopped_by": out.stopped_by, "stats": out.stats}))
         return
@@ -163,19 +169,6 @@ def _field_docs(cls) -> dict[str, str]:
     return {a.target.id: " ".join(b.value.value.replace("``", "").split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
             and isinstance(b.value.value, str)}
-
-
-# The model options generate and serve share: PairSpec's fields, their help its docstrings.
-def _pair_option(name: str, hint):
-    return Annotated[hint, typer.Option(help=rich_escape(_field_docs(PairSpec)[name]))]
-
-
-RunOption = _pair_option("run", Optional[Path])
-BaseOption = _pair_option("base", Optional[str])
-ExpertOption = _pair_option("expert", Optional[list[str]])
-HeadOption = _pair_option("head", Optional[str])
-DeviceOption = _pair_option("device", str)
-DtypeOption = _pair_option("dtype", Optional[str])
 
 
 def _zero_head_note(spec, threshold) -> None:
@@ -385,7 +378,11 @@ def _option(f: dataclasses.Field, hint, doc: str) -> inspect.Parameter:
     if "parse" in f.metadata:  # typed as text on the command line: comma-separated numbers or names
         hint, default = str, ",".join(x if isinstance(x, str) else f"{x:g}" for x in default)
     flags = (f.metadata["flag"],) if "flag" in f.metadata else ()
-    option = typer.Option(*flags, help=rich_escape(doc), show_default=not required, envvar=f.metadata.get("envvar"))
+    if f.metadata.get("argument"):
+        option = typer.Argument(help=rich_escape(doc), show_default=False)
+    else:
+        option = typer.Option(*flags, help=rich_escape(doc), show_default=not required,
+                              envvar=f.metadata.get("envvar"))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[hint, option])
 
@@ -443,6 +440,15 @@ def _register_score() -> None:
 
 
 _register_score()
+
+
+def _register_generate() -> None:
+    dataclass_command((GenerateConfig, PairSpec), "generate", _generate,
+                      short_help="Answer prompts with a base and expert(s); each token is colored by the model that "
+                                 "wrote it.")
+
+
+_register_generate()
 
 
 def _register_serve() -> None:
