@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5, second recipe (the shipped run): keep the reproduction's SFT base frozen and train only a deferral head,
+# The second recipe (the shipped run): keep the reproduction's SFT base frozen and train only a deferral head,
 # by marginal likelihood against its math expert, on 600 GSM training rows; a weak-supervision head beside it.
 # Thresholds are chosen on 100 new-number variants of training templates (the validation *templates* give every
 # system 0/110, so they cannot choose anything); evaluation on the other 107 variants and on the held-out test

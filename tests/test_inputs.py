@@ -236,7 +236,6 @@ def test_device_that_this_machine_lacks_is_a_one_line_error(monkeypatch, tmp_pat
         load_model(folder, device="gpu0")
 
 
-# For the lead, who rewrites CoLLM.generate (issue 16): remove each mark when the change lands.
 def test_generate_accepts_the_input_ids_keyword(pair):
     ids = torch.tensor([[1, 40, 41]])
     out = pair.generate(input_ids=ids, max_new_tokens=3)

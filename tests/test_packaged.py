@@ -101,5 +101,5 @@ def test_a_truncated_cached_file_is_rebuilt(fake, tmp_path):
 
 def test_real_part_lookup_reads_metadata_without_importing():
     assert packaged.part_path("no-such-distribution-collm-test", "x/data/part01.bin") is None
-    for name, model in packaged.PACKAGED.items():  # names and members follow the layout
+    for name, model in packaged.PACKAGED.items():  # names and members as the packages lay them out
         assert model.member(1).endswith("_part1/data/part01.bin")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13: Co-LLM with a real pretrained pair across scales, offline, on this 2-core CPU:
+# Co-LLM with a real pretrained pair across scales, offline, on this 2-core CPU:
 #   base Qwen2.5-Coder-0.5B-Instruct, expert Qwen2.5-Coder-1.5B-Instruct (one tokenizer), GSM-Symbolic split by
 #   template; the held-out test templates are never trained or calibrated on.
 #
@@ -65,8 +65,8 @@ ROUTER=${ROUTER:-router-policy}
 SUFFIX=; [[ $ROUTER == router ]] || SUFFIX=-$ROUTER  # each router's calibration, speed and evaluation files
 # The run whose LoRA-tuned base gives the "tuned base alone" and proxy-tuning rows (empty: none).
 TUNED=${TUNED-router-lora}; TUNED_ARGS=(); [[ -z $TUNED || $TUNED == "$ROUTER" ]] || TUNED_ARGS=(--tuned-run "$R/$TUNED")
-NEW=320          # new tokens per answer, as in the issue's zero-shot figures
-DT=bfloat16      # decoding dtype (the issue's speed figures are bf16)
+NEW=320          # new tokens per answer, as in the pair's zero-shot figures
+DT=bfloat16      # decoding dtype (the speed figures are bf16)
 D=$R/data/gsm
 mkdir -p "$R"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }

@@ -1,4 +1,4 @@
-"""Measured once for README (issue 13): run with PYTHONPATH=src OMP_NUM_THREADS=1
+"""Measured once for the Qwen results page: run with PYTHONPATH=src OMP_NUM_THREADS=1
 after research/qwen/qwen.sh stage 4."""
 # Quantiles of each head's P(defer) on the training rows' completion tokens, and how often the base's argmax
 # differs from the expert-written token, to choose a threshold grid.

@@ -1,4 +1,4 @@
-"""The issue-13 plots from measured files only: accuracy against deferral rate, and accuracy against ms/token.
+"""The Qwen study's plots from measured files only: accuracy against deferral rate, and accuracy against ms/token.
 
     python research/qwen/qwen_plots.py --eval runs/qwen/eval-test44/results.json --speed runs/qwen/speed.json \
         --calibration runs/qwen/weak/collm.json --out research/qwen/results/cpu_qwen
