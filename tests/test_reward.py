@@ -33,6 +33,15 @@ def config(start, out, **kw):
     return rw.RewardConfig(**{**settings, **kw})
 
 
+class Killed(Exception):
+    """As if the process were killed: raised from the progress callback."""
+
+
+def kill_in_round_two(line):
+    if line.startswith("round 2 batch 1/"):  # round 2's first batch is on disk, its second is not
+        raise Killed
+
+
 def files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -94,13 +103,6 @@ def test_a_killed_run_resumes_to_the_same_bytes(start, tmp_path):
     rw.train_reward(config(start, out), progress=lambda _: None)
     whole = files(out)
     shutil.rmtree(out)
-
-    class Killed(Exception):
-        pass
-
-    def kill_in_round_two(line):
-        if line.startswith("round 2 batch 1/"):
-            raise Killed
 
     with pytest.raises(Killed):
         rw.train_reward(config(start, out), progress=kill_in_round_two)
@@ -173,13 +175,6 @@ def test_no_resume_starts_over_and_a_failed_start_blocks_nothing(start, tmp_path
         rw.train_reward(config(start, out, run=str(tmp_path / "nowhere")), progress=lambda _: None)
     assert not (out / "reward_config.json").exists()
     fresh = files(rw.train_reward(config(start, tmp_path / "fresh"), progress=lambda _: None))
-
-    class Killed(Exception):
-        pass
-
-    def kill_in_round_two(line):
-        if line.startswith("round 2 batch 1/"):
-            raise Killed
 
     with pytest.raises(Killed):
         rw.train_reward(config(start, out, price=0.5), progress=kill_in_round_two)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, write_json
+from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, temp_siblings, write_json
 from collm.errors import CollmError
 from collm.tensorfile import write_tensors
 
@@ -125,3 +125,31 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, rank: int) -> dict
     if f"rank{rank}" in rng:  # absent when resumed with more processes: those ranks start fresh streams
         torch.set_rng_state(rng[f"rank{rank}"])
     return state
+
+
+def read_marker(path: Path, keys: set[str], command: str) -> dict | None:
+    """The config a command saved as the marker of its run folder (``path``), None where there is none;
+    CollmError for a file of that name the command did not write (it lacks one of ``keys``)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not keys <= saved.keys():
+        raise CollmError(f"{path} was not written by {command}: give another --out")
+    return saved
+
+
+def check_owned_folder(out: Path, marker: str, keys: set[str], command: str) -> None:
+    """A command writes only into a new or empty folder, or a run folder it made itself (its ``marker`` file):
+    a folder holding anything else is refused, so no one's files are trimmed or removed."""
+    if out.exists() and not out.is_dir():
+        raise CollmError(f"--out {out} is a file: give a folder")
+    if not out.is_dir() or read_marker(out / marker, keys, command) is not None:
+        return
+    ours = set(temp_siblings(out / marker))  # a first start killed while writing its marker
+    found = sorted(p.name for p in out.iterdir() if p not in ours)
+    if found:
+        raise CollmError(f"{out} holds files {command} did not write ({', '.join(found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}): give a new or empty --out")

@@ -34,14 +34,21 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, temp_siblings, write_json
+from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, write_json
 from collm.core.head import DeferralHead
 from collm.core.routing import defer_prob
 from collm.core.seed import check_seed
 from collm.errors import CollmError
 from collm.run import HEAD_FILE, RUN_CONFIG, read_json, read_run_config, seal, spec_in, write_run_config
 from collm.tensorfile import write_tensors
-from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from collm.training.checkpoint import (
+    check_owned_folder,
+    clear_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_marker,
+    save_checkpoint,
+)
 
 REWARD_CONFIG = "reward_config.json"  # written first: it marks a folder as a run collm reward owns
 METRICS = "metrics.jsonl"
@@ -355,29 +362,16 @@ def _gather(folder: Path, count: int) -> dict:
             "inputs": torch.cat(inputs), "choices": torch.cat(choices)}
 
 
+_MARKER_KEYS = {"run", "checker", "price"}
+
+
 def check_out(out: Path) -> None:
     """Refuse an --out folder holding files collm reward did not write (nothing there is touched)."""
-    if out.exists() and not out.is_dir():
-        raise CollmError(f"--out {out} is a file: give a folder")
-    if not out.is_dir() or _read_saved_config(out / REWARD_CONFIG) is not None:
-        return
-    ours = set(temp_siblings(out / REWARD_CONFIG))
-    found = sorted(p.name for p in out.iterdir() if p not in ours)
-    if found:
-        raise CollmError(f"{out} holds files collm reward did not write ({', '.join(found[:3])}"
-                         f"{', ...' if len(found) > 3 else ''}): give a new or empty --out")
+    check_owned_folder(out, REWARD_CONFIG, _MARKER_KEYS, "collm reward")
 
 
 def _read_saved_config(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        saved = None
-    if not isinstance(saved, dict) or not {"run", "checker", "price"} <= saved.keys():
-        raise CollmError(f"{path} was not written by collm reward: give another --out")
-    return saved
+    return read_marker(path, _MARKER_KEYS, "collm reward")
 
 
 def _check_same_run(old: dict, new: dict, path: Path) -> None:

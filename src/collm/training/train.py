@@ -21,14 +21,22 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from collm.atomic import append_line, atomic_folder, atomic_write, temp_siblings, write_json
+from collm.atomic import append_line, atomic_folder, atomic_write, write_json
 from collm.backends.models import context_length, load_model
 from collm.core.head import DeferralHead, parse_features
 from collm.core.seed import check_seed
 from collm.data.rows import DataConfig, EncodedData, check_fits, encode_file, pad_id
 from collm.errors import CollmError
 from collm.run import HEAD_FILE, seal, write_run_config
-from collm.training.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from collm.training.checkpoint import (
+    check_owned_folder,
+    clear_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_marker,
+    rng_state,
+    save_checkpoint,
+)
 from collm.training.loss import (
     class_weights,
     defer_prob,
@@ -549,32 +557,16 @@ def _check_same_run(old: dict, new: dict, where: Path) -> None:
                          f"use another --out, or --no-resume to start over")
 
 
+_MARKER_KEYS = {"base", "objective", "base_mode"}
+
+
 def check_out(out: Path) -> None:
-    """Train writes only into a new or empty folder, or a run folder it made itself (its train_config.json
-    marks it): a folder holding anything else is refused, so no one's files are trimmed or removed."""
-    if out.exists() and not out.is_dir():
-        raise CollmError(f"--out {out} is a file: give a folder")
-    if not out.is_dir() or _read_train_config(out / TRAIN_CONFIG) is not None:
-        return
-    ours = set(temp_siblings(out / TRAIN_CONFIG))  # a first start killed while writing its marker
-    found = sorted(p.name for p in out.iterdir() if p not in ours)
-    if found:
-        raise CollmError(f"{out} holds files collm train did not write ({', '.join(found[:3])}"
-                         f"{', ...' if len(found) > 3 else ''}): give a new or empty --out")
+    """Train writes only into a new or empty folder, or a run folder it made itself (its train_config.json)."""
+    check_owned_folder(out, TRAIN_CONFIG, _MARKER_KEYS, "collm train")
 
 
 def _read_train_config(path: Path) -> dict | None:
-    """The saved TrainConfig of the run in this folder, None where there is none; CollmError for a file of
-    that name that collm train did not write."""
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        saved = None
-    if not isinstance(saved, dict) or not {"base", "objective", "base_mode"} <= saved.keys():
-        raise CollmError(f"{path} was not written by collm train: give another --out")
-    return saved
+    return read_marker(path, _MARKER_KEYS, "collm train")
 
 
 def _read_metrics(path: Path) -> list[tuple[int, str]]:
