@@ -224,7 +224,7 @@ def rollout_batch(pair, rows: list[dict], seeds: list[int], config: RewardConfig
     out = decode(pair.base, pair.experts, recorder, ids, max_new_tokens=config.max_new_tokens, threshold=0.5,
                  stop=tuple(config.stop), router=recorder.route, vocab=pair.vocab, eos_ids=pair._eos_ids(),
                  pad_id=pair._pad_id(), tokenizer=pair.tokenizer)
-    steps = len(out.token_ids and max(out.token_ids, key=len))
+    steps = max(map(len, out.token_ids))  # each answer has at least one token
     inputs = torch.stack(recorder.inputs_seen[:steps])  # (steps, B, D): every row starts at step 0
     choices = torch.stack(recorder.choices[:steps])  # (steps, B)
     lengths = [len(t) for t in out.token_ids]
