@@ -99,8 +99,10 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     write_json(runs / "eval-new-numbers.json", results)
     with pytest.raises(CollmError, match="--sft"):
         demo.package(runs, tmp_path / "out")
-    manifest = demo.package(runs, tmp_path / "out", sft=sft, expert=expert)
+    manifest = demo.package(runs, tmp_path / "out", sft=sft, expert=expert, results=tmp_path / "results")
     out = tmp_path / "out"
+    assert not {"results.json", "calibration.png"} & set(manifest["files"])  # no command reads them
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["examples"]
     assert {"sft_base/adapter_model.safetensors", "expert/adapter_model.safetensors"} <= set(manifest["files"])
     config = json.loads((out / "collm.json").read_text())
     assert config["base"] == "sft_base" and config["experts"] == ["expert"] and "data_stats" not in config["training"]

@@ -65,8 +65,10 @@ EVALUATIONS = {"new-number variants of training templates": "eval-new-numbers.js
 
 
 def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None = None, *,
-            sft: Path | None = None, expert: Path | None = None) -> dict:
-    """Build the shipped folder from a reproduction: adapters, head, run config, results; then the manifest.
+            sft: Path | None = None, expert: Path | None = None, results: Path | None = None) -> dict:
+    """Build the shipped folder from a reproduction: adapters, head, run config, the demo's problems and table;
+    then the manifest. What no command reads (``results.json``, the trimmed results of every evaluation, and
+    the calibration plot) goes to ``results`` where one is given.
 
     `runs` holds collm/ (the Co-LLM run) and the evaluations (`evaluations`: label -> results JSON of
     `collm eval`; the first one supplies the demo's problems and examples). The expert's adapter is taken from
@@ -93,8 +95,10 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     config["experts"] = ["expert"]  # the adapter beside it; the trained run named a merged folder
     config["training"].pop("data_stats", None)
     write_json(out / "collm.json", config)
-    if (runs / "calibration.png").is_file():
-        shutil.copy(runs / "calibration.png", out / "calibration.png")
+    if results is not None:
+        results.mkdir(parents=True, exist_ok=True)
+        if (runs / "calibration.png").is_file():
+            shutil.copy(runs / "calibration.png", results / "calibration.png")
     loaded = {label: json.loads(path.read_text()) for label, path in evaluations.items() if path.is_file()}
     if not loaded:
         raise CollmError(f"no evaluation results in {runs} (expected {', '.join(EVALUATIONS.values())})")
@@ -113,7 +117,8 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
                                for name in ("base alone", "expert alone")},
                             "Co-LLM": provenance_text(_system(first, "Co-LLM")["examples"][i]),
                             "answer": _system(first, "Co-LLM")["examples"][i]["answer"]} for i in chosen]
-    write_json(out / "results.json", trimmed)
+    if results is not None:
+        write_json(results / "results.json", trimmed)
     markdown = results_markdown(trimmed)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
     return write_manifest(out)
@@ -166,7 +171,8 @@ def results_markdown(trimmed: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m collm.demo package RUNS [OUT] [--sft DIR] [--expert DIR]``: build the shipped folder."""
+    """``python -m collm.demo package RUNS [OUT] [--sft DIR] [--expert DIR] [--results DIR]``: build the shipped
+    folder (OUT) and the results beside the docs (DIR)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m collm.demo")
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, nargs="?", default=ASSETS)
     parser.add_argument("--sft", type=Path, help="SFT run whose adapter is the frozen base of RUNS/collm")
     parser.add_argument("--expert", type=Path, help="the expert's run (default RUNS/expert)")
+    parser.add_argument("--results", type=Path, default=Path("docs/results/smollm2"),
+                        help="where the full results and the calibration plot go (not shipped in the package)")
     args = parser.parse_args(argv)
-    manifest = package(args.runs, args.out, sft=args.sft, expert=args.expert)
+    manifest = package(args.runs, args.out, sft=args.sft, expert=args.expert, results=args.results)
     print(json.dumps({"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"]}))

@@ -1,8 +1,9 @@
 """The shipped run behind `collm demo` (``collm/assets/gsm/``): where it is, its manifest, loading it.
 
 The folder holds a run made by ``scripts/reproduce.sh``: the math expert as a LoRA adapter (``expert/``), the
-Co-LLM base's LoRA adapter (``base_adapter/``), the deferral head, ``collm.json``, the measured results
-(``results.md``, ``results.json``, ``calibration.png``) and the held-out problems the demo answers.
+Co-LLM base's adapter (``base_adapter/`` or ``sft_base/``), the deferral head, ``collm.json``, the results table
+the demo prints (``results.md``) and the held-out problems it answers; the full results and the calibration plot
+are in ``docs/results/smollm2/``.
 ``manifest.json`` records every file's sha256; `verify` refuses to load a run that does not match.
 """
 
