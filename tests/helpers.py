@@ -28,8 +28,8 @@ def reference(base, experts, head, prompt, new, threshold) -> tuple[list[int], l
         x = torch.tensor([seq])
         out = base(x, output_hidden_states=True)
         log_pz = head.log_probs(head.inputs(out.hidden_states[-1][:, -1], out.logits[:, -1]))[0]
-        p_defer = 1 - log_pz[0].exp()
-        source = int(log_pz[1:].argmax()) + 1 if p_defer > threshold else 0
+        defer_prob = 1 - log_pz[0].exp()
+        source = int(log_pz[1:].argmax()) + 1 if defer_prob > threshold else 0
         logits = out.logits[0, -1] if source == 0 else experts[source - 1](x).logits[0, -1]
         token = int(logits.argmax())
         seq.append(token), tokens.append(token), sources.append(source)

@@ -46,7 +46,7 @@ def files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_the_gradient_moves_p_defer_toward_the_rewarded_routing():
+def test_the_gradient_moves_defer_prob_toward_the_rewarded_routing():
     """A scripted reward pays for the expert writing at one token id and charges it elsewhere: over rounds of
     draws from the head and updates, P(defer) rises at that id and falls at the others."""
     torch.manual_seed(0)
@@ -86,8 +86,8 @@ def test_a_price_on_expert_tokens_makes_the_head_defer_less(start, tmp_path):
     out = rw.train_reward(config(start, tmp_path / "out", price=0.2, rounds=3, problems=4), progress=lambda _: None)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["round"] for h in history] == [1, 2, 3]
-    assert history[0]["p_defer_before"] == pytest.approx(0.5)
-    assert history[-1]["p_defer_after"] < 0.3
+    assert history[0]["defer_prob_before"] == pytest.approx(0.5)
+    assert history[-1]["defer_prob_after"] < 0.3
     assert all(0 <= h["defer_rate"] <= 1 and h["answers"] == 12 for h in history)
     pair = CoLLM.from_pretrained(out)  # a loadable run, its manifest checked
     assert pair.info["training"]["objective"] == "reward" and pair.info["training"]["rounds_done"] == 3

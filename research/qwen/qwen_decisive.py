@@ -90,13 +90,13 @@ def expert_tokens(expert, data, todo: list[dict]) -> None:
 
 @torch.inference_mode()
 def router_probs(base, head: DeferralHead, data, done: list[dict]) -> None:
-    """Fill each rollout's ``p_defer``: the router's P(defer) at its position, on the base's hidden state (one
+    """Fill each rollout's ``defer_prob``: the router's P(defer) at its position, on the base's hidden state (one
     base pass per row over the prefix up to its last tested position, as the router reads it when decoding)."""
     for ids, items in row_prefixes(data, done):
         hidden = base.base_model(input_ids=ids).last_hidden_state[0].float()
         p = defer_prob(head.log_probs(hidden[[r["pos"] - 1 for r in items]]))
         for r, pi in zip(items, p.tolist()):
-            r["p_defer"] = pi
+            r["defer_prob"] = pi
 
 
 def report(done: list[dict], tokenizer, threshold: float | None, swap: str = "expert") -> dict:
@@ -128,10 +128,10 @@ def report(done: list[dict], tokenizer, threshold: float | None, swap: str = "ex
     out["decisive_examples"] = [
         {"row": r["row"], "at": r["pos"] - r["completion_start"], "written": tokenizer.decode([r["written_token"]]),
          "expert": tokenizer.decode([r["expert_token"]]), "swapped": tokenizer.decode([r[swapped]]),
-         "p_defer": r.get("p_defer")}
+         "defer_prob": r.get("defer_prob")}
         for r in tested if r["correct"]]
-    if tested and "p_defer" in tested[0]:
-        p = [r["p_defer"] for r in tested]
+    if tested and "defer_prob" in tested[0]:
+        p = [r["defer_prob"] for r in tested]
         y = [bool(r["correct"]) for r in tested]
         out["router_auc_decisive_vs_not"] = auc(torch.tensor(p), torch.tensor(y)) if 0 < sum(y) < len(y) else None
         if threshold is not None:

@@ -80,8 +80,8 @@ def main() -> None:
         fit_weak_start(head, x, keep.long(), steps=300, lr=0.01, batch=2300, seed=a.seed)
         fit_weak_start(head, x, keep.long(), steps=400, lr=3e-3, batch=2300, seed=a.seed + 1)
         with torch.no_grad():
-            p_defer = defer_prob(head.log_probs(x)).sort().values
-        eta = float(p_defer[int((1 - target_rate) * len(p_defer))])
+            defer_probs = defer_prob(head.log_probs(x)).sort().values
+        eta = float(defer_probs[int((1 - target_rate) * len(defer_probs))])
         folder = Path(f"{a.out}-{name}" + (f"-seed{a.seed}" if a.seed else ""))
         if folder.exists() and any(folder.iterdir()):
             raise SystemExit(f"{folder} exists and is not empty: give another --out (nothing there is overwritten)")

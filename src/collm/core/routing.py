@@ -16,8 +16,9 @@ def most_probable_expert(log_pz: torch.Tensor) -> torch.Tensor:
     return log_pz[..., 1:].argmax(-1) + 1
 
 
-def route(log_pz: torch.Tensor, threshold: torch.Tensor | float, p_defer: torch.Tensor | None = None) -> torch.Tensor:
+def route(log_pz: torch.Tensor, threshold: torch.Tensor | float,
+          defer_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Who writes: 0 (the base), or the most probable expert where P(Z != base) > threshold.
-    ``threshold`` is a number or a per-row tensor; ``p_defer`` may pass :func:`defer_prob` already computed."""
-    p_defer = defer_prob(log_pz) if p_defer is None else p_defer
-    return torch.where(p_defer > threshold, most_probable_expert(log_pz), 0)
+    ``threshold`` is a number or a per-row tensor; ``defer_probs`` may pass :func:`defer_prob` already computed."""
+    defer_probs = defer_prob(log_pz) if defer_probs is None else defer_probs
+    return torch.where(defer_probs > threshold, most_probable_expert(log_pz), 0)

@@ -152,7 +152,7 @@ class Engine:
 
     def _step(self) -> list[TokenEvent]:
         n, rows = self.n, self.rows
-        choice, p_defer = self._route()
+        choice, defer_probs = self._route()
         choice_host = choice.tolist()  # the one sync before the pick: which experts must run is control flow
         token, choice = self._write(choice, choice_host)
         if self._finished_rows:
@@ -160,7 +160,7 @@ class Engine:
         self._ensure_width(n + 1)
         self.cols.seq[:, n] = token
         # the step's tokens for the host's work (text pieces, stop strings, events); on CPU a copy, not a stall
-        token_host, p_host = token.tolist(), p_defer.tolist()
+        token_host, p_host = token.tolist(), defer_probs.tolist()
         if self.mode == "compose":
             choice_host = choice.tolist()
         self.n = n + 1
@@ -186,9 +186,9 @@ class Engine:
             zero = torch.zeros(rows, dtype=torch.long, device=self.device)
             return zero, torch.zeros(rows, device=self.device)
         log_pz = self.head.log_probs(self._head_inputs())  # (B, M+1)
-        p_defer = defer_prob(log_pz)
+        defer_probs = defer_prob(log_pz)
         if self.router is None:
-            rule = route(log_pz, self.thresholds, p_defer)
+            rule = route(log_pz, self.thresholds, defer_probs)
         elif getattr(self.router, "reads_tokens", False):  # each row's newest token (what the head just read)
             rule = self.router(self.step_index, log_pz, self.cols.seq[:, self.n - 1])
         else:
@@ -197,7 +197,7 @@ class Engine:
             rule = torch.where(self.override >= 0, self.override, rule)
         if self._finished_rows:
             rule = rule.masked_fill(self.done, 0)
-        return rule, p_defer
+        return rule, defer_probs
 
     def _write(self, choice: torch.Tensor, choice_host: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick each row's token from the model that writes it; experts catch up only where chosen."""

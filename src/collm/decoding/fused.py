@@ -23,8 +23,7 @@ import torch
 
 from collm.backends.static import StaticModel
 from collm.core.head import DeferralHead, logits_to_log_probs
-from collm.core.routing import defer_prob as _defer_prob
-from collm.core.routing import route
+from collm.core.routing import defer_prob, route
 
 MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (-1 = unused) so a captured graph serves any set
 
@@ -44,7 +43,7 @@ class FusedStep:
         self.seq = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.chosen = torch.zeros(batch, width, dtype=torch.long, device=device)  # indexed by step
-        self.defer_p = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.defer_probs = torch.zeros(batch, width, dtype=torch.float32, device=device)
         self.override = torch.full((width, batch), -1, dtype=torch.long, device=device)  # -1: the head decides
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.n = torch.zeros(1, dtype=torch.long, device=device)  # the column the next token goes to
@@ -75,7 +74,7 @@ class FusedStep:
         self.seq[:, :width].copy_(seq)
         self.positions[:, :width].copy_(positions)
         self.chosen.zero_()
-        self.defer_p.zero_()
+        self.defer_probs.zero_()
         self.override.fill_(-1 if self.head_outputs else 0)
         if table is not None:
             self.override[: table.shape[0]].copy_(table.expand(-1, self.override.shape[1]))
@@ -159,10 +158,10 @@ class FusedStep:
         if self.head_outputs:
             log_pz = logits_to_log_probs(torch.nn.functional.linear(self.hidden.float(), self.head_weight,
                                                                      self.head_bias))  # (B, M+1)
-            defer_p = _defer_prob(log_pz)  # (B,)
-            choice = torch.where(override >= 0, override, route(log_pz, self.threshold, defer_p))
-            self.defer_p.index_copy_(1, self.step, defer_p[:, None])
-            self.flags[-self.writer.batch :].copy_(defer_p.float().view(torch.int32).long())
+            defer_probs = defer_prob(log_pz)  # (B,)
+            choice = torch.where(override >= 0, override, route(log_pz, self.threshold, defer_probs))
+            self.defer_probs.index_copy_(1, self.step, defer_probs[:, None])
+            self.flags[-self.writer.batch :].copy_(defer_probs.float().view(torch.int32).long())
         else:
             choice = override
         choice = choice.masked_fill(self.done, 0)
@@ -173,7 +172,7 @@ class FusedStep:
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, capture, then undo the warm-up: unlike a forward's (which writes only
         cache slots the next call overwrites), this step moves the request on."""
-        state = [self.seq, self.chosen, self.defer_p, self.done, self.n, self.step, self.logits, self.hidden,
+        state = [self.seq, self.chosen, self.defer_probs, self.done, self.n, self.step, self.logits, self.hidden,
                  self.flags]
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()

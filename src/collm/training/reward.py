@@ -288,8 +288,8 @@ def update_head(head: DeferralHead, optimizer, batch: dict, config: RewardConfig
         moved = (new.gather(1, choices[:, None]) - old.gather(1, choices[:, None])).squeeze(1)
         clipped = ((moved.exp() - 1).abs() > config.clip_ratio).float().mean() if config.clip_ratio > 0 else 0.0
         kl = (old.exp() * (old - new)).sum(-1).mean()  # KL(decoding head || updated head) per token
-    return {"loss_first": losses[0], "loss_last": losses[-1], "p_defer_before": float(defer_prob(old).mean()),
-            "p_defer_after": float(defer_prob(new).mean()), "kl": float(kl), "clipped": float(clipped)}
+    return {"loss_first": losses[0], "loss_last": losses[-1], "defer_prob_before": float(defer_prob(old).mean()),
+            "defer_prob_after": float(defer_prob(new).mean()), "kl": float(kl), "clipped": float(clipped)}
 
 
 # ---------------------------------------------------------------- the run
@@ -472,7 +472,7 @@ def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) 
         _remove_round(folder, out / ROLLOUTS)
         progress(f"round {round_ + 1}/{config.rounds}: reward {summary['reward']:.3f}, accuracy "
                  f"{summary['accuracy']:.3f}, deferral rate {summary['defer_rate']:.3f}, "
-                 f"P(defer) {stats['p_defer_before']:.3f} -> {stats['p_defer_after']:.3f}, KL {stats['kl']:.4f}, "
+                 f"P(defer) {stats['defer_prob_before']:.3f} -> {stats['defer_prob_after']:.3f}, KL {stats['kl']:.4f}, "
                  f"{time.perf_counter() - started:.0f} s")
     if not (out / RUN_CONFIG).is_file():  # resumed a finished run, or rounds already done: still a run
         _write_run(out, start_dir, start_config, head, config, done, history)
