@@ -18,11 +18,9 @@ from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
 from collm.decoding.speculative import check_settings, speculative_decode
 from collm.errors import CollmError
-from collm.run import (  # noqa: F401
+from collm.run import (
     DEFAULT_RUN,
     HEAD_FILE,
-    RUN_CONFIG,
-    RUN_FORMAT,
     check_head,
     read_run_config,
     resolve_run,
