@@ -198,14 +198,15 @@ def _serve(spec, config) -> None:
     import uvicorn
 
     from collm.serve.app import build_app
+    from collm.serve.serving import LOOPBACK, WILDCARD
 
     _zero_head_note(spec, config.threshold)
     pair = _load_pair(spec)
     err.print(f"[dim]serving {config.model_name!r} on http://{config.host}:{config.port} (playground at /)[/dim]")
-    if config.host not in ("localhost", "127.0.0.1", "::1", "[::1]") and config.api_key is None:
+    if config.host not in (*LOOPBACK, "::1") and config.api_key is None:
         err.print(f"[yellow]note:[/yellow] listening on {config.host} with no --api-key: anyone who can reach this "
                   f"port can use the models", highlight=False)
-    if config.host in ("0.0.0.0", "::") and "*" not in config.allowed_hosts:
+    if config.host in WILDCARD and "*" not in config.allowed_hosts:
         err.print(f"[dim]answering requests for {', '.join(config.served_hosts)}; add the names clients use with "
                   f"--allowed-host[/dim]", highlight=False)
     # open streams get 5 s to finish on Ctrl-C; then their rows are dropped with the engine
@@ -306,27 +307,17 @@ def _data_calc(out, config) -> None:
     print(json.dumps({"rows": expert.write_calc_dataset(Path(out.out), config)["rows"]}))
 
 
-def _register_more() -> None:
-    from collm.data.arithmetic import ArithmeticConfig
-    from collm.data.gsm import GsmConfig
-    from collm.demo.command import DemoConfig
-    from collm.evaluation.bench import BenchConfig, BenchOutput
-    from collm.training.expert import CalcConfig
+def _floats(text: str) -> tuple[float, ...]:
+    """"0.3, 0.5" -> (0.3, 0.5); CollmError naming the text where a part is not a number."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CollmError(f"expected comma-separated numbers, got {text!r}") from None
 
-    dataclass_command(DemoConfig, "demo", _demo,
-                      short_help="The shipped run, offline: base alone, expert alone and Co-LLM answer held-out "
-                                 "GSM8K problems, each token colored by its writer, then the measured table.")
-    dataclass_command((BenchConfig, BenchOutput), "bench", _bench,
-                      short_help="Time ms/token (decoding, after the first token; prefill apart) for base, expert, "
-                                 "Co-LLM at deferral fractions f, a naive re-encoding loop and transformers.")
-    dataclass_command((DataOut, GsmConfig), "gsm", _data_gsm, on=data_app,
-                      short_help="GSM8K problems and checked new variants from the GSM-Symbolic templates, split "
-                                 "by template.")
-    dataclass_command((DataOut, ArithmeticConfig), "arithmetic", _data_arithmetic, on=data_app,
-                      short_help="Arithmetic problems from mathematics_dataset; no question appears in two splits.")
-    dataclass_command((DataOut, CalcConfig), "calc", _data_calc, on=data_app,
-                      short_help="Training rows for the math expert: calculations written as GSM8K notes, plus "
-                                 "arithmetic (no word problems).")
+
+PARSERS = {"floats": _floats, "ints": lambda text: tuple(int(x) for x in _floats(text)),
+           "names": lambda text: tuple(x.strip() for x in text.split(",") if x.strip())}
+"""Text forms a config field may take on the command line (its metadata's "parse")."""
 
 
 def dataclass_command(classes, name: str, run, *, short_help: str, on: typer.Typer | None = None) -> None:
@@ -336,23 +327,24 @@ def dataclass_command(classes, name: str, run, *, short_help: str, on: typer.Typ
     (default --field-name) and an ``envvar``. ``run(config)`` (one class) or ``run(*configs)`` does the work;
     ``--config FILE`` supplies values too."""
     classes = classes if isinstance(classes, tuple) else (classes,)
-    params, owner = [], {}
+    params, owner, parse = [], {}, {}
     for cls in classes:
         hints, docs = typing.get_type_hints(cls), _field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name in owner:
                 raise ValueError(f"{cls.__name__}.{f.name} is also a field of {owner[f.name].__name__}")
             owner[f.name] = cls
+            if "parse" in f.metadata:
+                parse[f.name] = PARSERS[f.metadata["parse"]]
             params.append(_option(f, hints[f.name], docs.get(f.name, "")))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                                     annotation=ConfigOption))
 
     def command(**values):
         values.pop("config", None)
-        for name, value in values.items():  # a field with a text form on the command line ("0.3,0.5")
-            parse = PARSERS.get(dataclasses.fields(owner[name])[_index(owner[name], name)].metadata.get("parse"))
-            if parse is not None and isinstance(value, str):
-                values[name] = parse(value)
+        for name, text_form in parse.items():  # a field with a text form on the command line ("0.3,0.5")
+            if isinstance(values.get(name), str):
+                values[name] = text_form(values[name])
         configs = [cls(**{k: v for k, v in values.items() if owner[k] is cls
                           and (v is not None or k not in _list_fields(cls))}) for cls in classes]
         run(*configs)
@@ -361,10 +353,6 @@ def dataclass_command(classes, name: str, run, *, short_help: str, on: typer.Typ
     command.__doc__ = short_help
     command.__name__ = name
     (on or app).command(name)(command)
-
-
-def _index(cls, name: str) -> int:
-    return [f.name for f in dataclasses.fields(cls)].index(name)
 
 
 def _option(f: dataclasses.Field, hint, doc: str) -> inspect.Parameter:
@@ -397,69 +385,16 @@ def _train(config) -> None:
     print(tr.train(config))
 
 
-def _register_train() -> None:
-    from collm.training.train import TrainConfig
-
-    dataclass_command(TrainConfig, "train", _train,
-                      short_help="Train the deferral head (and base) by marginal likelihood; runs under "
-                                 "`accelerate launch` too.")
-
-
-_register_train()
-
-
 def _reward(config) -> None:
     from collm.training.reward import train_reward
 
     print(train_reward(config, progress=lambda line: err.print(f"[dim]{line}[/dim]", highlight=False)))
 
 
-def _register_reward() -> None:
-    from collm.training.reward import RewardConfig
-
-    dataclass_command(RewardConfig, "reward", _reward,
-                      short_help="Train the head on whole answers: rollouts with sampled writers, a reward "
-                                 "(correct minus a price per expert token), policy gradient; resumable.")
-
-
-_register_reward()
-
-
 def _score(config) -> None:
     from collm.training import score as sc
 
     sc.score(config)
-
-
-def _register_score() -> None:
-    from collm.training.score import ScoreConfig
-
-    dataclass_command(ScoreConfig, "score", _score,
-                      short_help="Run the expert once over the data: per completion token, log P(gold) and whether "
-                                 "its argmax is gold (resumable, sharded).")
-
-
-_register_score()
-
-
-def _register_generate() -> None:
-    dataclass_command((GenerateConfig, PairSpec), "generate", _generate,
-                      short_help="Answer prompts with a base and expert(s); each token is colored by the model that "
-                                 "wrote it.")
-
-
-_register_generate()
-
-
-def _register_serve() -> None:
-    from collm.serve.serving import ServeConfig
-
-    dataclass_command((PairSpec, ServeConfig), "serve", _serve,
-                      short_help="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
-                                 "/health) whose every token carries who wrote it, with a playground page at /.")
-
-
-_register_serve()
 
 
 def _eval(target, config) -> None:
@@ -480,20 +415,60 @@ def _calibrate(target, config) -> None:
     print(json.dumps({"threshold": record["chosen"]["threshold"], "chosen": record["chosen"]}))
 
 
-def _register_evaluation() -> None:
+def _register_commands() -> None:
+    """The commands whose options are the fields of config dataclasses (all but seal)."""
+    from collm.data.arithmetic import ArithmeticConfig
+    from collm.data.gsm import GsmConfig
+    from collm.demo.command import DemoConfig
+    from collm.evaluation.bench import BenchConfig, BenchOutput
     from collm.evaluation.calibrate import CalibrateConfig, CalibrateRun
     from collm.evaluation.evaluate import EvalConfig, EvalRun
+    from collm.serve.serving import ServeConfig
+    from collm.training.expert import CalcConfig
+    from collm.training.reward import RewardConfig
+    from collm.training.score import ScoreConfig
+    from collm.training.train import TrainConfig
 
-    dataclass_command((EvalRun, EvalConfig), "eval", _eval,
-                      short_help="Exact-match accuracy of base, expert, Co-LLM and random deferral (and given "
-                                 "runs), with 95% intervals.")
+    dataclass_command((GenerateConfig, PairSpec), "generate", _generate,
+                      short_help="Answer prompts with a base and expert(s); each token is colored by the model that "
+                                 "wrote it.")
+    dataclass_command((PairSpec, ServeConfig), "serve", _serve,
+                      short_help="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                                 "/health) whose every token carries who wrote it, with a playground page at /.")
+    dataclass_command(DemoConfig, "demo", _demo,
+                      short_help="The shipped run, offline: base alone, expert alone and Co-LLM answer held-out "
+                                 "GSM8K problems, each token colored by its writer, then the measured table.")
+    dataclass_command(ScoreConfig, "score", _score,
+                      short_help="Run the expert once over the data: per completion token, log P(gold) and whether "
+                                 "its argmax is gold (resumable, sharded).")
+    dataclass_command(TrainConfig, "train", _train,
+                      short_help="Train the deferral head (and base) by marginal likelihood; runs under "
+                                 "`accelerate launch` too.")
+    dataclass_command(RewardConfig, "reward", _reward,
+                      short_help="Train the head on whole answers: rollouts with sampled writers, a reward "
+                                 "(correct minus a price per expert token), policy gradient; resumable.")
     dataclass_command((CalibrateRun, CalibrateConfig), "calibrate", _calibrate,
                       short_help="Pick the threshold with the best validation accuracy (within --max-defer) and "
                                  "save it in the run.")
+    dataclass_command((EvalRun, EvalConfig), "eval", _eval,
+                      short_help="Exact-match accuracy of base, expert, Co-LLM and random deferral (and given "
+                                 "runs), with 95% intervals.")
+    dataclass_command((BenchConfig, BenchOutput), "bench", _bench,
+                      short_help="Time ms/token (decoding, after the first token; prefill apart) for base, expert, "
+                                 "Co-LLM at deferral fractions f, a naive re-encoding loop and transformers.")
+    dataclass_command((DataOut, GsmConfig), "gsm", _data_gsm, on=data_app,
+                      short_help="GSM8K problems and checked new variants from the GSM-Symbolic templates, split "
+                                 "by template.")
+    dataclass_command((DataOut, ArithmeticConfig), "arithmetic", _data_arithmetic, on=data_app,
+                      short_help="Arithmetic problems from mathematics_dataset; no question appears in two splits.")
+    dataclass_command((DataOut, CalcConfig), "calc", _data_calc, on=data_app,
+                      short_help="Training rows for the math expert: calculations written as GSM8K notes, plus "
+                                 "arithmetic (no word problems).")
 
 
-_register_evaluation()
-_register_more()
+_register_commands()
+
+
 
 
 @app.command()
@@ -506,19 +481,6 @@ def seal(
 
     manifest = seal_run(run)
     print(json.dumps({"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"]}))
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    """"0.3, 0.5" -> (0.3, 0.5); CollmError naming the text where a part is not a number."""
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise CollmError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-PARSERS = {"floats": _floats, "ints": lambda text: tuple(int(x) for x in _floats(text)),
-           "names": lambda text: tuple(x.strip() for x in text.split(",") if x.strip())}
-"""Text forms a config field may take on the command line (its metadata's "parse")."""
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from collm.serve.scheduler import Busy, EngineFailed, Row, Scheduler
 
 LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 """Host names a server always answers."""
+WILDCARD = ("0.0.0.0", "::")
+"""Addresses that listen on every interface (they name no host a client sends)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class ServeConfig:
     @property
     def served_hosts(self) -> tuple[str, ...]:
         """Every host name this server answers: loopback, the address it listens on, and allowed_hosts."""
-        own = () if self.host in ("0.0.0.0", "::") else (self.host,)
+        own = () if self.host in WILDCARD else (self.host,)
         return tuple(dict.fromkeys([*LOOPBACK, *own, *self.allowed_hosts]))
 
 
