@@ -207,8 +207,7 @@ class Guard:
                                      f"{host or 'NAME'} to serve it",
                                 "invalid_request_error", "host")(scope, receive, send)
         if self.api_key is not None and scope["path"].startswith("/v1/"):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            if not secrets.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode()):
                 return await _error(401, "this server needs an API key: send it as 'Authorization: Bearer KEY' "
                                          "(the openai client's api_key)", "authentication_error",
                                     code="invalid_api_key")(scope, receive, send)
