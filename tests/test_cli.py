@@ -107,8 +107,7 @@ def test_bad_input_is_one_line_and_exit_2(folders):
     (["--do-sample", "--temperature", "0"], "temperature must be > 0"),
     (["--stop", ""], "stop strings must be non-empty"),
     (["--lookahead", "0"], "lookahead must be a whole number of tokens >= 1"),
-    (["--lookahead", "4", "--do-sample"], "cannot be combined with sampling"),
-    (["--lookahead", "4", "--mode", "base"], "cannot be combined with mode 'base'"),
+    (["--lookahead", "4", "--mode", "compose"], "mode 'compose' cannot draft"),
 ])
 def test_generate_refuses_bad_settings_before_loading_any_model(monkeypatch, args, message):
     """A typo in a setting costs no model load (minutes for a large model), and prints no prompt first."""

@@ -72,7 +72,7 @@ def main() -> None:
                         "(transformers assisted), proxy (proxy tuning; a run with a tuned base)")
     p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned: adds its tuned base alone and, with "
                    "proxy in --systems, proxy tuning with it (default: --run itself, when its base is tuned)")
-    p.add_argument("--lookahead", default="", help="also Co-LLM drafting past deferrals (collm.decoding.speculative) "
+    p.add_argument("--lookahead", default="", help="also Co-LLM drafting past deferrals (the engine's lookahead) "
                    "at these lookaheads, comma-separated (e.g. 4,8); its answers are compared with the engine's")
     p.add_argument("--expert-lookahead", default="", help="also speculative decoding in collm's loop at these draft "
                    "lengths, comma-separated (generate(mode='expert', lookahead=k): the base drafts k tokens, the "
@@ -164,8 +164,8 @@ def main() -> None:
                "deferral_rate": deferred / total if name.startswith("Co-LLM") else None}
         if "lookahead" in name:  # the whole answers (not the 1-token runs): what drafting cost and saved
             outs = [o for o in answers[name] if len(o.token_ids[0]) > 1]
-            row |= {k: sum(o.stats[k] for o in outs) for k in ("expert_calls", "checked", "rejected", "discarded",
-                                                               "base_reads")}
+            row |= {k: sum(o.stats[k] for o in outs) for k in ("expert_calls", "checked", "drafts_cut", "discarded",
+                                                               "drafted")}
             if "mode expert" in name:  # speculative decoding writes the expert's tokens: compare with the expert's
                 mine = [o for o in answers["expert alone"] if len(o.token_ids[0]) > 1]
                 row["same_answers_as_expert"] = sum(o.token_ids == r.token_ids for o, r in zip(outs, mine))
@@ -211,15 +211,17 @@ def main() -> None:
             lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['new_tokens']} | {rate} |")
     for r in (r for r in results if "same_answers_as_engine" in r):
         lines.append(f"\n{r['system']}: {r['expert_calls']} expert calls for {r['checked']} checked deferrals, "
-                     f"{r['rejected']} drafts cut where the expert wrote another token "
+                     f"{r['drafts_cut']} drafts cut where the expert wrote another token "
                      f"({r['discarded']} drafted tokens "
-                     f"dropped), {r['base_reads']} base reads; {r['same_answers_as_engine']}/{len(prompts)} answers "
+                     f"dropped), {r['drafted']} drafted stand-ins; "
+                     f"{r['same_answers_as_engine']}/{len(prompts)} answers "
                      "token for token the engine's")
     for r in (r for r in results if "same_answers_as_expert" in r):
         lines.append(f"\n{r['system']}: {r['expert_calls']} expert calls for {r['checked']} tokens checked, "
-                     f"{r['rejected']} drafts cut where the expert wrote another token "
+                     f"{r['drafts_cut']} drafts cut where the expert wrote another token "
                      f"({r['discarded']} drafted tokens "
-                     f"dropped), {r['base_reads']} base reads; {r['same_answers_as_expert']}/{len(prompts)} answers "
+                     f"dropped), {r['drafted']} drafted stand-ins; "
+                     f"{r['same_answers_as_expert']}/{len(prompts)} answers "
                      "token for token the expert's")
     lines.append(f"\nτ(f) = t_base + f·t_expert = {tau:.1f} ms/token at f = {f:.3f}; "
                  f"{len(prompts)} prompts ({summary['rows'].replace('spread', 'evenly spaced')}), {a.new_tokens} new "

@@ -118,10 +118,9 @@ class GenerateConfig:
     """Send prompts as raw text, without the base's chat template."""
     compile: bool = False
     """CUDA: torch.compile the static-cache steps (slow first call, faster after)."""
-    lookahead: int | None = None
-    """Greedy Co-LLM: at a deferral the base drafts up to this many tokens and the expert checks them in one read
-    (Co-LLM's greedy tokens, fewer expert calls; prompts answered one at a time). With --mode expert: speculative
-    decoding (the base drafts every token; the expert's answer)."""
+    lookahead: int = 1
+    """Draft past deferrals: the base writes on up to this many tokens and the expert checks them in one read
+    (Co-LLM's tokens, fewer expert calls). With --mode expert: speculative decoding. 1: no drafting."""
     as_json: bool = dataclasses.field(default=False, metadata={"flag": "--json"})
     """Print one JSON object instead of colored text."""
 
@@ -133,13 +132,10 @@ def _generate(config, spec) -> None:
     c = config
     texts = _read_prompts(c.prompts, c.prompt_file) or [EXAMPLE_QUESTION]
     options = dict(max_new_tokens=c.max_new_tokens, threshold=c.threshold, mode=c.mode, stop=c.stop,
-                   do_sample=c.do_sample, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+                   do_sample=c.do_sample, temperature=c.temperature, top_p=c.top_p, seed=c.seed,
+                   lookahead=c.lookahead)
     make_request(**options)  # checked before minutes of loading, not after
     check_device(spec.device)
-    if c.lookahead is not None:
-        from collm.decoding.speculative import check_settings
-
-        check_settings(c.lookahead, do_sample=c.do_sample, stop=c.stop, mode=c.mode, compile=c.compile)
     if c.mode == "collm":
         _zero_head_note(spec, c.threshold)
     pair = _load_pair(spec)
@@ -151,7 +147,7 @@ def _generate(config, spec) -> None:
         console.rule(style="dim")
         console.print(f"[dim]> {texts[0]}[/dim]")
         stream = Stream(console, pair.tokenizer)
-    out = pair.generate(texts, chat=not c.raw, compile=c.compile, on_token=stream, lookahead=c.lookahead, **options)
+    out = pair.generate(texts, chat=not c.raw, compile=c.compile, on_token=stream, **options)
     if stream is not None:
         console.print()
         _print_summary(out.stats)

@@ -16,7 +16,6 @@ from collm.core.request import Request, Router, check_threshold, make_request
 from collm.data.rows import pad_id
 from collm.decoding.decode import Options, decode, run
 from collm.decoding.engine import Engine
-from collm.decoding.speculative import check_settings, speculative_decode
 from collm.errors import CollmError
 from collm.run import (
     DEFAULT_RUN,
@@ -189,8 +188,7 @@ class CoLLM:
     # ---------------------------------------------------------------- generation
 
     def generate(self, prompts=None, request: Request | None = None, *, input_ids=None, chat: bool = True,
-                 router: Router | None = None, compile: bool = False, on_token=None, lookahead: int | None = None,
-                 **options) -> GenerateOutput:
+                 router: Router | None = None, compile: bool = False, on_token=None, **options) -> GenerateOutput:
         """Write an answer to each prompt together: :meth:`stream`, collected.
 
         ``prompts``: a string, a list of strings (rendered with the base's chat template unless ``chat=False``),
@@ -198,44 +196,24 @@ class CoLLM:
         :class:`Request` (default: this pair's threshold, 128 new tokens, greedy), given as ``request`` and/or
         as keyword ``options`` that replace its fields (collm.core.request.OPTIONS): ``max_new_tokens``,
         ``threshold`` (defer where P(Z != base) exceeds it), ``do_sample``, ``temperature``, ``top_p``, ``seed``,
-        ``stop`` and ``mode``: ``collm`` (route by the head), ``compose`` (sample the mixture), ``base`` or
+        ``stop``, ``mode``: ``collm`` (route by the head), ``compose`` (sample the mixture), ``base`` or
         ``expert`` (one model alone, for baselines), ``proxy`` (proxy tuning, for a pair made by
-        :func:`proxy_tuning`). ``router`` overrides the threshold rule.
+        :func:`proxy_tuning`), and ``lookahead``: at a deferral the base drafts on, up to this many tokens, and
+        the expert checks the draft in one read (greedy rows get greedy Co-LLM's tokens and writers, exactly in
+        float32; sampling rows keep Co-LLM's distribution); with ``mode="expert"`` that is speculative decoding.
+        ``router`` overrides the threshold rule.
         ``compile`` (CUDA): torch.compile the static-cache steps; the first calls take minutes, later ones run
         fastest. ``on_token(tokens, sources, done)`` is called after each step with every row's new token and
-        writer, for streaming. ``lookahead`` (greedy Co-LLM, in-process models): at a deferral the base drafts
-        up to this many tokens and the expert checks them in one read (collm.decoding.speculative); the tokens
-        and their writers are greedy Co-LLM's (exactly so in float32; in bfloat16 the expert's tied logits can
-        resolve otherwise), the expert is called less often; prompts are answered one at a time. With
-        ``mode="expert"`` it is speculative decoding: the base drafts every token, the expert checks each draft in
-        one read, and the answer is the expert's own greedy answer.
+        writer, for streaming (once per token: a check can settle several tokens of a row in one step).
         Raises CollmError for empty prompts, an unknown option, max_new_tokens <= 0, a threshold outside [0, 1],
         an unknown mode.
         """
         prompts = _prompts_or_ids(prompts, input_ids)
         request = self.request(request, router=router, **options)
         ids = self._prepare(prompts, chat, request)
-        if lookahead is not None:
-            return self._speculative(ids, request, lookahead, router, compile, on_token)
         raw = decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
                      threshold=request.threshold, sampling=request.sampling, mode=request.mode, stop=request.stop,
-                     on_token=on_token, **self._options(router, compile))
-        return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
-
-    def _speculative(self, ids, request: Request, lookahead: int, router, compile: bool, on_token) -> GenerateOutput:
-        check_settings(lookahead, do_sample=request.sampling.do_sample, stop=request.stop, mode=request.mode,
-                       router=router, compile=compile)
-        head, experts, threshold = self.head, self.experts, request.threshold
-        if request.mode == "expert":  # speculative decoding: every position deferred, the base only drafts
-            always = DeferralHead.constant(self.head.hidden_size, 1.0, 1)  # (_request refused a pair without experts)
-            head, experts = always.to(next(self.head.parameters()).device), experts[:1]
-            threshold = 0.0  # P(defer) = 1 exceeds it wherever the threshold asked for is
-        raw = speculative_decode(self.base, experts, head, ids, max_new_tokens=request.max_new_tokens,
-                                 threshold=threshold, vocab=self.vocab, eos_ids=self._eos_ids(),
-                                 tokenizer=self.tokenizer, lookahead=lookahead, pad_id=self._pad_id(),
-                                 on_token=on_token)
-        if request.mode == "expert":  # as the engine reports it: the head is not consulted
-            raw.defer_probs = [[0.0] * len(p) for p in raw.defer_probs]
+                     lookahead=request.lookahead, on_token=on_token, **self._options(router, compile))
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
     def stream(self, prompts=None, request: Request | None = None, *, input_ids=None, chat: bool = True,

@@ -49,6 +49,10 @@ class Next:
     """(rows, hidden) last hidden state at the last column read, where ``hidden=True`` was asked."""
     tokens: torch.Tensor | None = None
     """(rows,) long: the tokens a picking backbone chose (-1 for rows it was not asked about)."""
+    checked: torch.Tensor | None = None
+    """For a read with ``check`` pairs (row, column): the model's next-token logits at each pair, (N, vocab)
+    float32, i.e. its distribution for the token in that column given the columns before it; from a picking
+    backbone its greedy token there, (N,) long."""
 
 
 @runtime_checkable
@@ -65,11 +69,18 @@ class Backbone(Protocol):
     picks: bool
 
     def read(self, cols: Columns, end: int, *, hidden: bool = False, rows: Sequence[int] | None = None,
-             sampling: Sequence[Sampling] | None = None, step: int = 0) -> Next:
+             sampling: Sequence[Sampling] | None = None, step: int = 0,
+             check: Sequence[tuple[int, int]] | None = None) -> Next:
         """Consume columns ``[seen, end)`` (every row, in one call; ``end == seen`` repeats the last answer) and
         set ``seen = end``. ``rows``: the rows whose next token is needed (a remote backbone sends only these;
         None = all). ``sampling``: each row's settings, for a backbone that picks; ``step`` the row's new-token
-        index, for seeding. Raises CollmError when the model cannot be reached or refuses the input."""
+        index, for seeding. ``check``: (row, column) pairs, ``seen_before <= column <= end``, whose next-token
+        verdicts to return as ``Next.checked`` (a draft's check: one read gives them all). Raises CollmError
+        when the model cannot be reached or refuses the input."""
+        ...
+
+    def cut(self, columns: int) -> None:
+        """Forget every column from ``columns`` on, in every row (a draft was cut back); ``seen`` drops to it."""
         ...
 
     def keep(self, rows: torch.Tensor) -> None:

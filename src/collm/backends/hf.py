@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from collm.backends.base import Columns, Next
 from collm.backends.models import plain_logits
+from collm.errors import CollmError
 
 
 def split_decoder(model) -> torch.nn.Module | None:
@@ -46,10 +47,13 @@ class HFBackbone:
         self.lazy_logits = self.decoder is not None
 
     def read(self, cols: Columns, end: int, *, hidden: bool = False, rows=None, sampling=None, step: int = 0,
-             logits: bool = True) -> Next:
+             logits: bool = True, check=None) -> Next:
         """Consume columns [seen, end) in one forward. Where nothing is new (``end == seen``: a deferral right
         after the up-front prefill) the last read's answer is returned without a forward. ``logits=False``
-        (with ``hidden``, where ``lazy_logits``): the hidden state only; ``logits_for`` gives the logits."""
+        (with ``hidden``, where ``lazy_logits``): the hidden state only; ``logits_for`` gives the logits.
+        ``check``: see the Backbone protocol; the output embedding runs only at the pairs asked for."""
+        if check:
+            return self._check(cols, end, list(check), hidden)
         lazy = not logits and hidden and self.lazy_logits
         if end == self.seen and self.last is not None and not self.reencode and (self.last.hidden is not None
                                                                                   or not hidden):
@@ -76,6 +80,51 @@ class HFBackbone:
         self.last = Next(logits=out.logits[:, -1, : self.vocab].float(),
                          hidden=out.hidden_states[-1][:, -1] if hidden else None)
         return self.last
+
+    def _check(self, cols: Columns, end: int, pairs: list[tuple[int, int]], hidden: bool) -> Next:
+        """One forward over [seen, end) that keeps every column's output, for a draft's check. The verdict for
+        column c is the output at column c - 1: this read's for c > seen, the previous read's for c = seen.
+        Where the decoder and the output embedding run apart, the embedding runs at the pairs only."""
+        if self.reencode:
+            raise CollmError("the re-encoding baseline does not check drafts")
+        start = self.seen
+        outputs = last_hidden = None
+        if end > start:
+            kwargs = dict(input_ids=cols.seq[:, start:end], attention_mask=cols.mask[:, :end],
+                          position_ids=cols.positions[:, start:end], cache=self.cache, use_cache=True)
+            if self.decoder is not None:
+                outputs = self.decoder(**kwargs).last_hidden_state  # (rows, L, H): hidden states
+                last_hidden = outputs[:, -1]
+            else:
+                out = self.model(**kwargs, output_hidden_states=hidden, logits_to_keep=0)
+                outputs = out.logits[:, :, : self.vocab].float()  # (rows, L, V): logits
+                last_hidden = out.hidden_states[-1][:, -1] if hidden else None
+            self.seen = end
+        checked = torch.empty(len(pairs), self.vocab, dtype=torch.float32, device=cols.seq.device)
+        fresh = [(i, row, c) for i, (row, c) in enumerate(pairs) if c > start]
+        if fresh:
+            index = [i for i, _, _ in fresh]
+            found = outputs[[row for _, row, _ in fresh], [c - start - 1 for _, _, c in fresh]]
+            checked[index] = self.logits_for(found) if self.decoder is not None else found
+        old = [(i, row) for i, (row, c) in enumerate(pairs) if c == start]
+        if old:
+            if self.last is None:
+                raise CollmError("internal: a check at the first unread column needs the previous read's output")
+            rows = [row for _, row in old]
+            logits = self.last.logits[rows] if self.last.logits is not None else self.logits_for(self.last.hidden[rows])
+            checked[[i for i, _ in old]] = logits
+        if outputs is not None:
+            logits = None if self.decoder is not None else outputs[:, -1]
+            self.last = Next(logits=logits, hidden=last_hidden)
+        return Next(hidden=None if self.last is None else self.last.hidden, checked=checked)
+
+    def cut(self, columns: int) -> None:
+        if columns >= self.seen:
+            return
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[:, :, :columns], layer.values[:, :, :columns]
+        self.seen, self.last = columns, None
 
     @torch.inference_mode()
     def logits_for(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,30 @@ class RemoteExpert:
             out.append(choice["prompt_logprobs"])
         return out
 
+    def greedy_verdicts(self, prompts: list[list[int]], at: list[list[int]]) -> list[list[int]]:
+        """The expert's greedy token at positions ``at[i]`` of prompt i, in one request (a draft's check):
+        position t < len(prompt) reads the top token of ``prompt_logprobs`` there, t = len(prompt) the token
+        generated after the prompt."""
+        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0, "top_p": 1.0,
+                "top_k": 0, "prompt_logprobs": 1, "return_token_ids": True, "skip_special_tokens": False}
+        out = []
+        for prompt, positions, choice in zip(prompts, at, self._choices(self._post("/completions", body),
+                                                                        len(prompts))):
+            logprobs, generated = choice.get("prompt_logprobs"), choice.get("token_ids")
+            if logprobs is None or not generated:
+                raise CollmError(f"the server at {self.url} returned no prompt_logprobs or token ids: checking "
+                                 f"drafts needs vLLM >= 0.10.2")
+            picked = []
+            for t in positions:
+                if t == len(prompt):
+                    picked.append(int(generated[0]))
+                else:
+                    entries = logprobs[t]
+                    top = min(entries.items(), key=lambda kv: (kv[1].get("rank", 1), -kv[1]["logprob"]))
+                    picked.append(int(top[0]))
+            out.append(picked)
+        return out
+
     def gold_and_best(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor):
         """For scoring (collm.training.score): the gold token's log-prob and the best log-prob (N,) each, at the
         N targets, row-major; right-padded rows are sent without their padding."""
@@ -245,10 +269,22 @@ class RemoteBackbone:
         self.seen = 0
 
     def read(self, cols: Columns, end: int, *, hidden: bool = False, rows: Sequence[int] | None = None,
-             sampling: Sequence[Sampling] | None = None, step: int = 0) -> Next:
+             sampling: Sequence[Sampling] | None = None, step: int = 0,
+             check: Sequence[tuple[int, int]] | None = None) -> Next:
         if hidden:
             raise CollmError(f"the remote expert at {self.expert.url} has no hidden states to give")
         self.seen = end
+        if check:  # a draft's check: one request, each row's greedy token at its checked columns
+            by_row: dict[int, list[int]] = {}
+            for row, column in check:
+                by_row.setdefault(int(row), []).append(int(column))
+            order = sorted(by_row)
+            # column c holds the row's token number positions[c] (its real tokens before it); end: the next one
+            at = [[int(cols.positions[r, c]) if c < end else len(cols.row_ids(r, end)) for c in by_row[r]]
+                  for r in order]
+            verdicts = self.expert.greedy_verdicts([cols.row_ids(r, end) for r in order], at)
+            found = {(r, c): v for r, vs in zip(order, verdicts) for c, v in zip(by_row[r], vs)}
+            return Next(checked=torch.tensor([found[(int(r), int(c))] for r, c in check], dtype=torch.long))
         asked = list(range(cols.rows)) if rows is None else [int(r) for r in rows]
         groups: dict[Sampling, list[int]] = {}
         for row in asked:
@@ -261,6 +297,9 @@ class RemoteBackbone:
 
     def keep(self, rows: torch.Tensor) -> None:
         pass
+
+    def cut(self, columns: int) -> None:
+        self.seen = min(self.seen, columns)
 
     def pad_left(self, columns: int) -> None:
         self.seen += columns

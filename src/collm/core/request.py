@@ -59,6 +59,10 @@ class Request:
     """One of MODES."""
     stop: tuple[str, ...] = ()
     """Strings that end the row; the text returned stops before the first one."""
+    lookahead: int = 1
+    """Draft past deferrals: at a deferral the base writes on, up to this many tokens, and the expert checks the
+    draft in one read (1: each deferral is checked at once, plain Co-LLM). Greedy rows get greedy Co-LLM's
+    tokens; sampling rows keep Co-LLM's distribution (speculative sampling's acceptance rule)."""
 
     def __post_init__(self):
         check_threshold(self.threshold)
@@ -69,26 +73,37 @@ class Request:
             raise CollmError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise CollmError("stop strings must be non-empty (a list of strings)")
+        check_lookahead(self.lookahead)
+        if self.lookahead > 1 and self.mode in ("compose", "proxy"):
+            raise CollmError(f"lookahead drafts Co-LLM (mode collm, or expert for speculative decoding); mode "
+                             f"{self.mode!r} cannot draft: drop lookahead")
 
 
-OPTIONS = ("max_new_tokens", "threshold", "do_sample", "temperature", "top_p", "seed", "stop", "mode")
+OPTIONS = ("max_new_tokens", "threshold", "do_sample", "temperature", "top_p", "seed", "stop", "mode", "lookahead")
 """A request's fields as flat keyword options: what ``CoLLM.generate``/``stream``, the CLI and the server take."""
 
 
 def make_request(request: Request | None = None, **options) -> Request:
     """``request`` (default: ``Request()``) with flat ``options`` (OPTIONS) replacing its fields: the one place a
-    request is built and checked. ``threshold=None`` or ``stop=None`` keep the request's; ``stop`` may be one
-    string. Raises CollmError for an unknown option or a value out of range."""
+    request is built and checked. ``threshold``, ``stop`` or ``lookahead`` None keep the request's; ``stop`` may
+    be one string. Raises CollmError for an unknown option or a value out of range."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise CollmError(f"unknown option {unknown[0]!r}: choose from {', '.join(OPTIONS)}")
     request = request or Request()
-    options = {k: v for k, v in options.items() if not (k in ("threshold", "stop") and v is None)}
+    options = {k: v for k, v in options.items() if not (k in ("threshold", "stop", "lookahead") and v is None)}
     sampling = {k: options.pop(k) for k in ("do_sample", "temperature", "top_p", "seed") if k in options}
     if "stop" in options:
         stop = options["stop"]
         options["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
     return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, **sampling), **options)
+
+
+def check_lookahead(lookahead) -> int:
+    """The lookahead as an int; raises CollmError unless it is a whole number of tokens >= 1."""
+    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
+        raise CollmError(f"lookahead must be a whole number of tokens >= 1, got {lookahead!r}")
+    return lookahead
 
 
 def check_threshold(threshold) -> float:

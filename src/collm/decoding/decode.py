@@ -21,6 +21,7 @@ from collm.core.head import DeferralHead
 from collm.core.request import Request, Router, Sampling, TokenEvent
 from collm.decoding.engine import Engine, Stats, layout
 from collm.decoding.fused import MAX_EOS, fused_step
+from collm.errors import CollmError
 
 
 @dataclass
@@ -67,15 +68,19 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     the run's Stats. Raises ValueError where ``options.fused`` is True but the fused step cannot run."""
     device = next(base.parameters()).device
     mode = request.mode
-    if mode == "expert" and getattr(experts[0], "remote", False):
-        # A remote expert picks tokens but has no logits to write with alone: the base leads and the request's
-        # mode routes every row to expert 1 (the engine's per-row override), so the expert writes every token.
+    if mode == "expert" and (getattr(experts[0], "remote", False) or request.lookahead > 1):
+        # A remote expert picks tokens but has no logits to write with alone, and speculative decoding needs the
+        # base to draft: the base leads and the request's mode routes every row to expert 1 (the engine's per-row
+        # override), so the expert writes every token.
         mode = "collm"
     writer = experts[0] if mode == "expert" else base
     expert_models = [] if mode in ("base", "expert") else list(experts)
     static = options.static
-    if static is None:
-        static = device.type == "cuda" and all(supported(m) for m in [writer, *expert_models])
+    if static is None:  # the static runners cannot cut a cache back: drafting runs on growing caches
+        static = device.type == "cuda" and request.lookahead == 1 and all(supported(m)
+                                                                          for m in [writer, *expert_models])
+    elif static and request.lookahead > 1:
+        raise CollmError("lookahead drafts on growing caches: drop static (or lookahead)")
     prepack = available(device) and not static if options.prepack is None else options.prepack
     fusable = (static and mode in ("collm", "base", "expert") and not request.sampling.do_sample
                and not options.reencode_experts and len(options.eos_ids) <= MAX_EOS
@@ -95,18 +100,21 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
                         reencode_experts=options.reencode_experts, backbones=backbones, elastic=False)
         for prompt in prompts:
             engine.add(prompt, request)
-        while events := engine.step():
-            yield events
+        while engine.active:
+            if events := engine.step():
+                yield events
         return engine.stats
 
 
 def decode(base, experts: list, head: DeferralHead, prompts: list[list[int]], *, max_new_tokens: int,
            threshold: float, sampling: Sampling = Sampling(), mode: str = "collm", stop: tuple[str, ...] = (),
-           on_token: Callable[[list[int], list[int], list[bool]], None] | None = None, **options) -> Decoded:
+           on_token: Callable[[list[int], list[int], list[bool]], None] | None = None, lookahead: int = 1,
+           **options) -> Decoded:
     """Decode ``prompts`` as one batch and collect the output; see DESIGN.md "Decoding semantics".
-    ``options``: the fields of :class:`Options`. ``on_token(tokens, sources, done)`` is called after every step
-    with each row's new token (the pad id for finished rows), its writer and whether the row had finished."""
-    request = Request(max_new_tokens, threshold, sampling, mode, tuple(stop))
+    ``options``: the fields of :class:`Options`. ``on_token(tokens, sources, done)`` is called for every new
+    token of any row, in order (after a step, once per token a check settled): each row's new token (the pad id
+    for rows without one), its writer and whether the row has no token in this call."""
+    request = Request(max_new_tokens, threshold, sampling, mode, tuple(stop), lookahead)
     opts = Options(**options)
     rows = len(prompts)
     out = Decoded([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], [None] * rows,
@@ -126,8 +134,9 @@ def decode(base, experts: list, head: DeferralHead, prompts: list[list[int]], *,
             if e.stopped_by:
                 out.stopped_by[e.row] = e.stopped_by
         if on_token is not None:
-            on_token(*_step_view(events, rows, opts.pad_id))
-    out.stats = summary(out, stats, mode)
+            for layer in _layers(events):
+                on_token(*_step_view(layer, rows, opts.pad_id))
+    out.stats = summary(out, stats, mode) | {"lookahead": lookahead}
     return out
 
 
@@ -143,9 +152,25 @@ def summary(out: Decoded, stats: Stats, mode: str) -> dict:
         "expert_tokens": stats.expert_tokens,
         "expert_prefill_tokens": stats.expert_prefill_tokens,
         "steps": stats.steps,
+        "drafted": stats.drafted,
+        "checked": stats.checked,
+        "drafts_cut": stats.drafts_cut,
+        "discarded": stats.discarded,
         "seconds": stats.seconds,
         "tokens_per_s": new / stats.seconds if stats.seconds > 0 else 0.0,
     }
+
+
+def _layers(events: list[TokenEvent]) -> list[list[TokenEvent]]:
+    """A step's events as layers of at most one per row (a check can settle several tokens of one row)."""
+    layers: list[list[TokenEvent]] = []
+    count: dict[int, int] = {}
+    for e in events:
+        k = count[e.row] = count.get(e.row, -1) + 1
+        if k == len(layers):
+            layers.append([])
+        layers[k].append(e)
+    return layers
 
 
 def _step_view(events: list[TokenEvent], rows: int, pad_id: int):

@@ -35,7 +35,7 @@ from collm.core.head import DeferralHead
 from collm.core.request import Request, Router, TokenEvent
 from collm.core.routing import defer_prob, route
 from collm.decoding.detok import Detokenizer
-from collm.decoding.sampling import generator_for, pick, pick_log_probs
+from collm.decoding.sampling import distribution, generator_for, pick, pick_log_probs, sample
 from collm.errors import CollmError
 
 GROW = 256  # the token matrix grows by this many columns at a time
@@ -52,7 +52,28 @@ class Stats:
     """Real token positions those reads covered (padding excluded)."""
     expert_prefill_tokens: int = 0
     """Prompt positions the experts read up front, with the base."""
+    drafted: int = 0
+    """Deferred positions where the base wrote a stand-in token and went on (a row with ``lookahead`` > 1)."""
+    checked: int = 0
+    """Deferred positions whose token an expert gave or judged (every deferral, drafted or not)."""
+    drafts_cut: int = 0
+    """Checks that ended a row's draft at a stand-in token the expert did not keep."""
+    discarded: int = 0
+    """Drafted tokens dropped after such a cut (the base's wasted work)."""
     seconds: float = 0.0
+
+
+@dataclass
+class _Entry:
+    """One position of a row's pending draft: the column it was written in, who is to write it (0 = the base,
+    whose token stands), the head's P(defer) there, the base's token there (None at a deferred position the
+    check reaches at once), and for a sampling row the base's distribution the stand-in was drawn from."""
+
+    column: int
+    writer: int
+    defer_prob: float
+    guess: int | None
+    base_probs: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,6 +89,7 @@ class _Row:
     text: str = ""
     sent: int = 0  # characters of ``text`` already sent in events
     done: bool = False
+    draft: list[_Entry] = field(default_factory=list)  # positions written since the row's first unchecked deferral
 
 
 class Engine:
@@ -119,6 +141,11 @@ class Engine:
             raise CollmError(f"a row in mode {request.mode!r} cannot join a batch in mode {self.mode!r}")
         if request.mode == "expert" and not self.experts:
             raise CollmError("mode 'expert' needs an expert")
+        if request.lookahead > 1:
+            remote = [e for e in self.experts if getattr(e, "remote", False) or isinstance(e, Backbone)]
+            if request.sampling.do_sample and remote:
+                raise CollmError("a served expert gives tokens, not its distribution, so a sampling row cannot "
+                                 "draft with it: use lookahead 1 or greedy decoding")
         with self._lock:
             handle = self._next_handle
             self._next_handle += 1
@@ -137,8 +164,9 @@ class Engine:
         return pending + sum(not r.done for r in self.rows)
 
     def step(self) -> list[TokenEvent]:
-        """One token for every active row; rows queued by ``add`` join first. Returns this step's events
-        ([] when no row is active)."""
+        """One column for every active row; rows queued by ``add`` join first. Returns this step's events: one
+        per row whose token there is final, several for a row whose draft a check kept, none for a row that is
+        drafting ([] also when no row is active: loop while ``active``)."""
         started = time.perf_counter()
         with torch.inference_mode():
             self._boundary()
@@ -151,6 +179,8 @@ class Engine:
     # ---------------------------------------------------------------- one step
 
     def _step(self) -> list[TokenEvent]:
+        if self.mode == "collm":
+            return self._step_collm()
         n, rows = self.n, self.rows
         choice, defer_probs = self._route()
         choice_host = choice.tolist()  # the one sync before the pick: which experts must run is control flow
@@ -178,6 +208,169 @@ class Engine:
         if alive:
             self._read_writer()
         return events
+
+    def _step_collm(self) -> list[TokenEvent]:
+        """One column in mode collm. A row's token there is final (the base's, or an expert's at a deferral
+        checked now) or part of a draft (the row drafts past a deferral, ``lookahead`` > 1). A check settles
+        every pending draft of every row at once, with one read per expert; events go out for final tokens only."""
+        n, rows = self.n, self.rows
+        choice, defer_probs = self._route()
+        choice_host, p_host = choice.tolist(), defer_probs.tolist()  # the one sync: the routing is control flow
+        alive = [i for i, row in enumerate(rows) if not row.done]
+        plain, drafting, check = [], [], False
+        for i in alive:
+            row = rows[i]
+            if not choice_host[i] and not row.draft:
+                plain.append(i)  # the base writes and nothing before it is pending: final now
+                continue
+            drafting.append(i)
+            length = len(row.draft) + 1
+            if length >= row.request.lookahead or len(row.ids) + length >= row.request.max_new_tokens:
+                check = True  # this row's draft is full: check now
+        # the base's tokens where it writes, and its stand-ins where a draft goes on past a deferral
+        deferred = {i for i in drafting if choice_host[i]}
+        wanted = plain + [i for i in drafting if i not in deferred or not check]
+        picked = self._base_tokens(wanted, deferred) if wanted else {}
+        for i in drafting:
+            guess, probs = picked.get(i, (None, None))
+            rows[i].draft.append(_Entry(n, choice_host[i], p_host[i], guess, probs))
+            self.stats.drafted += guess is not None and i in deferred
+            check = check or guess in self.eos_ids  # a draft does not go on past its end
+        final = {i: [(picked[i][0], 0, p_host[i])] for i in plain}
+        column = n
+        if check:
+            settled, column = self._check(drafting)
+            final.update(settled)
+        tokens = [self.pad_id] * len(rows)
+        for i in alive:
+            tokens[i] = final[i][-1][0] if i in final else rows[i].draft[-1].guess
+        self._ensure_width(column + 1)
+        self.cols.seq[:, column] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        self.n = column + 1
+        self.stats.steps += 1
+        self.step_index += 1
+        events = []
+        for i in sorted(final):
+            for token, source, p in final[i]:
+                if rows[i].done:
+                    break  # it ended (EOS, a stop string, its length) inside a draft: the rest is not written
+                events.append(self._event(rows[i], token, source, p))
+        alive = [i for i, row in enumerate(rows) if not row.done]
+        if len(alive) < len(rows):
+            if self.elastic:
+                self._keep(alive)
+            else:
+                self.done = torch.tensor([row.done for row in rows], dtype=torch.bool, device=self.device)
+                self._finished_rows = True
+        if alive:
+            self._read_writer()
+        return events
+
+    def _base_tokens(self, wanted: list[int], deferred: set[int]) -> dict[int, tuple[int, torch.Tensor | None]]:
+        """The base's token for each row in ``wanted`` (greedy or drawn with the row's generator), and where it
+        stands in for a deferred position of a sampling row, the distribution it was drawn from."""
+        logits = self._writer_logits()
+        greedy = logits.argmax(-1).tolist()
+        out = {}
+        for i in wanted:
+            row = self.rows[i]
+            settings = row.request.sampling
+            if not settings.do_sample:
+                out[i] = (greedy[i], None)
+                continue
+            probs = distribution(logits[i], settings)
+            token = int(torch.multinomial(probs, 1, generator=row.generator)[0])
+            out[i] = (token, probs if i in deferred else None)
+        return out
+
+    def _check(self, drafting: list[int]) -> tuple[dict[int, list[tuple[int, int, float]]], int]:
+        """Settle the drafts of ``drafting`` rows: each expert reads once and gives its verdict at every pending
+        position routed to it; a row keeps its draft up to the first stand-in its expert does not keep, where
+        the expert's token goes. Returns each row's final (token, writer, P(defer)) and the column the step's
+        tokens go in: where every row's draft was cut, the caches are cut back and the step writes there;
+        a row cut earlier than the others keeps its dropped columns as masked holes (see ``_hole``)."""
+        n, rows = self.n, self.rows
+        sampling = [r.request.sampling for r in rows]
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for i in drafting:
+            for entry in rows[i].draft:
+                if entry.writer:
+                    wanted.setdefault(entry.writer, []).append((i, entry.column))
+        verdicts = {}
+        for k, pairs in sorted(wanted.items()):
+            self.stats.checked += len(pairs)
+            expert = self.expert_backbones[k - 1]
+            # deferrals at this column alone, or rows that sample on a server: the plain read (tokens or logits)
+            now = [(i, c) for i, c in pairs if c == n and (expert.picks and sampling[i].do_sample
+                                                         or all(c2 == n for _, c2 in pairs))]
+            later = [pair for pair in pairs if pair not in now]
+            if now:
+                nxt = self._expert_read(k, rows=[i for i, _ in now], sampling=sampling)
+                for i, c in now:
+                    verdicts[k, i, c] = nxt.logits[i] if nxt.tokens is None else nxt.tokens[i]
+            if later:
+                nxt = self._expert_read(k, rows=sorted({i for i, _ in later}), sampling=sampling, check=later)
+                for (i, c), verdict in zip(later, nxt.checked):
+                    verdicts[k, i, c] = verdict
+        settled, cuts = {}, {}
+        for i in drafting:
+            row, out, cut = rows[i], [], n
+            for entry in row.draft:
+                token, kept = (entry.guess, True) if not entry.writer else \
+                    self._judge(row, entry, verdicts[entry.writer, i, entry.column])
+                out.append((token, entry.writer, entry.defer_prob))
+                if not kept:
+                    cut = entry.column
+                    self.stats.drafts_cut += entry.guess is not None
+                    break
+                if token in self.eos_ids:
+                    break
+            self.stats.discarded += len(row.draft) - len(out)
+            row.draft = []
+            settled[i] = out
+            if out[-1][0] not in self.eos_ids:
+                cuts[i] = cut
+        live = [i for i, row in enumerate(rows) if not row.done and (i not in settled or i in cuts)]
+        column = max((cuts.get(i, n) for i in live), default=n)
+        if column < n:  # every row goes on from column ``column`` or before it: cut every cache back
+            for backbone in (self.writer, *self.expert_backbones):
+                backbone.cut(column)
+        for i, cut in cuts.items():
+            if cut < column:
+                self._hole(i, cut, column)
+        return settled, column
+
+    def _judge(self, row: _Row, entry: _Entry, verdict: torch.Tensor) -> tuple[int, bool]:
+        """The token at a deferred position from its expert's verdict (its logits there, or the token a server
+        picked), and whether the base's stand-in stays. Greedy: the expert's argmax, kept where it is the
+        stand-in. Sampling: speculative sampling's rule (Leviathan et al., 2023): keep the stand-in g drawn from
+        the base's q with probability min(1, p(g) / q(g)), else draw from max(0, p - q), so the token follows
+        the expert's p exactly as when the expert writes it at once."""
+        if verdict.dim() == 0:  # a server's token
+            token = int(verdict)
+            return token, token == entry.guess
+        settings = row.request.sampling
+        if not settings.do_sample:
+            token = int(verdict.argmax())
+            return token, token == entry.guess
+        if entry.guess is None:  # nothing drafted here: the expert's token, drawn as without drafting
+            return int(sample(F.log_softmax(verdict[None] / settings.temperature, -1), settings.top_p,
+                              row.generator)[0]), False
+        p, q, g = distribution(verdict, settings), entry.base_probs, entry.guess
+        if float(torch.rand((), generator=row.generator, device=p.device)) * float(q[g]) < float(p[g]):
+            return g, True
+        residual = (p - q).clamp_min(0)
+        residual = residual if float(residual.sum()) > 0 else p
+        return int(torch.multinomial(residual, 1, generator=row.generator)[0]), False
+
+    def _hole(self, i: int, start: int, end: int) -> None:
+        """Row ``i``'s columns [start, end) held a draft that was cut: they are masked for every model from now
+        on (their cache entries stay but are never attended to), and the row's next token takes the position
+        the first of them had."""
+        self.cols.mask[i, start:end] = 0
+        width = self.cols.positions.shape[1]
+        self.cols.positions[i, end:] = self.cols.positions[i, start] + torch.arange(width - end,
+                                                                                    device=self.device)
 
     def _route(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Who writes each row's next token (0 = the writer, k = expert k) and the head's P(Z != base)."""
@@ -296,8 +489,8 @@ class Engine:
         end = len(text) if row.done else len(text) - _held_back(text, row.request.stop)
         piece, row.sent = text[row.sent : end], max(row.sent, end)
         source = 1 if self.mode == "expert" else source
-        return TokenEvent(row.handle, token, piece, source, p if self.use_head else 0.0, row.done, reason,
-                          stopped_by)
+        consulted = self.use_head and row.override < 0  # a row asking for one writer alone is not routed
+        return TokenEvent(row.handle, token, piece, source, p if consulted else 0.0, row.done, reason, stopped_by)
 
     # ---------------------------------------------------------------- joining and leaving
 
@@ -359,6 +552,8 @@ class Engine:
         self.n -= cut
         for row in self.rows:
             row.lead -= cut
+            for entry in row.draft:
+                entry.column -= cut
 
     def _join(self, pending: list[tuple[int, list[int], Request]]) -> None:
         """New rows read their prompts with fresh backbones; then both blocks are aligned and concatenated."""
@@ -417,6 +612,8 @@ class Engine:
             backbone.pad_left(columns)
         for row in rows:
             row.lead += columns
+            for entry in row.draft:
+                entry.column += columns
 
     def _new_rows(self, pending) -> tuple[list[_Row], Columns]:
         cols = layout([ids for _, ids, _ in pending], self.pad_id, self.device)

@@ -35,10 +35,21 @@ def generator_for(settings: Sampling, device: torch.device) -> torch.Generator |
 
 def sample(log_probs: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """Draw from (B, V) log-probabilities, keeping the nucleus of mass ``top_p``."""
-    if top_p < 1:
-        sorted_lp, order = log_probs.sort(-1, descending=True)
-        # drop a token when the tokens above it already reach top_p; the first token always stays
-        above = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
-        sorted_lp = sorted_lp.masked_fill(above >= top_p, float("-inf"))
-        log_probs = torch.full_like(log_probs, float("-inf")).scatter(-1, order, sorted_lp)
-    return torch.multinomial(log_probs.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(nucleus(log_probs, top_p).softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) log-probabilities with the tokens outside the nucleus of mass ``top_p`` set to -inf."""
+    if top_p >= 1:
+        return log_probs
+    sorted_lp, order = log_probs.sort(-1, descending=True)
+    # drop a token when the tokens above it already reach top_p; the first token always stays
+    above = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+    sorted_lp = sorted_lp.masked_fill(above >= top_p, float("-inf"))
+    return torch.full_like(log_probs, float("-inf")).scatter(-1, order, sorted_lp)
+
+
+def distribution(logits: torch.Tensor, settings: Sampling) -> torch.Tensor:
+    """(V,) the probabilities a sampling row draws its token from, given the model's logits (V,): what
+    :func:`pick` samples from. Speculative sampling compares two of them (collm.decoding.engine)."""
+    return nucleus(F.log_softmax(logits[None] / settings.temperature, -1), settings.top_p)[0].softmax(-1)

@@ -78,6 +78,9 @@ class BenchConfig:
     fused: bool = True
     """Static (CUDA) path: each step of collm/base/expert as one device program (collm.decoding.fused); False times
     the step-by-step loop on the same static caches, for comparison."""
+    lookahead: tuple[int, ...] = field(default=(), metadata={"parse": "ints"})
+    """Also time drafting at these lookaheads (comma-separated, each >= 2): Co-LLM drafting past deferrals
+    (collm+draftK) and speculative decoding (expert+draftK: the base drafts, the expert checks)."""
     prepack: bool = True
     """CPU: collm/base/expert/naive run large linear layers on oneDNN with prepacked weights (collm.backends.prepack);
     False times PyTorch's default kernels. The `hf_*` systems always use the defaults."""
@@ -102,6 +105,8 @@ class BenchConfig:
             raise CollmError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
         if self.dtype not in DTYPES:
             raise CollmError(f"dtype must be one of {', '.join(DTYPES)}")
+        if any(not isinstance(k, int) or k < 2 for k in self.lookahead):
+            raise CollmError(f"--lookahead values must be whole numbers >= 2, got {self.lookahead}")
         in_process_only = sorted(set(self.systems) & {"naive", "hf_expert", "hf_expert_static"})
         if is_remote_spec(self.expert) and in_process_only:
             raise CollmError(f"systems {', '.join(in_process_only)} need the expert in process, not at "
@@ -137,6 +142,10 @@ class Row:
     share of decoding steps on which any row defers, since the expert must run on each of them."""
     expert_calls: int = 0
     mean_catch_up: float | None = None
+    checked: int = 0
+    """Deferred positions the expert judged (drafting: drafted stand-ins and deferrals checked at once)."""
+    drafts_cut: int = 0
+    """Drafts cut at a stand-in the expert did not keep."""
     extra: dict = field(default_factory=dict)
 
 
@@ -157,7 +166,8 @@ def pattern_router(fraction: float, steps: int, seed: int, rows: int = 1, per_ro
         # moved once: a per-step copy from host memory would wait for the GPU, an extra sync per token
         if log_pz.device not in on_device:
             on_device[log_pz.device] = marks.to(log_pz.device)
-        return on_device[log_pz.device][step].expand(log_pz.shape[0])
+        marks_here = on_device[log_pz.device]  # drafting re-runs steps after a cut: the pattern wraps around
+        return marks_here[step % marks_here.shape[0]].expand(log_pz.shape[0])
 
     route.table = marks  # the same choices as a table, which the fused step reads on the device
     return route
@@ -221,7 +231,7 @@ def run(config: BenchConfig, progress=None) -> list[Row]:
                     row.ideal_any_row_ms_per_token = alone["base"] + share * alone["expert"]
             if progress:
                 progress(row)
-        rows += [r for r in batch_rows if r.system in config.systems]
+        rows += [r for r in batch_rows if r.system.split("+")[0] in config.systems or "+draft" in r.system]
     return rows
 
 
@@ -236,6 +246,11 @@ def _cases(config: BenchConfig, runner: "_Runner") -> dict[tuple[str, float], Ca
         for system in ("collm", "naive"):
             if system in config.systems:
                 cases[(system, f)] = runner.collab(f, naive=system == "naive")
+        for k in config.lookahead:
+            if "collm" in config.systems:
+                cases[(f"collm+draft{k}", f)] = runner.collab(f, naive=False, lookahead=k)
+    for k in config.lookahead:
+        cases[(f"expert+draft{k}", 1.0)] = lambda n, k=k: runner.decode("expert", n, lookahead=k)
     return cases
 
 
@@ -266,9 +281,10 @@ def _row(key: tuple[str, float], batch: int, ms: dict, out, n: int) -> Row:
     full, first = ms[n], ms[1]
     stats = out.stats if isinstance(out, Decoded) else {}
     calls = stats.get("expert_calls", 0)
-    catch_up = stats["expert_tokens"] / (calls * batch) if calls and system in ("collm", "naive") else None
+    catch_up = stats["expert_tokens"] / (calls * batch) if calls and system.startswith(("collm", "naive")) else None
     return Row(system, f, batch, (full - first) / (n - 1), prefill_ms=first, total_ms_per_token=full / n,
-               expert_calls=calls, mean_catch_up=catch_up)
+               expert_calls=calls, mean_catch_up=catch_up, checked=stats.get("checked", 0),
+               drafts_cut=stats.get("drafts_cut", 0))
 
 
 class _Runner:
@@ -279,16 +295,16 @@ class _Runner:
         self.prompts, self.vocab = prompts, vocab
         self.runners: dict = {}  # static runners and captured graphs, reused across the timed calls
 
-    def decode(self, mode: str, new_tokens: int, router=None, naive: bool = False) -> Decoded:
+    def decode(self, mode: str, new_tokens: int, router=None, naive: bool = False, lookahead: int = 1) -> Decoded:
         return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=new_tokens,
-                      threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab,
+                      threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab, lookahead=lookahead,
                       router=router, reencode_experts=naive, compile=self.config.compile,
                       fused=None if self.config.fused else False,
                       prepack=None if self.config.prepack else False, runners=self.runners)
 
-    def collab(self, f: float, naive: bool) -> Callable[[int], Decoded]:
+    def collab(self, f: float, naive: bool, lookahead: int = 1) -> Callable[[int], Decoded]:
         router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)
-        return lambda n: self.decode("collm", n, router, naive)
+        return lambda n: self.decode("collm", n, router, naive, lookahead)
 
     def hf(self, system: str) -> Callable[[int], object]:
         model = self.expert if "expert" in system else self.base
@@ -313,15 +329,15 @@ def markdown(rows: list[Row]) -> str:
     any_row = any(r.ideal_any_row_ms_per_token for r in rows)
     extra = " any-row τ | ratio to it |" if any_row else ""
     lines = ["| system | f | batch | ms/token | ideal τ(f) | ratio | tokens/s | expert calls | mean catch-up | "
-             "prefill ms | total ms/token |" + extra,
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- | --- |" * any_row]
+             "checked | drafts cut | prefill ms | total ms/token |" + extra,
+             "|" + " --- |" * 13 + " --- | --- |" * any_row]
     for r in rows:
         ideal = f"{r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
         ratio = f"{r.ms_per_token / r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
         catch = f"{r.mean_catch_up:.1f}" if r.mean_catch_up else "–"
         line = (f"| {r.system} | {r.f:g} | {r.batch} | {r.ms_per_token:.2f} | {ideal} | {ratio} | "
-                f"{1000 * r.batch / r.ms_per_token:.0f} | {r.expert_calls} | {catch} | "
-                f"{r.prefill_ms:.1f} | {r.total_ms_per_token:.2f} |")
+                f"{1000 * r.batch / r.ms_per_token:.0f} | {r.expert_calls} | {catch} | {r.checked} | "
+                f"{r.drafts_cut} | {r.prefill_ms:.1f} | {r.total_ms_per_token:.2f} |")
         if any_row:
             fair = r.ideal_any_row_ms_per_token
             line += f" {fair:.2f} | {r.ms_per_token / fair:.2f} |" if fair else " – | – |"

@@ -33,6 +33,8 @@ class CalibrateConfig:
     """Use only the first `limit` validation rows (None: all)."""
     baselines: bool = True
     """Also measure the base alone and the expert alone (the plot's horizontal lines)."""
+    lookahead: int = 1
+    """Draft past deferrals, up to this many tokens per check (the same tokens, greedy; 1: no drafting)."""
 
     def __post_init__(self):
         self.thresholds = tuple(sorted({float(t) for t in self.thresholds}))
@@ -42,7 +44,8 @@ class CalibrateConfig:
             raise CollmError(f"max_defer must be in [0, 1], got {self.max_defer}")
 
     def eval_config(self) -> EvalConfig:
-        return EvalConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, limit=self.limit)
+        return EvalConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, limit=self.limit,
+                          lookahead=self.lookahead)
 
 
 @dataclass

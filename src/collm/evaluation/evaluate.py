@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from collm.atomic import atomic_write, write_json
+from collm.core.request import check_lookahead
 from collm.core.routing import most_probable_expert
 from collm.core.seed import check_seed
 from collm.data.answer import is_correct, normalize_number
@@ -45,9 +46,12 @@ class EvalConfig:
     """Stop string (repeatable): an answer ends before the first of them."""
     chat: bool = True
     """Wrap prompts in the base's chat template, as `collm.data.rows` does for training."""
+    lookahead: int = 1
+    """Draft past deferrals, up to this many tokens per check (Co-LLM's and the expert's rows; 1: no drafting)."""
 
     def __post_init__(self):
         self.stop = tuple(self.stop)
+        check_lookahead(self.lookahead)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise CollmError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
@@ -168,7 +172,8 @@ def run_system(pair, rows: list[dict], name: str, config: EvalConfig, *, mode: s
         batch = rows[start:start + config.batch_size]
         out = pair.generate([row["prompt"] for row in batch], max_new_tokens=config.max_new_tokens,
                             threshold=threshold, seed=config.seed, mode=mode, stop=list(config.stop) or None,
-                            chat=config.chat, router=router)
+                            chat=config.chat, router=router,
+                            lookahead=config.lookahead if mode in ("collm", "expert") else 1)
         stats = out.stats
         deferred += stats.get("deferred_tokens", 0)
         calls += stats.get("expert_calls", 0)

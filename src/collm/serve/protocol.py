@@ -16,6 +16,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from collm.core.seed import MAX_SEED
 
+MAX_LOOKAHEAD = 64
+"""The longest draft a request may ask for."""
+
 SERVED_MODES = ("collm", "base", "expert")
 
 # OpenAI options collm does not implement, with the value that means "off": anything else is refused.
@@ -67,6 +70,8 @@ class _Common(_Strict):
                                     description="collm: defer where P(expert) exceeds this; default: the server's.")
     mode: Literal["collm", "base", "expert"] = Field(
         "collm", description="collm: the head routes; base / expert: one model alone.")
+    lookahead: StrictInt | None = Field(None, ge=1, le=MAX_LOOKAHEAD, description=(
+        "collm: draft past deferrals, up to this many tokens per check (1: none); default: the server's."))
     # OpenAI options accepted only at their neutral value (see UNSUPPORTED)
     n: StrictInt | None = None
     presence_penalty: float | None = Field(None, allow_inf_nan=False)

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from collm.core.request import check_threshold
+from collm.core.request import check_lookahead, check_threshold
 from collm.errors import CollmError
 from collm.serve.protocol import (
     ChatChoice,
@@ -60,6 +60,9 @@ class ServeConfig:
     threshold: float | None = None
     """The deferral threshold for requests that give none, in [0, 1]. Default: the pair's (a run's calibrated
     one, else 0.5)."""
+    lookahead: int = 1
+    """Draft past deferrals for requests that give no lookahead: up to this many tokens per check (1: none).
+    Rows that sample do not draft with a served expert (it gives no distribution)."""
     allowed_hosts: list[str] = field(default_factory=list, metadata={"flag": "--allowed-host"})
     """Host names (the Host header, port aside) clients may reach this server by, besides localhost, 127.0.0.1,
     [::1] and --host itself; others get 400, which keeps web pages out through DNS rebinding. "*" answers any
@@ -78,6 +81,7 @@ class ServeConfig:
             raise CollmError(f"port must be in 1..65535, got {self.port}")
         if self.threshold is not None:
             check_threshold(self.threshold)
+        check_lookahead(self.lookahead)
         hosts = [self.allowed_hosts] if isinstance(self.allowed_hosts, str) else list(self.allowed_hosts)
         if not all(isinstance(h, str) and h.strip() for h in hosts):
             raise CollmError("allowed_hosts must be host names (or '*')")
@@ -161,11 +165,19 @@ class Serving:
         try:
             self.pair._check_context(longest + max_tokens)
             greedy = body.temperature == 0  # OpenAI's convention; collm's sampler wants a temperature > 0
+            lookahead = body.lookahead
+            served = any(getattr(e, "remote", False) for e in self.pair.experts)
+            if lookahead is None:  # the server's default, where the row can draft
+                lookahead = 1 if served and not greedy else self.config.lookahead
+            elif lookahead > 1 and served and not greedy:
+                raise ApiError(400, "a sampling request cannot draft with a served expert (it gives tokens, not its "
+                               "distribution): send temperature 0, or lookahead 1", "lookahead")
             request = self.pair.request(
                 max_new_tokens=max_tokens,
                 threshold=self.config.threshold if body.threshold is None else body.threshold,
                 do_sample=not greedy, temperature=1.0 if greedy else body.temperature, top_p=body.top_p,
-                stop=body.stop, seed=secrets.randbits(32) if body.seed is None else body.seed, mode=body.mode)
+                stop=body.stop, seed=secrets.randbits(32) if body.seed is None else body.seed, mode=body.mode,
+                lookahead=lookahead)
         except CollmError as e:
             raise ApiError(400, str(e)) from None
         return [Row(ids, request) for ids in prompts_ids]
