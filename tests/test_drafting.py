@@ -278,3 +278,60 @@ def _first_two(base, expert, prompt, temperature):
         return first[:, None] * second
 
     return joint(expert), joint(base)
+
+
+@torch.no_grad()
+def _rewind_reference(base, expert, head, prompt, new, threshold, rewind, yield_below, max_rewinds):
+    """Greedy Co-LLM with both rewind rules, position by position, re-encoding the prefix (no caches): a deferral
+    takes the expert's token unless its top probability is below ``yield_below`` (then the base's); a base token
+    the expert gives a probability below ``rewind`` is the expert's token instead; at most ``max_rewinds``."""
+    seq, tokens, sources, used = list(prompt), [], [], 0
+    for _ in range(new):
+        x = torch.tensor([seq])
+        out = base(x, output_hidden_states=True)
+        log_pz = head.log_probs(head.inputs(out.hidden_states[-1][:, -1], out.logits[:, -1]))[0]
+        mine, theirs = out.logits[0, -1], expert(x).logits[0, -1]
+        probs = theirs.softmax(-1)
+        if 1 - log_pz[0].exp() > threshold:
+            token, source = int(theirs.argmax()), 1
+            if used < max_rewinds and yield_below and float(probs.max()) < yield_below:
+                token, source, used = int(mine.argmax()), 0, used + 1
+        else:
+            token, source = int(mine.argmax()), 0
+            if used < max_rewinds and rewind and float(probs[token]) < rewind:
+                token, source, used = int(theirs.argmax()), 1, used + 1
+        seq.append(token), tokens.append(token), sources.append(source)
+        if token == EOS_ID:
+            break
+    return tokens, sources
+
+
+@pytest.mark.parametrize("rewind, yield_below, max_rewinds", [(0.02, 0.0, 8), (0.0, 0.08, 8), (0.03, 0.07, 3)])
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_rewinds_re_write_what_the_reference_re_writes(rewind, yield_below, max_rewinds, lookahead):
+    """Backtracking: the expert re-writes base tokens it finds implausible, the base writes where the expert is
+    unsure, at most max_rewinds per answer; the same tokens and writers as the position-by-position rule."""
+    base, expert = make_llama(0), make_llama(1)
+    head = random_head(base.config.hidden_size)
+    pair = CoLLM(base, [expert], head)
+    out = pair.generate(PROMPTS, max_new_tokens=NEW, threshold=0.5, lookahead=lookahead, rewind=rewind,
+                        yield_below=yield_below, max_rewinds=max_rewinds)
+    for prompt, ids, src in zip(PROMPTS, out.token_ids, out.sources):
+        assert (ids, src) == _rewind_reference(base, expert, head, prompt, NEW, 0.5, rewind, yield_below,
+                                               max_rewinds)
+    changed = out.stats["rewritten"] + out.stats["yielded"]
+    assert 0 < changed <= max_rewinds * len(PROMPTS)
+    assert bool(out.stats["rewritten"]) == bool(rewind) and bool(out.stats["yielded"]) == bool(yield_below)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rewind=1.5), "rewind must be a probability"),
+    (dict(yield_below=-0.1), "yield_below must be a probability"),
+    (dict(max_rewinds=-1), "max_rewinds must be a whole number"),
+    (dict(rewind=0.1, mode="compose"), "cannot draft"),
+])
+def test_bad_rewind_settings_are_one_line(kwargs, message):
+    base, expert = make_llama(0), make_llama(1)
+    pair = CoLLM(base, [expert], random_head(base.config.hidden_size))
+    with pytest.raises(CollmError, match=message):
+        pair.generate(PROMPTS, max_new_tokens=4, **kwargs)

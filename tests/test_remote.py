@@ -193,6 +193,27 @@ def test_collm_with_remote_expert_equals_in_process(expert, smol, threshold):
         assert all(s == [1] * len(s) for s in remote.sources)
 
 
+@pytest.mark.parametrize("lookahead", [4, 8])
+def test_drafts_are_checked_on_the_server(expert, smol, lookahead):
+    """Greedy drafting past deferrals with a served expert: one request (prompt_logprobs) checks every row's
+    draft; the tokens and writers are those of one request per deferral, with fewer requests. Mode expert with
+    lookahead: speculative decoding against the server, the expert's own answer."""
+    model, tok = smol
+    base = tiny_base(tok)
+    torch.manual_seed(1)
+    head = DeferralHead(base.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight, std=0.5)
+    prompts = ["What is 2+3?", "Write one short sentence about the sea."]
+    pair = CoLLM(base, [expert], head, tok)
+    plain = pair.generate(prompts, max_new_tokens=16, threshold=0.5)
+    drafted = pair.generate(prompts, max_new_tokens=16, threshold=0.5, lookahead=lookahead)
+    assert (drafted.token_ids, drafted.sources) == (plain.token_ids, plain.sources)
+    assert drafted.stats["drafted"] > 0 and drafted.stats["expert_calls"] < plain.stats["expert_calls"]
+    alone = CoLLM(base, [model], None, tok).generate(prompts, max_new_tokens=12, mode="expert")
+    spec = pair.generate(prompts, max_new_tokens=12, mode="expert", lookahead=lookahead)
+    assert spec.token_ids == alone.token_ids and all(set(s) == {1} for s in spec.sources)
+
+
 def test_expert_alone_through_the_server(expert, smol):
     """The baseline eval and calibrate run (mode expert) works with a remote expert, token for token."""
     model, tok = smol

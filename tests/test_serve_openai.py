@@ -193,3 +193,26 @@ def test_finished_rows_leave_the_engine_when_it_goes_idle(pair):
                 break
             time.sleep(0.05)
         assert not engine.rows and engine.cols is None  # caches and token matrix released
+
+
+def test_drafting_per_request_and_as_the_server_default(pair):
+    """lookahead in extra_body, and a server whose default drafts: greedy text and writers are those of the engine
+    without drafting, streamed or not, with another request joining while the first drafts; the engine checked
+    drafts (fewer expert reads than deferrals)."""
+    want = pair.generate([PROMPT, "xyz"], max_new_tokens=30, threshold=0.5, chat=False)
+    app = build_app(pair, ServeConfig(model_name="tiny", lookahead=4))
+    with live(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        a = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=0, stream=True,
+                                      extra_body={"threshold": 0.5})
+        chunks = iter(a)
+        text = next(chunks).choices[0].text
+        b = client.completions.create(model="tiny", prompt="xyz", max_tokens=30, temperature=0,
+                                      extra_body={"threshold": 0.5, "lookahead": 6})
+        text += "".join(c.choices[0].text for c in chunks)
+        assert text == want.texts[0] and b.choices[0].text == want.texts[1]
+        assert [t["source"] for t in _dicts(b.choices[0].provenance)] == want.sources[1]
+        stats = app.state.serving.scheduler.engine.stats
+        assert stats.drafted > 0 and stats.expert_calls < stats.checked
+        bad = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "lookahead": 0})
+        assert bad.status_code == 400 and "lookahead" in bad.text

@@ -121,6 +121,12 @@ class GenerateConfig:
     lookahead: int = 1
     """Draft past deferrals: the base writes on up to this many tokens and the expert checks them in one read
     (Co-LLM's tokens, fewer expert calls). With --mode expert: speculative decoding. 1: no drafting."""
+    rewind: float = 0.0
+    """Backtracking: the expert re-writes a base token it gives a probability below this (0: off)."""
+    yield_below: float = 0.0
+    """Backtracking: the base's token stands where the expert's own is less probable than this (0: off)."""
+    max_rewinds: int = 8
+    """Most rewinds per answer."""
     as_json: bool = dataclasses.field(default=False, metadata={"flag": "--json"})
     """Print one JSON object instead of colored text."""
 
@@ -133,7 +139,7 @@ def _generate(config, spec) -> None:
     texts = _read_prompts(c.prompts, c.prompt_file) or [EXAMPLE_QUESTION]
     options = dict(max_new_tokens=c.max_new_tokens, threshold=c.threshold, mode=c.mode, stop=c.stop,
                    do_sample=c.do_sample, temperature=c.temperature, top_p=c.top_p, seed=c.seed,
-                   lookahead=c.lookahead)
+                   lookahead=c.lookahead, rewind=c.rewind, yield_below=c.yield_below, max_rewinds=c.max_rewinds)
     make_request(**options)  # checked before minutes of loading, not after
     check_device(spec.device)
     if c.mode == "collm":

@@ -201,6 +201,9 @@ class CoLLM:
         :func:`proxy_tuning`), and ``lookahead``: at a deferral the base drafts on, up to this many tokens, and
         the expert checks the draft in one read (greedy rows get greedy Co-LLM's tokens and writers, exactly in
         float32; sampling rows keep Co-LLM's distribution); with ``mode="expert"`` that is speculative decoding.
+        Backtracking (off by default): ``rewind`` (the expert re-writes a base token it gives a probability below
+        this), ``yield_below`` (the base's token where the expert's own is less probable than this) and
+        ``max_rewinds`` per answer.
         ``router`` overrides the threshold rule.
         ``compile`` (CUDA): torch.compile the static-cache steps; the first calls take minutes, later ones run
         fastest. ``on_token(tokens, sources, done)`` is called after each step with every row's new token and
@@ -213,7 +216,8 @@ class CoLLM:
         ids = self._prepare(prompts, chat, request)
         raw = decode(self.base, self.experts, self.head, ids, max_new_tokens=request.max_new_tokens,
                      threshold=request.threshold, sampling=request.sampling, mode=request.mode, stop=request.stop,
-                     lookahead=request.lookahead, on_token=on_token, **self._options(router, compile))
+                     lookahead=request.lookahead, rewind=request.rewind, yield_below=request.yield_below,
+                     max_rewinds=request.max_rewinds, on_token=on_token, **self._options(router, compile))
         return GenerateOutput(raw.texts, raw.token_ids, raw.sources, raw.defer_probs, raw.stopped_by, raw.stats)
 
     def stream(self, prompts=None, request: Request | None = None, *, input_ids=None, chat: bool = True,

@@ -63,6 +63,15 @@ class Request:
     """Draft past deferrals: at a deferral the base writes on, up to this many tokens, and the expert checks the
     draft in one read (1: each deferral is checked at once, plain Co-LLM). Greedy rows get greedy Co-LLM's
     tokens; sampling rows keep Co-LLM's distribution (speculative sampling's acceptance rule)."""
+    rewind: float = 0.0
+    """Backtracking, base to expert: where the expert, reading the base's tokens, gives one of them a probability
+    below this, the answer is cut back to it and the expert writes there (0: off). The base's tokens then stay
+    pending until an expert has read them (a check at least every ``lookahead`` tokens)."""
+    yield_below: float = 0.0
+    """Backtracking, expert to base: where the expert's probability of its own token at a deferral is below this,
+    the base's token is written instead (0: off)."""
+    max_rewinds: int = 8
+    """Most rewinds (either rule) per answer; then the row decodes as without them."""
 
     def __post_init__(self):
         check_threshold(self.threshold)
@@ -74,24 +83,34 @@ class Request:
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise CollmError("stop strings must be non-empty (a list of strings)")
         check_lookahead(self.lookahead)
-        if self.lookahead > 1 and self.mode in ("compose", "proxy"):
+        for name in ("rewind", "yield_below"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise CollmError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if isinstance(self.max_rewinds, bool) or not isinstance(self.max_rewinds, int) or self.max_rewinds < 0:
+            raise CollmError(f"max_rewinds must be a whole number >= 0, got {self.max_rewinds!r}")
+        if (self.lookahead > 1 or self.rewind or self.yield_below) and self.mode in ("compose", "proxy"):
             raise CollmError(f"lookahead drafts Co-LLM (mode collm, or expert for speculative decoding); mode "
                              f"{self.mode!r} cannot draft: drop lookahead")
 
 
-OPTIONS = ("max_new_tokens", "threshold", "do_sample", "temperature", "top_p", "seed", "stop", "mode", "lookahead")
+OPTIONS = ("max_new_tokens", "threshold", "do_sample", "temperature", "top_p", "seed", "stop", "mode", "lookahead",
+           "rewind", "yield_below", "max_rewinds")
 """A request's fields as flat keyword options: what ``CoLLM.generate``/``stream``, the CLI and the server take."""
+
+
+KEEP_IF_NONE = ("threshold", "stop", "lookahead", "rewind", "yield_below", "max_rewinds")
 
 
 def make_request(request: Request | None = None, **options) -> Request:
     """``request`` (default: ``Request()``) with flat ``options`` (OPTIONS) replacing its fields: the one place a
-    request is built and checked. ``threshold``, ``stop`` or ``lookahead`` None keep the request's; ``stop`` may
+    request is built and checked. an option in KEEP_IF_NONE given as None keeps the request's; ``stop`` may
     be one string. Raises CollmError for an unknown option or a value out of range."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise CollmError(f"unknown option {unknown[0]!r}: choose from {', '.join(OPTIONS)}")
     request = request or Request()
-    options = {k: v for k, v in options.items() if not (k in ("threshold", "stop", "lookahead") and v is None)}
+    options = {k: v for k, v in options.items() if not (k in KEEP_IF_NONE and v is None)}
     sampling = {k: options.pop(k) for k in ("do_sample", "temperature", "top_p", "seed") if k in options}
     if "stop" in options:
         stop = options["stop"]

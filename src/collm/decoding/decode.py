@@ -76,11 +76,11 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     writer = experts[0] if mode == "expert" else base
     expert_models = [] if mode in ("base", "expert") else list(experts)
     static = options.static
+    drafts = request.lookahead > 1 or request.rewind > 0 or request.yield_below > 0
     if static is None:  # the static runners cannot cut a cache back: drafting runs on growing caches
-        static = device.type == "cuda" and request.lookahead == 1 and all(supported(m)
-                                                                          for m in [writer, *expert_models])
-    elif static and request.lookahead > 1:
-        raise CollmError("lookahead drafts on growing caches: drop static (or lookahead)")
+        static = device.type == "cuda" and not drafts and all(supported(m) for m in [writer, *expert_models])
+    elif static and drafts:
+        raise CollmError("lookahead and rewinds run on growing caches: drop static (or them)")
     prepack = available(device) and not static if options.prepack is None else options.prepack
     fusable = (static and mode in ("collm", "base", "expert") and not request.sampling.do_sample
                and not options.reencode_experts and len(options.eos_ids) <= MAX_EOS
@@ -109,12 +109,13 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
 def decode(base, experts: list, head: DeferralHead, prompts: list[list[int]], *, max_new_tokens: int,
            threshold: float, sampling: Sampling = Sampling(), mode: str = "collm", stop: tuple[str, ...] = (),
            on_token: Callable[[list[int], list[int], list[bool]], None] | None = None, lookahead: int = 1,
-           **options) -> Decoded:
+           rewind: float = 0.0, yield_below: float = 0.0, max_rewinds: int = 8, **options) -> Decoded:
     """Decode ``prompts`` as one batch and collect the output; see DESIGN.md "Decoding semantics".
     ``options``: the fields of :class:`Options`. ``on_token(tokens, sources, done)`` is called for every new
     token of any row, in order (after a step, once per token a check settled): each row's new token (the pad id
     for rows without one), its writer and whether the row has no token in this call."""
-    request = Request(max_new_tokens, threshold, sampling, mode, tuple(stop), lookahead)
+    request = Request(max_new_tokens, threshold, sampling, mode, tuple(stop), lookahead, rewind, yield_below,
+                      max_rewinds)
     opts = Options(**options)
     rows = len(prompts)
     out = Decoded([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], [None] * rows,
@@ -156,6 +157,8 @@ def summary(out: Decoded, stats: Stats, mode: str) -> dict:
         "checked": stats.checked,
         "drafts_cut": stats.drafts_cut,
         "discarded": stats.discarded,
+        "rewritten": stats.rewritten,
+        "yielded": stats.yielded,
         "seconds": stats.seconds,
         "tokens_per_s": new / stats.seconds if stats.seconds > 0 else 0.0,
     }

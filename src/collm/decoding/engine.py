@@ -60,6 +60,10 @@ class Stats:
     """Checks that ended a row's draft at a stand-in token the expert did not keep."""
     discarded: int = 0
     """Drafted tokens dropped after such a cut (the base's wasted work)."""
+    rewritten: int = 0
+    """Base tokens an expert re-wrote after reading them (``rewind``)."""
+    yielded: int = 0
+    """Deferred positions where the base's token was written instead of an unsure expert's (``yield_below``)."""
     seconds: float = 0.0
 
 
@@ -90,6 +94,14 @@ class _Row:
     sent: int = 0  # characters of ``text`` already sent in events
     done: bool = False
     draft: list[_Entry] = field(default_factory=list)  # positions written since the row's first unchecked deferral
+    rewinds: int = 0  # rewinds used (Request.max_rewinds)
+
+    def judges_base(self) -> bool:
+        """Whether the expert judges this row's base tokens (they stay pending until it has read them)."""
+        return self.request.rewind > 0 and self.rewinds < self.request.max_rewinds
+
+    def yields(self) -> bool:
+        return self.request.yield_below > 0 and self.rewinds < self.request.max_rewinds
 
 
 class Engine:
@@ -146,6 +158,10 @@ class Engine:
             if request.sampling.do_sample and remote:
                 raise CollmError("a served expert gives tokens, not its distribution, so a sampling row cannot "
                                  "draft with it: use lookahead 1 or greedy decoding")
+        if (request.rewind or request.yield_below) and any(getattr(e, "remote", False) or isinstance(e, Backbone)
+                                                           for e in self.experts):
+            raise CollmError("rewind and yield_below read the expert's probabilities; a served expert gives tokens: "
+                             "leave them at 0")
         with self._lock:
             handle = self._next_handle
             self._next_handle += 1
@@ -220,7 +236,7 @@ class Engine:
         plain, drafting, check = [], [], False
         for i in alive:
             row = rows[i]
-            if not choice_host[i] and not row.draft:
+            if not choice_host[i] and not row.draft and not row.judges_base():
                 plain.append(i)  # the base writes and nothing before it is pending: final now
                 continue
             drafting.append(i)
@@ -229,7 +245,7 @@ class Engine:
                 check = True  # this row's draft is full: check now
         # the base's tokens where it writes, and its stand-ins where a draft goes on past a deferral
         deferred = {i for i in drafting if choice_host[i]}
-        wanted = plain + [i for i in drafting if i not in deferred or not check]
+        wanted = plain + [i for i in drafting if i not in deferred or not check or rows[i].yields()]
         picked = self._base_tokens(wanted, deferred) if wanted else {}
         for i in drafting:
             guess, probs = picked.get(i, (None, None))
@@ -293,9 +309,10 @@ class Engine:
         sampling = [r.request.sampling for r in rows]
         wanted: dict[int, list[tuple[int, int]]] = {}
         for i in drafting:
+            judged = rows[i].judges_base()
             for entry in rows[i].draft:
-                if entry.writer:
-                    wanted.setdefault(entry.writer, []).append((i, entry.column))
+                if entry.writer or judged:  # a base token, where it is judged, by the first expert
+                    wanted.setdefault(entry.writer or 1, []).append((i, entry.column))
         verdicts = {}
         for k, pairs in sorted(wanted.items()):
             self.stats.checked += len(pairs)
@@ -316,9 +333,19 @@ class Engine:
         for i in drafting:
             row, out, cut = rows[i], [], n
             for entry in row.draft:
-                token, kept = (entry.guess, True) if not entry.writer else \
-                    self._judge(row, entry, verdicts[entry.writer, i, entry.column])
-                out.append((token, entry.writer, entry.defer_prob))
+                verdict = verdicts.get((entry.writer or 1, i, entry.column))
+                if not entry.writer:
+                    token, source, kept = (entry.guess, 0, True) if verdict is None or not row.judges_base() else \
+                        self._rewind(row, entry, verdict)
+                elif row.yields() and entry.guess is not None and \
+                        float(_probs(verdict, row.request.sampling).max()) < row.request.yield_below:
+                    token, source, kept = entry.guess, 0, True  # the expert is unsure: the base's token stands
+                    row.rewinds += 1
+                    self.stats.yielded += 1
+                else:
+                    token, kept = self._judge(row, entry, verdict)
+                    source = entry.writer
+                out.append((token, source, entry.defer_prob))
                 if not kept:
                     cut = entry.column
                     self.stats.drafts_cut += entry.guess is not None
@@ -362,6 +389,20 @@ class Engine:
         residual = (p - q).clamp_min(0)
         residual = residual if float(residual.sum()) > 0 else p
         return int(torch.multinomial(residual, 1, generator=row.generator)[0]), False
+
+    def _rewind(self, row: _Row, entry: _Entry, verdict: torch.Tensor) -> tuple[int, int, bool]:
+        """A base token the expert has read: where the expert gives it a probability below ``rewind``, the
+        expert writes there instead (its greedy token, or one drawn from its distribution) and the draft is cut.
+        Returns (token, writer, whether the base's token stays)."""
+        settings = row.request.sampling
+        probs = _probs(verdict, settings)
+        if float(probs[entry.guess]) >= row.request.rewind:
+            return entry.guess, 0, True
+        row.rewinds += 1
+        self.stats.rewritten += 1
+        token = int(torch.multinomial(probs, 1, generator=row.generator)[0]) if settings.do_sample else \
+            int(verdict.argmax())
+        return token, 1, token == entry.guess
 
     def _hole(self, i: int, start: int, end: int) -> None:
         """Row ``i``'s columns [start, end) held a draft that was cut: they are masked for every model from now
@@ -672,6 +713,11 @@ class Engine:
         if getattr(model, "remote", False):  # an expert on a serving engine (collm.backends.remote)
             return model.backbone()
         return HFBackbone(model, self.vocab, reencode=self.reencode and role == "expert")
+
+
+def _probs(logits: torch.Tensor, settings) -> torch.Tensor:
+    """(V,) the distribution a row would draw from given a model's logits (greedy rows: temperature 1)."""
+    return distribution(logits, settings) if settings.do_sample else logits.float().softmax(-1)
 
 
 def layout(prompts: list[list[int]], pad_id: int, device, extra: int = 0) -> Columns:

@@ -35,6 +35,12 @@ class CalibrateConfig:
     """Also measure the base alone and the expert alone (the plot's horizontal lines)."""
     lookahead: int = 1
     """Draft past deferrals, up to this many tokens per check (the same tokens, greedy; 1: no drafting)."""
+    rewind: float = 0.0
+    """Backtracking: the expert re-writes a base token it gives a probability below this (0: off)."""
+    yield_below: float = 0.0
+    """Backtracking: the base's token stands where the expert's own is less probable than this (0: off)."""
+    max_rewinds: int = 8
+    """Most rewinds per answer."""
 
     def __post_init__(self):
         self.thresholds = tuple(sorted({float(t) for t in self.thresholds}))
@@ -45,7 +51,8 @@ class CalibrateConfig:
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, limit=self.limit,
-                          lookahead=self.lookahead)
+                          lookahead=self.lookahead, rewind=self.rewind, yield_below=self.yield_below,
+                          max_rewinds=self.max_rewinds)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from collm.atomic import atomic_write, write_json
-from collm.core.request import check_lookahead
+from collm.core.request import Request
 from collm.core.routing import most_probable_expert
 from collm.core.seed import check_seed
 from collm.data.answer import is_correct, normalize_number
@@ -48,10 +48,17 @@ class EvalConfig:
     """Wrap prompts in the base's chat template, as `collm.data.rows` does for training."""
     lookahead: int = 1
     """Draft past deferrals, up to this many tokens per check (Co-LLM's and the expert's rows; 1: no drafting)."""
+    rewind: float = 0.0
+    """Co-LLM's rows: the expert re-writes a base token it gives a probability below this (0: off)."""
+    yield_below: float = 0.0
+    """Co-LLM's rows: the base's token stands where the expert's own is less probable than this (0: off)."""
+    max_rewinds: int = 8
+    """Most rewinds per answer."""
 
     def __post_init__(self):
         self.stop = tuple(self.stop)
-        check_lookahead(self.lookahead)
+        Request(lookahead=self.lookahead, rewind=self.rewind, yield_below=self.yield_below,
+                max_rewinds=self.max_rewinds)  # checks them
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise CollmError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
@@ -173,7 +180,9 @@ def run_system(pair, rows: list[dict], name: str, config: EvalConfig, *, mode: s
         out = pair.generate([row["prompt"] for row in batch], max_new_tokens=config.max_new_tokens,
                             threshold=threshold, seed=config.seed, mode=mode, stop=list(config.stop) or None,
                             chat=config.chat, router=router,
-                            lookahead=config.lookahead if mode in ("collm", "expert") else 1)
+                            lookahead=config.lookahead if mode in ("collm", "expert") else 1,
+                            **(dict(rewind=config.rewind, yield_below=config.yield_below,
+                                    max_rewinds=config.max_rewinds) if mode == "collm" and router is None else {}))
         stats = out.stats
         deferred += stats.get("deferred_tokens", 0)
         calls += stats.get("expert_calls", 0)

@@ -72,6 +72,11 @@ class _Common(_Strict):
         "collm", description="collm: the head routes; base / expert: one model alone.")
     lookahead: StrictInt | None = Field(None, ge=1, le=MAX_LOOKAHEAD, description=(
         "collm: draft past deferrals, up to this many tokens per check (1: none); default: the server's."))
+    rewind: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=(
+        "collm: the expert re-writes a base token it gives a probability below this; default: the server's."))
+    yield_below: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=(
+        "collm: the base's token stands where the expert's own is less probable than this; default: the server's."))
+    max_rewinds: StrictInt | None = Field(None, ge=0, le=1024, description="collm: most rewinds per answer.")
     # OpenAI options accepted only at their neutral value (see UNSUPPORTED)
     n: StrictInt | None = None
     presence_penalty: float | None = Field(None, allow_inf_nan=False)

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from collm.core.request import check_lookahead, check_threshold
+from collm.core.request import Request, check_threshold
 from collm.errors import CollmError
 from collm.serve.protocol import (
     ChatChoice,
@@ -63,6 +63,12 @@ class ServeConfig:
     lookahead: int = 1
     """Draft past deferrals for requests that give no lookahead: up to this many tokens per check (1: none).
     Rows that sample do not draft with a served expert (it gives no distribution)."""
+    rewind: float = 0.0
+    """Backtracking default: the expert re-writes a base token it gives a probability below this (0: off)."""
+    yield_below: float = 0.0
+    """Backtracking default: the base's token stands where the expert's own is less probable than this (0: off)."""
+    max_rewinds: int = 8
+    """Most rewinds per answer, for requests that give none."""
     allowed_hosts: list[str] = field(default_factory=list, metadata={"flag": "--allowed-host"})
     """Host names (the Host header, port aside) clients may reach this server by, besides localhost, 127.0.0.1,
     [::1] and --host itself; others get 400, which keeps web pages out through DNS rebinding. "*" answers any
@@ -81,7 +87,8 @@ class ServeConfig:
             raise CollmError(f"port must be in 1..65535, got {self.port}")
         if self.threshold is not None:
             check_threshold(self.threshold)
-        check_lookahead(self.lookahead)
+        Request(lookahead=self.lookahead, rewind=self.rewind, yield_below=self.yield_below,
+                max_rewinds=self.max_rewinds)  # checks them
         hosts = [self.allowed_hosts] if isinstance(self.allowed_hosts, str) else list(self.allowed_hosts)
         if not all(isinstance(h, str) and h.strip() for h in hosts):
             raise CollmError("allowed_hosts must be host names (or '*')")
@@ -177,9 +184,14 @@ class Serving:
                 threshold=self.config.threshold if body.threshold is None else body.threshold,
                 do_sample=not greedy, temperature=1.0 if greedy else body.temperature, top_p=body.top_p,
                 stop=body.stop, seed=secrets.randbits(32) if body.seed is None else body.seed, mode=body.mode,
-                lookahead=lookahead)
+                lookahead=lookahead,
+                **{name: getattr(self.config, name) if getattr(body, name) is None else getattr(body, name)
+                   for name in ("rewind", "yield_below", "max_rewinds")})
         except CollmError as e:
             raise ApiError(400, str(e)) from None
+        if served and (request.rewind or request.yield_below):
+            raise ApiError(400, "rewind and yield_below read the expert's probabilities; this server's expert is "
+                           "served elsewhere and gives tokens: send them as 0", "rewind")
         return [Row(ids, request) for ids in prompts_ids]
 
     def _context(self) -> int:
