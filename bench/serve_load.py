@@ -40,6 +40,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--expert", default="smollm2-135m-instruct")
     p.add_argument("--head", default=None, help="Head file, 'never' or 'always' (default: zero head, P=0.5).")
+    p.add_argument("--run", default=None, help="Serve this run (folder or shipped name, e.g. qwen) instead of "
+                   "--base/--expert/--head.")
+    p.add_argument("--dtype", default=None, help="Passed to the server it starts (e.g. bfloat16).")
+    p.add_argument("--mode", default=None, help="Sent with every request: collm (default), base or expert.")
+    p.add_argument("--lookahead", type=int, default=None, help="Sent with every request: draft past deferrals.")
+    p.add_argument("--data", default=None, help="JSONL with a \"prompt\" per line: the questions (default: short "
+                   "built-in ones).")
     p.add_argument("--threshold", type=float, default=None, help="Sent with every request (default: the server's).")
     p.add_argument("--clients", default="1,4,8", help="Comma-separated concurrency levels.")
     p.add_argument("--requests", type=int, default=4, help="Requests per client per level.")
@@ -54,10 +61,13 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "collm.cli", "serve", "--base", args.base, "--expert", args.expert,
+    models = ["--run", args.run] if args.run else ["--base", args.base, "--expert", args.expert]
+    cmd = [sys.executable, "-m", "collm.cli", "serve", *models,
            "--port", str(port), "--model-name", "collm", "--max-concurrent", str(args.max_concurrent)]
-    if args.head:
+    if args.head and not args.run:
         cmd += ["--head", args.head]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -76,8 +86,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 async def one_request(client: httpx.AsyncClient, args, question: str) -> dict:
     body = {"model": "collm", "messages": [{"role": "user", "content": question}], "max_tokens": args.max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    if args.threshold is not None:
-        body["threshold"] = args.threshold
+    for name in ("threshold", "mode", "lookahead"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
     start = time.perf_counter()
     first = None
     usage = None
@@ -111,7 +122,8 @@ async def level(url: str, args, clients: int) -> dict:
             for i in range(args.requests):
                 if time.monotonic() > stop_at:
                     return
-                results.append(await one_request(client, args, QUESTIONS[(k * args.requests + i) % len(QUESTIONS)]))
+                questions = args.questions
+                results.append(await one_request(client, args, questions[(k * args.requests + i) % len(questions)]))
 
     start = time.perf_counter()
     await asyncio.gather(*(client_loop(k) for k in range(clients)))
@@ -149,6 +161,9 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse()
+    args.questions = QUESTIONS
+    if args.data:  # the prompts of a data file (e.g. GSM test problems for the Qwen pair)
+        args.questions = [json.loads(x)["prompt"] for x in Path(args.data).read_text().splitlines() if x.strip()]
     proc, url = (None, args.url) if args.url else start_server(args)
     try:
         asyncio.run(one_request(httpx.AsyncClient(base_url=url, timeout=600), args, "Hello"))  # warm-up
@@ -160,8 +175,8 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    config = {k: v for k, v in vars(args).items()} | {"threads": os.environ.get("OMP_NUM_THREADS", "default"),
-                                                      "cpus": os.cpu_count()}
+    config = {k: v for k, v in vars(args).items() if k != "questions"}
+    config |= {"threads": os.environ.get("OMP_NUM_THREADS", "default"), "cpus": os.cpu_count()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
