@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from collm.atomic import atomic_write, write_json
+from collm.atomic import write_json, write_text
 from collm.pair import CoLLM
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     if a.json:
         write_json(a.json, summary)
     if a.markdown:
-        atomic_write(a.markdown, markdown(summary))
+        write_text(a.markdown, markdown(summary))
     print(markdown(summary))
 
 

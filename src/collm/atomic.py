@@ -96,10 +96,14 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
             raise
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8), atomically."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def append_line(path: str | Path, line: str) -> None:

@@ -24,7 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
-from collm.atomic import atomic_write, write_json
+from collm.atomic import write_json, write_text
 from collm.data.answer import normalize_number
 from collm.errors import CollmError
 
@@ -500,4 +500,4 @@ def write_dataset(out_dir: str | Path, config: GsmConfig, templates: list[Templa
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write one JSON object per line, atomically."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(path, text)

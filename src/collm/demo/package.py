@@ -75,7 +75,7 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     `expert` (default ``runs/expert``). A run whose base was tuned with its head ships its ``base_adapter``; a
     run whose head was trained on a frozen SFT base ships that run's adapter (`sft`) as ``sft_base``.
     """
-    from collm.atomic import atomic_write, write_json
+    from collm.atomic import write_json, write_text
     from collm.run import read_run_config
 
     evaluations = evaluations or {label: runs / name for label, name in EVALUATIONS.items()}
@@ -120,7 +120,7 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     if results is not None:
         write_json(results / "results.json", trimmed)
     markdown = results_markdown(trimmed)
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    write_text(out / "results.md", markdown)
     return write_manifest(out)
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from collm.atomic import atomic_write, write_json
+from collm.atomic import atomic_write, write_json, write_text
 from collm.backends.models import DTYPES, load_model, vocab_size
 from collm.backends.remote import RemoteExpert, is_remote_spec
 from collm.core.head import DeferralHead
@@ -351,7 +351,7 @@ def save(rows: list[Row], config: BenchConfig, json_path=None, md_path=None, png
         write_json(json_path, {"config": asdict(config), "rows": [asdict(r) for r in rows]})
     if md_path:
         table = markdown(rows)
-        atomic_write(Path(md_path), lambda tmp: Path(tmp).write_text(table))
+        write_text(Path(md_path), table)
     if png_path:
         _plot(rows, Path(png_path))
 

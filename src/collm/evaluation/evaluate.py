@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from collm.atomic import atomic_write, write_json
+from collm.atomic import write_json, write_text
 from collm.core.request import Request
 from collm.core.routing import most_probable_expert
 from collm.core.seed import check_seed
@@ -329,7 +329,7 @@ def save_results(results: dict, json_path: str | Path | None = None, markdown_pa
         write_json(json_path, results)
     if markdown_path is not None:
         table = markdown_table(results)
-        atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
+        write_text(markdown_path, table)
 
 
 def evaluate_run(run: str | Path, data: str | Path, config: EvalConfig, *, weak_run=None, sft_run=None,

@@ -11,7 +11,7 @@ import base64
 import html
 from pathlib import Path
 
-from collm.atomic import atomic_write
+from collm.atomic import write_text
 
 # One colour per source: 0 = base, k = expert k.
 SOURCE_COLOURS = ("#dbeafe", "#fed7aa", "#bbf7d0", "#f5d0fe", "#fef08a")
@@ -105,7 +105,7 @@ def example_html(index: int, example: dict) -> str:
 def write_html(path: str | Path, results: dict, png: str | Path | bytes | None = None, **kwargs) -> None:
     """Write `render_html(results, png, ...)` to `path` atomically."""
     page = render_html(results, png, **kwargs)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    write_text(path, page)
 
 
 def _token(text: str, source: int, defer_prob: float) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, temp_siblings, write_json
+from collm.atomic import TEMP_SUFFIX, atomic_folder, remove, temp_siblings, write_json, write_text
 from collm.errors import CollmError
 from collm.tensorfile import write_tensors
 
@@ -76,7 +76,7 @@ def save_checkpoint(folder: Path, step: int, module, optimizer, scheduler, extra
         write_json(tmp / "state.json", {"step": step, "scheduler": scheduler_state, **extra})
 
     atomic_folder(target, write)
-    atomic_write(folder / LATEST, lambda p: Path(p).write_text(target.name + "\n"))
+    write_text(folder / LATEST, target.name + "\n")
     for old in sorted(p for p in folder.iterdir() if p.is_dir() and _STEP.fullmatch(p.name))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from collm.atomic import TEMP_SUFFIX, atomic_folder, atomic_write, remove, write_json
+from collm.atomic import TEMP_SUFFIX, atomic_folder, remove, write_json, write_text
 from collm.core.head import DeferralHead
 from collm.core.routing import defer_prob
 from collm.core.seed import check_seed
@@ -482,7 +482,7 @@ def train_reward(config: RewardConfig, progress: Callable[[str], None] = print) 
 def _write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl from the checkpoint's history, whole and atomically: it always agrees with the checkpoint."""
     text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(path, text)
 
 
 def _start_over(out: Path) -> None:

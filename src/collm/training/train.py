@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from collm.atomic import append_line, atomic_folder, atomic_write, write_json
+from collm.atomic import append_line, atomic_folder, write_json, write_text
 from collm.backends.models import context_length, load_model
 from collm.core.head import DeferralHead, parse_features
 from collm.core.seed import check_seed
@@ -544,7 +544,7 @@ def _resume(s: Setup, module, optimizer, scheduler) -> int:
             clear_checkpoints(out / "checkpoints")
         write_json(saved, asdict(c))
         kept = "".join(line + "\n" for row_step, line in metrics if row_step <= step)
-        atomic_write(out / "metrics.jsonl", lambda p: Path(p).write_text(kept, encoding="utf-8"))
+        write_text(out / "metrics.jsonl", kept)
     s.acc.wait_for_everyone()
     return step
 
