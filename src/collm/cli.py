@@ -276,7 +276,7 @@ def _bench(config, output) -> None:
     print(b.markdown(rows))
 
 
-data_app = typer.Typer(help="Make prompt/completion JSONL data sets (GSM8K variants, arithmetic).", no_args_is_help=True)
+data_app = typer.Typer(help="Make prompt/completion JSONL data sets (GSM8K variants, arithmetic, facts).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -301,6 +301,13 @@ def _data_arithmetic(out, config) -> None:
     from collm.data import arithmetic
 
     print(json.dumps({"rows": arithmetic.write_dataset(Path(out.out), config)["rows"]}))
+
+
+def _data_facts(out, config) -> None:
+    from collm.data import facts
+
+    manifest = facts.write_dataset(Path(out.out), config)
+    print(json.dumps({key: manifest[key] for key in ("rows", "entities", "facts", "guess_rate", "changed_facts")}))
 
 
 def _data_calc(out, config) -> None:
@@ -420,6 +427,7 @@ def _calibrate(target, config) -> None:
 def _register_commands() -> None:
     """The commands whose options are the fields of config dataclasses (all but seal)."""
     from collm.data.arithmetic import ArithmeticConfig
+    from collm.data.facts import FactsConfig
     from collm.data.gsm import GsmConfig
     from collm.demo.command import DemoConfig
     from collm.evaluation.bench import BenchConfig, BenchOutput
@@ -463,6 +471,9 @@ def _register_commands() -> None:
                                  "by template.")
     dataclass_command((DataOut, ArithmeticConfig), "arithmetic", _data_arithmetic, on=data_app,
                       short_help="Arithmetic problems from mathematics_dataset; no question appears in two splits.")
+    dataclass_command((DataOut, FactsConfig), "facts", _data_facts, on=data_app,
+                      short_help="A knowledge-update benchmark: fictional entities and their facts, documents to "
+                                 "teach them, a recall probe, and word problems over them split by template.")
     dataclass_command((DataOut, CalcConfig), "calc", _data_calc, on=data_app,
                       short_help="Training rows for the math expert: calculations written as GSM8K notes, plus "
                                  "arithmetic (no word problems).")
