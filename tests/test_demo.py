@@ -134,3 +134,65 @@ def test_demo_answers_a_shipped_problem_offline():
     assert result.exit_code == 0, result.output
     for text in ("base alone", "expert alone", "Co-LLM", "problem 1", "deferral rate"):
         assert text in result.output
+
+
+def test_ship_removes_only_what_an_earlier_shipping_listed(tmp_path):
+    from collm.demo.package import ship
+
+    src = tmp_path / "src"
+    (src / "adapter").mkdir(parents=True)
+    (src / "adapter" / "w.bin").write_bytes(b"w")
+    (src / "head").write_bytes(b"h")
+    out = tmp_path / "out"
+    first = ship(out, {"head.safetensors": src / "head", "adapter": src / "adapter"}, {"results.md": "one\n"})
+    assert set(first["files"]) == {"head.safetensors", "adapter/w.bin", "results.md"}
+    second = ship(out, {"head.safetensors": src / "head"}, {"results.md": "two\n"})  # no adapter this time
+    assert set(second["files"]) == {"head.safetensors", "results.md"} and not (out / "adapter").exists()
+    assert (out / "results.md").read_text() == "two\n"
+    (out / "notes.txt").write_text("mine")  # a file no packaging wrote
+    with pytest.raises(CollmError, match="no packaging wrote"):
+        ship(out, {"head.safetensors": src / "head"})
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.md").exists()
+    with pytest.raises(CollmError, match="is missing"):
+        ship(tmp_path / "other", {"head.safetensors": src / "nothing"})
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_qwen_packager_ships_the_run_and_puts_the_study_beside_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from collm.atomic import write_json
+    from collm.run import verify_manifest
+
+    runs = tmp_path / "runs"
+    router = runs / "router"
+    (router / "base_adapter").mkdir(parents=True)
+    (router / "base_adapter" / "adapter_model.safetensors").write_bytes(b"lora")
+    write_json(router / "collm.json", {"format": 1})
+    (router / "head.safetensors").write_bytes(b"head")
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    write_json(router / "train_config.json", {"data": str(tmp_path / "rows.jsonl")})
+    results = _results([(True, False), (False, False), (True, True)])
+    for system in results["systems"]:
+        system |= {"expert_calls": 2, "tokens_per_s": 1.5}
+    write_json(runs / "eval-test220" / "results.json", results)
+    (runs / "eval-test220" / "results.md").write_text("| table |\n")
+    (runs / "speed.json").write_text("{}\n")
+    out, study = tmp_path / "assets", tmp_path / "study"
+    script = Path(__file__).parents[1] / "research" / "qwen" / "qwen_package.py"
+    for _ in range(2):  # a second packaging over the first rewrites it in place
+        done = subprocess.run([sys.executable, str(script), "--runs", str(runs), "--out", str(out), "--study",
+                               str(study)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    shipped = verify_manifest(out)
+    assert set(shipped["files"]) == {"collm.json", "head.safetensors", "base_adapter/adapter_model.safetensors",
+                                     "problems.json", "results.md"}
+    assert json.loads((out / "problems.json").read_text())["problems"][0]["prompt"] == "p0"
+    kept = verify_manifest(study)
+    assert {"train_rows.jsonl", "train_config.json", "test_results.json", "test_results.md", "speed.json"} == \
+        set(kept["files"])
+    light = json.loads((study / "test_results.json").read_text())
+    assert "tokens" not in light["systems"][0]["examples"][0]

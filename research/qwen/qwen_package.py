@@ -8,28 +8,22 @@ and its base wrong first) and ``results.md`` (the table of the evaluation), with
 Everything else measured (answers, speed, plots, training config and rows) goes to --study, beside the study's
 scripts, with its own manifest. The shipped results keep every answer's text and sources but
 not its per-token ids and probabilities (the full files stay in the run folder), so the folder stays small.
-Files this packaging shipped before and no longer ships (its own file names, listed in the old manifest)
-are removed; any other file in the folder is left alone.
+Both folders are written by `collm.demo.package.ship`, the packager the SmolLM2 run uses too: a file an earlier
+packaging listed in a folder's manifest and this one does not write is removed; a folder holding a file no
+manifest lists is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from collm.atomic import write_json
-from collm.demo import write_manifest
-from collm.demo.package import pick_examples
+from collm.demo.package import pick_examples, ship
 from collm.evaluation.evaluate import markdown_table
 
-ADAPTER = ("base_adapter/adapter_config.json", "base_adapter/adapter_model.safetensors")
+ADAPTER = "base_adapter"  # a router that tuned the base (LoRA) ships its adapter folder
 HEAVY = ("tokens", "defer_probs")  # per-token lists: kept in the run folder, not shipped
-WRITTEN = {"test_results.json", "problems.json", "results.md"}  # made here, not copied
-PACKAGED = {"collm.json", "head.safetensors", "problems.json", "results.md"}  # what the commands read
-# Names the packaging step wrote before this script (qwen.sh's inline packaging): removed when still there.
-EARLIER = {"test44_results.json", "test44_results.md", "test220_results.json", "test220_results.md"}
 
 
 def train_rows(run: Path) -> Path:
@@ -53,45 +47,39 @@ def main() -> None:
     p.add_argument("--study", type=Path, default=Path("research/qwen/results/run"),
                    help="where the measured files that no command reads go")
     a = p.parse_args()
-    runs, out, study = a.runs, a.out, a.study
+    runs, router = a.runs, a.runs / a.router
     results_path = runs / a.eval / "results.json"
     if not results_path.exists():
         raise SystemExit(f"{results_path} is missing: run the evaluation stage first")
-    old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {"files": {}}
-    out.mkdir(parents=True, exist_ok=True)
-    files = {runs / a.router / n: n for n in ("collm.json", "head.safetensors", "train_config.json")}
-    files |= {runs / a.router / n: n for n in ADAPTER}  # a router that tuned the base (LoRA) ships its adapter
-    files |= {runs / a.calibration: "calibration.png", runs / f"{a.speed}.json": "speed.json",
-              runs / f"{a.speed}.md": "speed.md", train_rows(runs / a.router): "train_rows.jsonl",
-              runs / f"{a.plots}_accuracy_vs_deferral.png": "accuracy_vs_deferral.png",
-              runs / f"{a.plots}_accuracy_vs_ms.png": "accuracy_vs_ms.png",
-              runs / a.eval / "results.md": "test_results.md"}
-    shipped = set()
-    for src, name in files.items():
-        if src.exists():
-            where = out if name in PACKAGED or name in ADAPTER else study
-            (where / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, where / name)
-            shipped.add(name)
     results = json.loads(results_path.read_text())
+    # the package: what the commands read
+    package = {n: router / n for n in ("collm.json", "head.safetensors")}
+    if (router / ADAPTER).is_dir():
+        package[ADAPTER] = router / ADAPTER
+    rows = results["systems"][0]["examples"]
+    problems = {"problems": [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"]}
+                             for i in pick_examples(results)],
+                "chosen": "held-out test templates: Co-LLM right and its base wrong first"}
+    # notes as footnotes: a Note column wraps the demo's terminal table into a column of words
+    table = (f"### Held-out test templates ({results['rows']} problems, threshold {results['threshold']:g})\n\n"
+             + markdown_table(results, footnotes=True))
+    shipped = ship(a.out, package, {"problems.json": _json(problems), "results.md": table})
+    # the study: everything else measured, beside the study's scripts
+    study = {"train_config.json": router / "train_config.json", "train_rows.jsonl": train_rows(router),
+             "test_results.md": runs / a.eval / "results.md"}
+    optional = {"calibration.png": runs / a.calibration, "speed.json": runs / f"{a.speed}.json",
+                "speed.md": runs / f"{a.speed}.md",
+                "accuracy_vs_deferral.png": runs / f"{a.plots}_accuracy_vs_deferral.png",
+                "accuracy_vs_ms.png": runs / f"{a.plots}_accuracy_vs_ms.png"}
+    study |= {name: path for name, path in optional.items() if path.exists()}
     light = {**results, "systems": [{**s, "examples": [{k: v for k, v in e.items() if k not in HEAVY}
                                                        for e in s["examples"]]} for s in results["systems"]]}
-    study.mkdir(parents=True, exist_ok=True)
-    write_json(study / "test_results.json", light)
-    rows = results["systems"][0]["examples"]
-    write_json(out / "problems.json", {"problems": [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"]}
-                                                    for i in pick_examples(results)],
-                                       "chosen": "held-out test templates: Co-LLM right and its base wrong first"})
-    # notes as footnotes: a Note column wraps the demo's terminal table into a column of words
-    (out / "results.md").write_text(f"### Held-out test templates ({results['rows']} problems, threshold "
-                                    f"{results['threshold']:g})\n\n" + markdown_table(results, footnotes=True))
-    shipped |= WRITTEN
-    ours = set(files.values()) | WRITTEN | EARLIER  # a name this packaging writes; anything else is not ours
-    for name in sorted((set(old["files"]) & ours) - shipped):  # shipped before, and not now
-        (out / name).unlink(missing_ok=True)
-        print("removed", name, "(listed in the old manifest, not shipped now)")
-    write_manifest(study)
-    print(write_manifest(out)["total_bytes"], "bytes shipped")
+    ship(a.study, study, {"test_results.json": _json(light)})
+    print(shipped["total_bytes"], "bytes shipped")
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     `expert` (default ``runs/expert``). A run whose base was tuned with its head ships its ``base_adapter``; a
     run whose head was trained on a frozen SFT base ships that run's adapter (`sft`) as ``sft_base``.
     """
-    from collm.atomic import write_json, write_text
+    from collm.atomic import write_json
     from collm.run import read_run_config
 
     evaluations = evaluations or {label: runs / name for label, name in EVALUATIONS.items()}
@@ -83,18 +83,15 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     if config.get("base_weights") not in ("lora", "original") or (config.get("base_weights") == "original"
                                                                   and sft is None):
         raise CollmError("package ships a LoRA-tuned base, or a frozen SFT base given with --sft")
-    _clear_shipped(out)
-    out.mkdir(parents=True)
+    copies = {"expert": Path(expert or runs / "expert") / "base_adapter",
+              "head.safetensors": runs / "collm" / "head.safetensors"}
     if config["base_weights"] == "lora":
-        shutil.copytree(runs / "collm" / "base_adapter", out / "base_adapter")
+        copies["base_adapter"] = runs / "collm" / "base_adapter"
     else:
-        shutil.copytree(Path(sft) / "base_adapter", out / "sft_base")
+        copies["sft_base"] = Path(sft) / "base_adapter"
         config["base"] = "sft_base"  # the adapter beside it, loaded (and merged) as the base
-    shutil.copytree(Path(expert or runs / "expert") / "base_adapter", out / "expert")
-    shutil.copy(runs / "collm" / "head.safetensors", out / "head.safetensors")
     config["experts"] = ["expert"]  # the adapter beside it; the trained run named a merged folder
     config["training"].pop("data_stats", None)
-    write_json(out / "collm.json", config)
     if results is not None:
         results.mkdir(parents=True, exist_ok=True)
         if (runs / "calibration.png").is_file():
@@ -106,8 +103,9 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
     chosen = pick_examples(first)
     problems = [{"prompt": first["systems"][0]["examples"][i]["prompt"],
                  "answer": first["systems"][0]["examples"][i]["answer"]} for i in chosen]
-    write_json(out / "problems.json", {"problems": problems, "chosen": f"{first_label}: rows where Co-LLM is "
-                                       "right, its base alone wrong and Co-LLM's <<a=b>> notes all true"})
+    texts = {"collm.json": _json(config),
+             "problems.json": _json({"problems": problems, "chosen": f"{first_label}: rows where Co-LLM is right, "
+                                     "its base alone wrong and Co-LLM's <<a=b>> notes all true"})}
     trimmed = {label: {**{k: v for k, v in r.items() if k != "systems"}, "summary": summarise(r),
                        "systems": [{k: v for k, v in s.items() if k != "examples"} for s in r["systems"]]}
                for label, r in loaded.items()}
@@ -119,27 +117,51 @@ def package(runs: Path, out: Path = ASSETS, evaluations: dict[str, Path] | None 
                             "answer": _system(first, "Co-LLM")["examples"][i]["answer"]} for i in chosen]
     if results is not None:
         write_json(results / "results.json", trimmed)
-    markdown = results_markdown(trimmed)
-    write_text(out / "results.md", markdown)
-    return write_manifest(out)
+    return ship(out, copies, texts | {"results.md": results_markdown(trimmed)})
 
 
-def _clear_shipped(out: Path) -> None:
-    """Remove a shipped folder made before, but only when its manifest lists every file in it."""
-    if not out.exists():
-        return
-    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    listed = set()
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def ship(out: Path, copies: dict[str, Path], texts: dict[str, str] | None = None) -> dict:
+    """Write a shipped folder: ``copies`` (name in the folder -> source file or folder), ``texts`` (name ->
+    content), then the manifest. A file an earlier shipping listed in the manifest and this one does not write is
+    removed; a file no manifest lists is never touched: a folder holding one is refused. Returns the manifest."""
+    from collm.atomic import write_text
+    from collm.run import read_json
+
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} if out.exists() else set()
+    listed: set[str] = set()
     if (out / MANIFEST).is_file():
-        from collm.run import read_json
-
         manifest = read_json(out / MANIFEST)
         listed = set(manifest.get("files", {})) | {MANIFEST} if isinstance(manifest, dict) else set()
     foreign = sorted(files - listed)
     if foreign:
-        raise CollmError(f"{out} holds files that package did not write (e.g. {foreign[0]}): give another "
-                         f"output folder, or move them away")
-    shutil.rmtree(out)
+        raise CollmError(f"{out} holds files that no packaging wrote (e.g. {foreign[0]}): give another "
+                         "output folder or move them out")
+    wanted: dict[str, Path] = {}
+    for name, source in copies.items():
+        source = Path(source)
+        if source.is_dir():
+            wanted |= {f"{name}/{p.relative_to(source).as_posix()}": p for p in sorted(source.rglob("*"))
+                       if p.is_file()}
+        elif source.is_file():
+            wanted[name] = source
+        else:
+            raise CollmError(f"{source} is missing: it is to be shipped as {name}")
+    written = set(wanted) | set(texts or {})
+    for name in sorted(listed - written - {MANIFEST}):  # shipped before by a packaging, not now
+        (out / name).unlink(missing_ok=True)
+    for name, source in wanted.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / name)
+    for name, text in (texts or {}).items():
+        write_text(out / name, text)
+    for folder in sorted({p for p in out.rglob("*") if p.is_dir()}, reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()  # emptied by a removal above
+    return write_manifest(out)
 
 
 def results_markdown(trimmed: dict) -> str:
