@@ -348,6 +348,18 @@ def test_bad_configs_are_one_line_errors(overrides, message):
         TrainConfig(**({"base": "b", "data": "d", "out": "o", "scores": ["s"]} | overrides))
 
 
+def test_a_bad_model_path_leaves_no_run_folder(known_case, tmp_path):
+    """A typo in --base is a one-line error, and the --out folder the command would have made is not left empty;
+    a folder that was there already stays."""
+    with pytest.raises(CollmError, match="does not exist"):
+        train(config(known_case, tmp_path / "typo", base=str(tmp_path / "no-such-model")))
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(CollmError, match="does not exist"):
+        train(config(known_case, tmp_path / "mine", base=str(tmp_path / "no-such-model")))
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_scores_for_other_data_are_refused(known_case, tmp_path):
     other = write_jsonl(tmp_path / "other.jsonl", digit_rows(20, seed=5))
     with pytest.raises(CollmError, match="other data"):

@@ -68,6 +68,8 @@ TUNED=${TUNED-router-lora}; TUNED_ARGS=(); [[ -z $TUNED || $TUNED == "$ROUTER" ]
 NEW=320          # new tokens per answer, as in the pair's zero-shot figures
 DT=bfloat16      # decoding dtype (the speed figures are bf16)
 D=$R/data/gsm
+C=research/qwen/configs  # the recipes: one YAML per stage, paths given here
+SCORE="--config $C/score.yaml --expert $EXPERT --tokenizer $BASE --dtype $DT"
 mkdir -p "$R"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 until_() { [[ "${UNTIL:-}" == "$1" ]] && { log "stopping after $1 (UNTIL)"; exit 0; } || true; }
@@ -97,31 +99,26 @@ log "2b. base-style rows: the base's greedy solutions to $BASE_ROWS training pro
 until_ base_style
 
 log "3. expert scores"
-[[ -f $R/collm/collm.json && -f $R/weak/collm.json ]] || collm score --expert $EXPERT --data "$R/own_style/train.jsonl" \
-  --out "$R/scores" --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096
-collm score --expert $EXPERT --data "$R/base_style/train.jsonl" --out "$R/scores-base" --tokenizer $BASE --max-len 512 \
-  --dtype $DT --batch-tokens 4096
+[[ -f $R/collm/collm.json && -f $R/weak/collm.json ]] || collm score $SCORE --data "$R/own_style/train.jsonl" \
+  --out "$R/scores"
+collm score $SCORE --data "$R/base_style/train.jsonl" --out "$R/scores-base"
 until_ score
 
 log "4. heads on the frozen base: marginal likelihood after the weak start; weak supervision alone"
-HEAD="--base $BASE --data $R/own_style/train.jsonl --scores $R/scores --base-mode frozen --max-len 512 \
-  --head-lr 3e-3 --batch-size 8 --epochs 40 --save-every 100 --batch-tokens 4096"
+HEAD="--config $C/head-frozen.yaml --base $BASE --data $R/own_style/train.jsonl --scores $R/scores"
 [[ -f $R/collm/collm.json ]] || collm train $HEAD --objective marginal --out "$R/collm"
 [[ -f $R/weak/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak"
 train_router() {  # router $3 on rows file $1 with scores $2 (in $R): "the expert would write another token"
   # ($4: features of the base's next-token distribution the head reads besides its hidden state; $5: keep a
   # disagreement on a base-written token only where the expert gives that token less than this probability)
-  [[ -f $R/$3/collm.json ]] || collm train --base $BASE --data "$R/$1" --scores "$R/$2" --base-mode frozen \
-    --max-len 512 --head-lr 3e-3 --batch-size 8 --epochs 10 --save-every 100 --batch-tokens 4096 --objective weak \
-    --weak-label disagree ${4:+--head-features $4} ${5:+--disagree-below $5} --out "$R/$3"
+  [[ -f $R/$3/collm.json ]] || collm train --config $C/router.yaml --base $BASE --data "$R/$1" --scores "$R/$2" \
+    ${4:+--head-features $4} ${5:+--disagree-below $5} --out "$R/$3"
 }
 train_router base_style/train.jsonl scores-base router
 # The same router with the base tuned too (LoRA, as the paper tunes the base with the head): the head starts from
 # the frozen fit, then base and head train together (LM loss on the base's own text + the head's BCE), 2 epochs.
-[[ -f $R/router-lora/collm.json ]] || OMP_NUM_THREADS=${TRAIN_THREADS:-2} collm train --base $BASE \
-  --data $R/base_style/train.jsonl --scores $R/scores-base --base-mode lora --precision bf16 --max-len 512 \
-  --head-lr 1e-3 --batch-size 8 --epochs 2 --save-every 5 --batch-tokens 4096 --objective weak \
-  --weak-label disagree --out "$R/router-lora"
+[[ -f $R/router-lora/collm.json ]] || OMP_NUM_THREADS=${TRAIN_THREADS:-2} collm train --config $C/router-lora.yaml \
+  --base $BASE --data $R/base_style/train.jsonl --scores $R/scores-base --out "$R/router-lora"
 until_ train
 
 calibrate() {  # η of run $1 on validation templates (rows file $2, grid $3, batch $4); its own calibration plot
@@ -143,8 +140,7 @@ policy_round() {
   [[ -f $R/$3/train.jsonl ]] || python3 research/qwen/own_style.py --run "$R/$1" --data "$D/train.jsonl" \
     --rows "$BASE_ROWS" --batch-size 40 --max-new-tokens $NEW --dtype $DT --keep all --seed "$2" --out "$R/$3"
   [[ -f $R/$5 ]] || { cat "$R/$4" "$R/$3/train.jsonl" > "$R/$5.tmp"; mv "$R/$5.tmp" "$R/$5"; }
-  [[ -f $R/$8/collm.json ]] || collm score --expert $EXPERT --data "$R/$5" --out "$R/$7" --tokenizer $BASE \
-    --max-len 512 --dtype $DT --batch-tokens 4096 --reuse "$R/$6"
+  [[ -f $R/$8/collm.json ]] || collm score $SCORE --data "$R/$5" --out "$R/$7" --reuse "$R/$6"
   train_router "$5" "$7" "$8"
 }
 policy_variant() {  # router $1 (stage $2: $3) on router-policy's 320 rows and scores, trained as train_router
@@ -192,12 +188,9 @@ open(sys.argv[2] + ".tmp", "w").write("\n".join(rows[:320]) + "\n")
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PY
   }
-  [[ -f $R/gold-lora/collm.json ]] || collm score --expert $EXPERT --data "$R/gold/train.jsonl" --out "$R/scores-gold" \
-    --tokenizer $BASE --max-len 512 --dtype $DT --batch-tokens 4096
-  [[ -f $R/gold-lora/collm.json ]] || OMP_NUM_THREADS=${TRAIN_THREADS:-2} collm train --base $BASE \
-    --data "$R/gold/train.jsonl" --scores "$R/scores-gold" --base-mode lora --precision bf16 --max-len 512 \
-    --objective marginal --lr 5e-4 --head-lr 1e-3 --warmup-steps 4 --batch-size 8 --epochs 2 --save-every 5 \
-    --batch-tokens 4096 --out "$R/gold-lora"
+  [[ -f $R/gold-lora/collm.json ]] || collm score $SCORE --data "$R/gold/train.jsonl" --out "$R/scores-gold"
+  [[ -f $R/gold-lora/collm.json ]] || OMP_NUM_THREADS=${TRAIN_THREADS:-2} collm train --config $C/gold-lora.yaml \
+    --base $BASE --data "$R/gold/train.jsonl" --scores "$R/scores-gold" --out "$R/gold-lora"
   calibrate gold-lora "$D/validation_every3.jsonl" "${GOLD_THRESHOLDS:-0.5,0.7,0.9,1.0}" 37
   until_ policy
 elif [[ $ROUTER != router ]]; then

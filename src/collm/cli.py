@@ -165,7 +165,7 @@ def _generate(config, spec) -> None:
     _print_answers(pair, texts, out)
 
 
-def _field_docs(cls) -> dict[str, str]:
+def field_docs(cls) -> dict[str, str]:
     """The docstring written under each field of a dataclass (Python keeps none at run time: read the source)."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     return {a.target.id: " ".join(b.value.value.replace("``", "").split()) for a, b in zip(body, body[1:])
@@ -338,7 +338,7 @@ def dataclass_command(classes, name: str, run, *, short_help: str, on: typer.Typ
     classes = classes if isinstance(classes, tuple) else (classes,)
     params, owner, parse = [], {}, {}
     for cls in classes:
-        hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name in owner:
                 raise ValueError(f"{cls.__name__}.{f.name} is also a field of {owner[f.name].__name__}")

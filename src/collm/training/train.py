@@ -641,9 +641,16 @@ def train(config: TrainConfig) -> Path:
     touched), for a full disk (run the same command again once there is space: it resumes), and for
     settings that differ from the run being resumed.
     """
-    check_out(Path(config.out))
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    s = setup(config)
+    out = Path(config.out)
+    check_out(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        s = setup(config)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # bad input (a model path, the data): no empty run folder is left behind
+        raise
     try:
         fit(s)
         return finish(s)
