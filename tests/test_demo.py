@@ -118,6 +118,8 @@ def test_package_ships_a_frozen_sft_base_and_puts_fixed_rows_first(tmp_path):
     (["--count", "-1"], "--count must be between 1 and 3"),
     (["--count", "100"], "--count must be between 1 and 3"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--lookahead", "0"], "lookahead"),
+    (["--rewind", "2"], "rewind must be a probability"),
 ])
 def test_demo_refuses_bad_settings_before_loading(no_model_loading, args, message):
     from collm.cli import app
@@ -134,6 +136,13 @@ def test_demo_answers_a_shipped_problem_offline():
     assert result.exit_code == 0, result.output
     for text in ("base alone", "expert alone", "Co-LLM", "problem 1", "deferral rate"):
         assert text in result.output
+    assert "drafts cut" not in result.output
+    drafted = CliRunner().invoke(app, ["demo", "--count", "1", "--max-new-tokens", "24", "--lookahead", "4"])
+    assert drafted.exit_code == 0, drafted.output
+    assert "drafts cut" in drafted.output
+    # greedy drafting writes the same answers: every line but the expert-call count is the same
+    strip = [line for line in result.output.splitlines() if "expert calls" not in line]
+    assert strip == [line for line in drafted.output.splitlines() if "expert calls" not in line]
 
 
 def test_ship_removes_only_what_an_earlier_shipping_listed(tmp_path):

@@ -264,7 +264,7 @@ def _demo(config) -> None:
     from collm import demo as d
 
     d.run(console, folder=d.PAIRS[config.pair], count=config.count, max_new_tokens=config.max_new_tokens,
-          device=config.device, threshold=config.threshold)
+          device=config.device, threshold=config.threshold, lookahead=config.lookahead, rewind=config.rewind)
 
 
 def _bench(config, output) -> None:

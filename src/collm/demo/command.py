@@ -24,6 +24,10 @@ class DemoConfig:
     """Co-LLM's threshold in [0, 1]. Default: the shipped run's calibrated one."""
     pair: str = "smollm2"
     """smollm2 (embedded) or qwen (Qwen2.5-Coder 0.5B + 1.5B; needs scripts/install.sh --qwen)."""
+    lookahead: int = 1
+    """Co-LLM drafts past deferrals, up to this many tokens per expert check (1: no drafting)."""
+    rewind: float = 0.0
+    """Co-LLM's expert re-writes a base token it gives a probability below this (0: off)."""
 
     def __post_init__(self):
         if self.pair not in PAIRS:
@@ -31,7 +35,7 @@ class DemoConfig:
 
 
 def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 256, device: str = "cpu",
-        threshold: float | None = None) -> None:
+        threshold: float | None = None, lookahead: int = 1, rewind: float = 0.0) -> None:
     """Load the shipped run, answer `count` of its problems three ways, print the shipped results table.
 
     Co-LLM runs at ``threshold`` (default: the run's calibrated one). Where that threshold never defers
@@ -46,7 +50,7 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     from collm.pair import CoLLM
 
     # Every setting is checked before the model loads and decodes (~20 s), not after.
-    make_request(max_new_tokens=max_new_tokens, threshold=threshold)
+    make_request(max_new_tokens=max_new_tokens, threshold=threshold, lookahead=lookahead, rewind=rewind)
     check_device(device)
     verify(folder)
     shipped = json.loads((folder / "problems.json").read_text(encoding="utf-8"))
@@ -67,7 +71,9 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     outputs = {}
     for label, mode, eta in systems:
         with console.status(f"{label}: answering {len(prompts)} problems"):
-            outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta)
+            drafting = dict(lookahead=lookahead, rewind=rewind) if mode == "collm" else {}
+            outputs[label] = pair.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, threshold=eta,
+                                           **drafting)
     console.print(legend(["math expert (SmolLM2-135M + LoRA on calculations)"] if folder == ASSETS
                          else list(pair.info["experts"])))
     console.print(f"[dim]Problems: {shipped.get('chosen', 'shipped with the run')}; none was in any training "
@@ -83,5 +89,7 @@ def run(console, folder: Path = ASSETS, count: int = 3, max_new_tokens: int = 25
     console.rule()
     for label, mode, eta in systems[2:]:
         stats = outputs[label].stats
-        console.print(f"{label}: deferral rate {stats['defer_rate']:.1%}, {stats['expert_calls']} expert calls")
+        extra = f", {stats['drafts_cut']} drafts cut" if lookahead > 1 else ""
+        extra += f", {stats['rewritten']} base tokens re-written" if rewind else ""
+        console.print(f"{label}: deferral rate {stats['defer_rate']:.1%}, {stats['expert_calls']} expert calls{extra}")
     console.print(Markdown((folder / "results.md").read_text().split("### Example")[0]))
