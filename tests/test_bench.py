@@ -7,6 +7,8 @@ import json
 import pytest
 from conftest import invoke
 
+from collm import CollmError
+
 
 def test_bench_json_rows(tmp_path):
     out = tmp_path / "bench.json"
@@ -21,6 +23,24 @@ def test_bench_json_rows(tmp_path):
     assert collab[("collm", 0.5)]["expert_calls"] == 2 and collab[("collm", 0.0)]["expert_calls"] == 0
     assert collab[("naive", 0.5)]["expert_calls"] == 2
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_bench_times_drafting_and_rewinds_and_counts_what_they_did(tmp_path):
+    """--lookahead adds drafting rows (Co-LLM and speculative decoding), --rewind adds rows with rewinds: each
+    reports the expert's reads, the positions it judged, the drafts cut and the base tokens re-written."""
+    out = tmp_path / "bench.json"
+    result = invoke("bench", "--fractions", "0.5", "--new-tokens", 12, "--prompt-len", 4, "--repeats", 1,
+                    "--systems", "base,expert,collm", "--lookahead", 4, "--rewind", 0.5, "--json", out)
+    assert result.exit_code == 0, result.output
+    rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"collm+draft4", "expert+draft4", "collm+rewind", "collm+draft4+rewind"} <= set(rows)
+    # random weights: the expert keeps almost no stand-in, so drafts are cut (and drafting does not pay here)
+    assert rows["collm+draft4"]["drafts_cut"] > 0 and rows["collm"]["drafts_cut"] == 0
+    assert rows["collm"]["rewritten"] == 0 and rows["collm+draft4"]["rewritten"] == 0
+    assert 0 < rows["collm+rewind"]["rewritten"] <= 8  # random weights: the expert finds base tokens unlikely
+    assert rows["expert+draft4"]["checked"] > 0 and "re-written" in result.stdout
+    with pytest.raises(CollmError, match="--rewind must be a probability"):
+        invoke("bench", "--rewind", 2)
 
 
 def test_bench_per_row_batches_get_the_any_row_ideal(tmp_path):

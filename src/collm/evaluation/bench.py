@@ -81,6 +81,9 @@ class BenchConfig:
     lookahead: tuple[int, ...] = field(default=(), metadata={"parse": "ints"})
     """Also time drafting at these lookaheads (comma-separated, each >= 2): Co-LLM drafting past deferrals
     (collm+draftK) and speculative decoding (expert+draftK: the base drafts, the expert checks)."""
+    rewind: float = 0.0
+    """Also time Co-LLM with rewinds (collm+rewind, and collm+draftK+rewind for each lookahead): the expert re-writes
+    a base token it gives a probability below this (at most 8 per row; 0: not timed)."""
     prepack: bool = True
     """CPU: collm/base/expert/naive run large linear layers on oneDNN with prepacked weights (collm.backends.prepack);
     False times PyTorch's default kernels. The `hf_*` systems always use the defaults."""
@@ -107,6 +110,8 @@ class BenchConfig:
             raise CollmError(f"dtype must be one of {', '.join(DTYPES)}")
         if any(not isinstance(k, int) or k < 2 for k in self.lookahead):
             raise CollmError(f"--lookahead values must be whole numbers >= 2, got {self.lookahead}")
+        if isinstance(self.rewind, bool) or not isinstance(self.rewind, (int, float)) or not 0 <= self.rewind <= 1:
+            raise CollmError(f"--rewind must be a probability in [0, 1], got {self.rewind!r}")
         in_process_only = sorted(set(self.systems) & {"naive", "hf_expert", "hf_expert_static"})
         if is_remote_spec(self.expert) and in_process_only:
             raise CollmError(f"systems {', '.join(in_process_only)} need the expert in process, not at "
@@ -146,6 +151,8 @@ class Row:
     """Deferred positions the expert judged (drafting: drafted stand-ins and deferrals checked at once)."""
     drafts_cut: int = 0
     """Drafts cut at a stand-in the expert did not keep."""
+    rewritten: int = 0
+    """Base tokens the expert re-wrote (rewinds)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -249,6 +256,10 @@ def _cases(config: BenchConfig, runner: "_Runner") -> dict[tuple[str, float], Ca
         for k in config.lookahead:
             if "collm" in config.systems:
                 cases[(f"collm+draft{k}", f)] = runner.collab(f, naive=False, lookahead=k)
+        if config.rewind and "collm" in config.systems:
+            for k in (1, *config.lookahead):
+                name = "collm+rewind" if k == 1 else f"collm+draft{k}+rewind"
+                cases[(name, f)] = runner.collab(f, naive=False, lookahead=k, rewind=config.rewind)
     for k in config.lookahead:
         cases[(f"expert+draft{k}", 1.0)] = lambda n, k=k: runner.decode("expert", n, lookahead=k)
     return cases
@@ -284,7 +295,7 @@ def _row(key: tuple[str, float], batch: int, ms: dict, out, n: int) -> Row:
     catch_up = stats["expert_tokens"] / (calls * batch) if calls and system.startswith(("collm", "naive")) else None
     return Row(system, f, batch, (full - first) / (n - 1), prefill_ms=first, total_ms_per_token=full / n,
                expert_calls=calls, mean_catch_up=catch_up, checked=stats.get("checked", 0),
-               drafts_cut=stats.get("drafts_cut", 0))
+               drafts_cut=stats.get("drafts_cut", 0), rewritten=stats.get("rewritten", 0))
 
 
 class _Runner:
@@ -295,16 +306,18 @@ class _Runner:
         self.prompts, self.vocab = prompts, vocab
         self.runners: dict = {}  # static runners and captured graphs, reused across the timed calls
 
-    def decode(self, mode: str, new_tokens: int, router=None, naive: bool = False, lookahead: int = 1) -> Decoded:
+    def decode(self, mode: str, new_tokens: int, router=None, naive: bool = False, lookahead: int = 1,
+               rewind: float = 0.0) -> Decoded:
         return decode(self.base, [self.expert], self.head, self.prompts, max_new_tokens=new_tokens,
                       threshold=0.5, sampling=Sampling(), mode=mode, eos_ids=(), vocab=self.vocab, lookahead=lookahead,
+                      rewind=rewind,
                       router=router, reencode_experts=naive, compile=self.config.compile,
                       fused=None if self.config.fused else False,
                       prepack=None if self.config.prepack else False, runners=self.runners)
 
-    def collab(self, f: float, naive: bool, lookahead: int = 1) -> Callable[[int], Decoded]:
+    def collab(self, f: float, naive: bool, lookahead: int = 1, rewind: float = 0.0) -> Callable[[int], Decoded]:
         router = pattern_router(f, self.config.new_tokens, self.config.seed, len(self.prompts), self.config.per_row)
-        return lambda n: self.decode("collm", n, router, naive, lookahead)
+        return lambda n: self.decode("collm", n, router, naive, lookahead, rewind)
 
     def hf(self, system: str) -> Callable[[int], object]:
         model = self.expert if "expert" in system else self.base
@@ -329,15 +342,15 @@ def markdown(rows: list[Row]) -> str:
     any_row = any(r.ideal_any_row_ms_per_token for r in rows)
     extra = " any-row τ | ratio to it |" if any_row else ""
     lines = ["| system | f | batch | ms/token | ideal τ(f) | ratio | tokens/s | expert calls | mean catch-up | "
-             "checked | drafts cut | prefill ms | total ms/token |" + extra,
-             "|" + " --- |" * 13 + " --- | --- |" * any_row]
+             "checked | drafts cut | re-written | prefill ms | total ms/token |" + extra,
+             "|" + " --- |" * 14 + " --- | --- |" * any_row]
     for r in rows:
         ideal = f"{r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
         ratio = f"{r.ms_per_token / r.ideal_ms_per_token:.2f}" if r.ideal_ms_per_token else "–"
         catch = f"{r.mean_catch_up:.1f}" if r.mean_catch_up else "–"
         line = (f"| {r.system} | {r.f:g} | {r.batch} | {r.ms_per_token:.2f} | {ideal} | {ratio} | "
                 f"{1000 * r.batch / r.ms_per_token:.0f} | {r.expert_calls} | {catch} | {r.checked} | "
-                f"{r.drafts_cut} | {r.prefill_ms:.1f} | {r.total_ms_per_token:.2f} |")
+                f"{r.drafts_cut} | {r.rewritten} | {r.prefill_ms:.1f} | {r.total_ms_per_token:.2f} |")
         if any_row:
             fair = r.ideal_any_row_ms_per_token
             line += f" {fair:.2f} | {r.ms_per_token / fair:.2f} |" if fair else " – | – |"
