@@ -150,3 +150,16 @@ def test_an_update_changes_exactly_the_facts_it_names(tmp_path):
 def test_bad_settings_are_one_line(options, message):
     with pytest.raises(CollmError, match=message):
         facts.build_dataset(facts.FactsConfig(**options))
+
+
+def test_fact_values_are_read_from_the_catalogue_and_found_whole_in_text(written):
+    catalogue = json.loads((written / "a" / "catalogue.json").read_text())
+    entity = catalogue["entities"][0]
+    attribute, value = next(iter(entity["facts"].items()))
+    assert facts.fact_values(catalogue, [f"{entity['id']}.{attribute}"]) == [str(value)]
+    # " 4" + "2" spell 42; "142" and "42.5" hold 42 only inside a longer number
+    pieces = ["It", " lasts", " 4", "2", " hours", ", 1", "42", " or", " 42", ".5", "."]
+    sources = [0, 1, 1, 0, 1, 1, 1, 0, 1, 0, 0]
+    assert facts.share_in_values(pieces, sources, ["42"]) == (1, 6)
+    assert facts.share_in_values(pieces, [0] * len(pieces), ["42"]) == (0, 0)
+    assert facts.share_in_values(["Mayor", " Bo", "rk", " rules"], [0, 1, 1, 1], ["Bork"]) == (2, 3)

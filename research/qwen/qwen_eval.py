@@ -23,7 +23,6 @@ from collm.atomic import write_json
 from collm.core.head import DeferralHead
 from collm.evaluation.evaluate import (
     EvalConfig,
-    markdown_table,
     missing,
     random_router,
     read_rows,
@@ -54,6 +53,10 @@ def main() -> None:
                    "names the same --weak-run / --tuned-run) when it decoded the same rows the same way")
     p.add_argument("--tuned-run", type=Path, help="a run whose base is tuned (LoRA or full): adds its tuned base "
                    "alone and proxy tuning with it (default: --run itself, when its base is tuned)")
+    p.add_argument("--with-facts", type=Path, help="the same questions with the facts each needs in front of the "
+                   "prompt (collm data facts' *_with_facts.jsonl): adds the expert on them, the retrieval upper bound")
+    p.add_argument("--catalogue", type=Path, help="collm data facts' catalogue.json: each row gets the share of the "
+                   "expert's tokens inside the values of the facts its question uses")
     p.add_argument("--no-proxy", default="", metavar="WHY", help="with a tuned base: leave proxy tuning out of the "
                    "table, saying why (it runs three models every step: the longest row)")
     a = p.parse_args()
@@ -109,16 +112,17 @@ def main() -> None:
                       note=f"each token deferred with probability {rate:.3f} ({where})")
 
     def untuned_base():
-        if not tuned:  # --run's own base (one copy fewer: proxy tuning holds three models)
-            return loaded().base
+        original = read_run_config(tuned_run or a.run)["base"]  # the model the tuned run's adapter was trained on
+        if not tuned and original == read_run_config(a.run)["base"]:
+            return loaded().base  # --run's own base (one copy fewer: proxy tuning holds three models)
         from collm.backends.models import load_model
 
-        model, _ = load_model(read_run_config(a.run)["base"], dtype=a.dtype)
+        model, _ = load_model(original, dtype=a.dtype)
         return model
 
     def base_alone() -> dict:
         if not tuned:
-            return system("base alone", mode="base")
+            return system("base alone", mode="base", note=f"the base of run {a.run}")
         return system("base alone", mode="base", pair=lambda: CoLLM(untuned_base(), [], None, pair.tokenizer),
                       note="the untuned base")
 
@@ -139,6 +143,31 @@ def main() -> None:
         return system("proxy tuning", mode="proxy",
                       pair=lambda: proxy_tuning(pair.experts[0], tuned_pair().base, untuned_base(), pair.tokenizer),
                       note=f"expert + tuned base - untuned base (the base of run {tuned_run})")
+
+    def with_facts() -> dict:
+        path = system_file(a.out, "expert, facts in prompt")
+        if path.exists():
+            return json.loads(path.read_text())
+        fact_rows = read_rows(a.with_facts)[::a.every]
+        if [r["answer"] for r in fact_rows] != [r["answer"] for r in rows]:
+            p.error(f"--with-facts {a.with_facts}: not the same questions as --data (answers differ)")
+        result = asdict(run_system(loaded(), fact_rows, "expert, facts in prompt", config, mode="expert"))
+        result["note"] = f"the expert with each question's facts written into its prompt ({a.with_facts})"
+        write_json(path, result)
+        return result
+
+    def value_shares(systems: list[dict]) -> None:
+        from collm.data.facts import fact_values, share_in_values
+
+        catalogue = json.loads(a.catalogue.read_text())
+        for result in systems:
+            if not result.get("examples") or result["name"] in ("expert alone", "expert, facts in prompt"):
+                continue
+            inside = expert = 0
+            for row, example in zip(rows, result["examples"]):
+                i, e = share_in_values(example["tokens"], example["sources"], fact_values(catalogue, row["facts"]))
+                inside, expert = inside + i, expert + e
+            result["share_in_values"] = inside / expert if expert else None
 
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if only:  # rows that need no calibrated threshold, or a given random rate: run them beside other jobs
@@ -169,16 +198,28 @@ def main() -> None:
     if a.weak_run:
         systems.append(weak())
     if tuned_run is not None:
-        systems += [tuned_alone(), proxy() if not a.no_proxy else asdict(missing("proxy tuning", a.no_proxy))]
+        # a run whose (frozen) base is the tuned run's adapter: "base alone" already is the tuned base
+        base_is_tuned = (a.run / read_run_config(a.run)["base"]).resolve() == (tuned_run / "base_adapter").resolve()
+        systems += [] if base_is_tuned else [tuned_alone()]
+        systems += [proxy() if not a.no_proxy else asdict(missing("proxy tuning", a.no_proxy))]
     for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
         systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
+    if a.with_facts:
+        systems.insert(2, with_facts())
+    if a.catalogue:
+        value_shares(systems)
     results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "dtype": a.dtype, "systems": systems,
                "run": str(a.run), "data": f"{a.data} (every {a.every})"}
     save_results(results, a.out / "results.json", a.out / "results.md")
+    if a.catalogue:
+        from collm.atomic import write_text
+        from collm.evaluation.report import system_table
+
+        write_text(a.out / "results.md", system_table(results, ("accuracy", "ci", "defer", "values", "calls", "speed")))
     from collm.evaluation.report import write_html
 
     write_html(a.out / "report.html", results)
-    print(markdown_table(results))
+    print((a.out / "results.md").read_text())
 
 
 def system_file(folder: Path, name: str) -> Path:

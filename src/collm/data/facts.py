@@ -462,6 +462,35 @@ def recalled(answer_text: str, row: dict) -> bool:
     return row["answer"].lower() in answer_text.lower()
 
 
+def fact_values(catalogue: dict, fact_ids: list[str]) -> list[str]:
+    """The text of each fact's value (``"gadget-000.price"`` -> ``"38"``), as documents and solutions write it."""
+    by_id = {entity["id"]: entity for entity in catalogue["entities"]}
+    out = []
+    for fid in fact_ids:
+        entity_id, attribute = fid.split(".", 1)
+        out.append(format_value(by_id[entity_id]["facts"][attribute]))
+    return out
+
+
+def share_in_values(pieces: list[str], sources: list[int], values: list[str]) -> tuple[int, int]:
+    """Of the tokens an expert wrote (``sources`` != 0), how many overlap an occurrence of a fact value in the text
+    ``"".join(pieces)`` (a number matched whole, not inside a longer one; a name as written). Returns (inside,
+    expert tokens)."""
+    text = "".join(pieces)
+    spans = []
+    for value in set(values):
+        pattern = rf"(?<![\d.]){re.escape(value)}(?![\d]|\.\d)" if value[:1].isdigit() else re.escape(value)
+        spans += [m.span() for m in re.finditer(pattern, text)]
+    inside = expert = start = 0
+    for piece, source in zip(pieces, sources):
+        end = start + len(piece)
+        if source:
+            expert += 1
+            inside += any(a < end and start < b for a, b in spans)
+        start = end
+    return inside, expert
+
+
 # ---------------------------------------------------------------------------------------------- the questions
 
 

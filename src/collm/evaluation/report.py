@@ -63,6 +63,8 @@ COLUMNS = {
     "defer": ("Deferral rate", lambda s: f"{s['defer_rate']:.3f}"),
     "share": ("Deferred in numbers", lambda s: "–" if s.get("share_in_numbers") is None
               else f"{s['share_in_numbers']:.1%}"),
+    "values": ("Expert tokens in fact values", lambda s: "–" if s.get("share_in_values") is None
+               else f"{s['share_in_values']:.1%}"),
     "calls": ("Expert calls", lambda s: f"{s['expert_calls']}"),
     "speed": ("Tokens/s", lambda s: f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") else "–"),
 }

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Knowledge in the small base (issue 33): the 0.5B base learns a catalogue of fictional facts that the 1.5B
+# expert cannot know; Co-LLM lets the base write the fact tokens and the expert reason.
+#
+#   bash scripts/install.sh --qwen && bash research/facts/facts.sh    # from nothing; re-run after a kill to resume
+#   UNTIL=probe bash research/facts/facts.sh                          # stop after a stage
+#
+# Stages (each skips when its output exists; training resumes from its checkpoints):
+#   1. data   collm data facts (seed 0): catalogue, fact documents, recall probe, questions split by template;
+#             and the same with 20% of the facts changed (--update-fraction 0.2), for the update
+#   2. tune   LoRA fine-tuning of the base on the fact documents (configs/fact-tune.yaml); the expert untouched
+#   3. probe  the tuned base answers every probe question (a phrasing no document uses): recall per fact; and the
+#             expert on the same questions (it cannot know them: the check that the catalogue is new to it)
+#   4. score  collm score: the expert's log P(gold token) on the training questions' gold solutions, once
+#   5. heads  on the frozen fact-tuned base: marginal likelihood after the weak start (collm), and the paper's weak
+#             supervision alone (weak)
+#   6. calibrate  eta of both heads on the validation templates (160 questions; test templates never seen)
+#   7. eval   every system on the 240 test-template questions (research/qwen/qwen_eval.py, resumable per
+#             system): fact-tuned base, expert, expert with the facts in its prompt, Co-LLM at eta, random
+#             deferral at its rate, the weak head, proxy tuning (expert + tuned base - untuned base)
+# One thread each by default (OMP_NUM_THREADS=1), so another job can use the other core.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+R=${RUNS:-runs/facts}
+BASE=qwen2.5-coder-0.5b-instruct
+EXPERT=qwen2.5-coder-1.5b-instruct
+DT=bfloat16
+NEW=${NEW:-160}   # new tokens per answer: the gold solutions are 40-90 tokens
+TUNED=$R/tuned/base_adapter
+C=research/facts/configs
+UNTIL=${UNTIL:-}
+stop() { [[ $UNTIL == "$1" ]] && { echo "stopped after $1"; exit 0; }; return 0; }
+
+[[ -f $R/data/manifest.json ]] || collm data facts --out "$R/data"
+[[ -f $R/data-update/manifest.json ]] || collm data facts --update-fraction 0.2 --out "$R/data-update"
+stop data
+
+[[ -f $R/tuned/collm.json ]] || collm train --config $C/fact-tune.yaml --base $BASE \
+  --data "$R/data/documents.jsonl" --out "$R/tuned"
+stop tune
+
+[[ -f $R/probe.json ]] || python research/facts/probe.py --base "$TUNED" --data "$R/data/probe.jsonl" \
+  --json "$R/probe.json"
+[[ -f $R/probe-expert.json ]] || python research/facts/probe.py --base $EXPERT --data "$R/data/probe.jsonl" \
+  --json "$R/probe-expert.json"
+stop probe
+
+collm score --expert $EXPERT --tokenizer $BASE --dtype $DT --max-len 384 --data "$R/data/train.jsonl" \
+  --out "$R/scores"
+stop score
+
+HEAD="--config $C/head-frozen.yaml --base $TUNED --data $R/data/train.jsonl --scores $R/scores"
+[[ -f $R/collm/collm.json ]] || collm train $HEAD --objective marginal --out "$R/collm"
+[[ -f $R/weak/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak"
+stop heads
+
+for run in collm weak; do
+  [[ -f $R/$run/calibration.png ]] || collm calibrate --run "$R/$run" --data "$R/data/validation.jsonl" \
+    --thresholds "${THRESHOLDS:-0.3,0.5,0.7,0.9}" --max-defer 0.5 --max-new-tokens $NEW --batch-size 40 \
+    --no-baselines --dtype $DT --png "$R/$run/calibration.png"
+done
+stop calibrate
+
+python research/qwen/qwen_eval.py --run "$R/collm" --weak-run "$R/weak" --tuned-run "$R/tuned" \
+  --data "$R/data/test.jsonl" --with-facts "$R/data/test_with_facts.jsonl" --catalogue "$R/data/catalogue.json" \
+  --max-new-tokens $NEW --batch-size 40 --dtype $DT --extra-thresholds "${EXTRA:-0.3,0.7,0.9}" --out "$R/eval-test"
+stop eval
