@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from collm.backends.models import check_shapes, check_vocab, load_model
+from collm.backends.cross import CrossExpert, same_vocab
+from collm.backends.models import check_shapes, load_model
 from collm.backends.prepack import available
 from collm.backends.remote import RemoteExpert, is_remote_spec
 from collm.core.head import DeferralHead
@@ -130,8 +131,10 @@ class CoLLM:
                 expert_models.append(RemoteExpert(spec, tokenizer))
                 continue
             model, expert_tokenizer = load_model(spec, device=device, dtype=dtype)
-            check_vocab(tokenizer, expert_tokenizer, ("base", f"expert {spec!r}"))
-            expert_models.append(model)
+            if same_vocab(tokenizer, expert_tokenizer):
+                expert_models.append(model)
+            else:  # another family: the two collaborate through the text (collm.backends.cross)
+                expert_models.append(CrossExpert(model, expert_tokenizer, tokenizer))
         hidden = base_model.config.get_text_config().hidden_size
         n = max(len(experts), 1)
         if head in ("never", "always"):

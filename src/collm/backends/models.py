@@ -253,7 +253,8 @@ def check_vocab(base_tokenizer, expert_tokenizer, names: tuple[str, str] = ("bas
 def check_shapes(base: PreTrainedModel, experts: list[PreTrainedModel], tokenizer) -> int:
     """Check every model's logits cover the tokenizer; return the shared logits width. Remote experts are left
     out: they pick tokens on their server and were checked by tokenizing (collm.backends.remote)."""
-    sizes = [vocab_size(m) for m in [base, *experts] if not getattr(m, "remote", False)]
+    sizes = [vocab_size(m) for m in [base, *experts]
+             if not getattr(m, "remote", False) and not getattr(m, "translates", False)]
     if len(set(sizes)) != 1:
         raise CollmError(f"models' output vocabularies differ in size: base {sizes[0]}, experts {sizes[1:]}")
     if tokenizer is not None and len(tokenizer) > sizes[0]:

@@ -68,10 +68,11 @@ def run(base, experts: list, head: DeferralHead, prompts: list[list[int]], reque
     the run's Stats. Raises ValueError where ``options.fused`` is True but the fused step cannot run."""
     device = next(base.parameters()).device
     mode = request.mode
-    if mode == "expert" and (getattr(experts[0], "remote", False) or request.lookahead > 1):
-        # A remote expert picks tokens but has no logits to write with alone, and speculative decoding needs the
-        # base to draft: the base leads and the request's mode routes every row to expert 1 (the engine's per-row
-        # override), so the expert writes every token.
+    if mode == "expert" and (getattr(experts[0], "remote", False) or getattr(experts[0], "translates", False)
+                             or request.lookahead > 1):
+        # A remote expert (or one with another tokenizer) picks tokens but has no logits to write with alone,
+        # and speculative decoding needs the base to draft: the base leads and the request's mode routes every
+        # row to expert 1 (the engine's per-row override), so the expert writes every token.
         mode = "collm"
     writer = experts[0] if mode == "expert" else base
     expert_models = [] if mode in ("base", "expert") else list(experts)
@@ -159,6 +160,8 @@ def summary(out: Decoded, stats: Stats, mode: str) -> dict:
         "discarded": stats.discarded,
         "rewritten": stats.rewritten,
         "yielded": stats.yielded,
+        "seam_windows": stats.seam_windows,
+        "seam_cutbacks": stats.seam_cutbacks,
         "seconds": stats.seconds,
         "tokens_per_s": new / stats.seconds if stats.seconds > 0 else 0.0,
     }

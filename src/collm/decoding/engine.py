@@ -34,8 +34,8 @@ from collm.backends.prepack import prepacked
 from collm.core.head import DeferralHead
 from collm.core.request import Request, Router, TokenEvent
 from collm.core.routing import defer_prob, route
+from collm.core.sampling import distribution, generator_for, pick, pick_log_probs, sample
 from collm.decoding.detok import Detokenizer
-from collm.decoding.sampling import distribution, generator_for, pick, pick_log_probs, sample
 from collm.errors import CollmError
 
 GROW = 256  # the token matrix grows by this many columns at a time
@@ -64,6 +64,10 @@ class Stats:
     """Base tokens an expert re-wrote after reading them (``rewind``)."""
     yielded: int = 0
     """Deferred positions where the base's token was written instead of an unsure expert's (``yield_below``)."""
+    seam_windows: int = 0
+    """Windows an expert with another tokenizer re-tokenized where the base's text met its own."""
+    seam_cutbacks: int = 0
+    """Of those, the windows where its tokens differed and its cache was cut back."""
     seconds: float = 0.0
 
 
@@ -153,6 +157,13 @@ class Engine:
             raise CollmError(f"a row in mode {request.mode!r} cannot join a batch in mode {self.mode!r}")
         if request.mode == "expert" and not self.experts:
             raise CollmError("mode 'expert' needs an expert")
+        if any(getattr(e, "translates", False) for e in self.experts):
+            if request.lookahead > 1 or request.rewind or request.yield_below:
+                raise CollmError("lookahead and rewinds need an expert that shares the base's tokenizer: leave "
+                                 "them at their defaults for this pair")
+            if request.mode == "expert" and self.mode == "expert":
+                raise CollmError("an expert with another tokenizer writes alone through the base's tokens: "
+                                 "ask for mode 'expert' in a batch in mode 'collm'")
         if request.lookahead > 1:
             remote = [e for e in self.experts if getattr(e, "remote", False) or isinstance(e, Backbone)]
             if request.sampling.do_sample and remote:
@@ -475,6 +486,9 @@ class Engine:
         expert = self.expert_backbones[k - 1]
         start = 0 if getattr(expert, "reencode", False) else expert.seen  # the naive baseline re-reads all
         nxt = expert.read(self.cols, self.n, step=self.step_index, **kwargs)
+        if nxt.seams is not None:
+            self.stats.seam_windows += nxt.seams[0]
+            self.stats.seam_cutbacks += nxt.seams[1]
         if self.n > start or expert.picks:
             self.stats.expert_calls += 1
             self.stats.expert_tokens += self._real(start, self.n)
@@ -710,8 +724,8 @@ class Engine:
         """A model that already is a backbone (a remote engine) as it is; a ``transformers`` model in process."""
         if isinstance(model, Backbone):
             return model
-        if getattr(model, "remote", False):  # an expert on a serving engine (collm.backends.remote)
-            return model.backbone()
+        if getattr(model, "remote", False) or getattr(model, "translates", False):
+            return model.backbone()  # an expert on a serving engine, or with another tokenizer (collm.backends)
         return HFBackbone(model, self.vocab, reencode=self.reencode and role == "expert")
 
 

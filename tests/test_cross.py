@@ -1,0 +1,207 @@
+"""Collaboration across tokenizers (collm.backends.cross): the base writes in its character vocabulary, the expert
+in a vocabulary with merges ("th", "12", " the", ...), other special tokens and another chat template.
+
+The exactness properties: a head that never defers gives the base's own greedy text, one that always defers the
+expert's own greedy text (as its own tokenizer writes it), and one tokenizer for both gives today's path token
+for token; at every deferral the expert reads the text as its own tokenizer writes it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CHARS, VOCAB, make_llama, make_tokenizer, save_tiny
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import BPE
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from collm import CoLLM
+from collm.backends.base import Columns
+from collm.backends.cross import CrossExpert
+from collm.core.head import DeferralHead
+from collm.errors import CollmError
+
+MERGES = [("t", "h"), ("th", "e"), (" ", "the"), ("1", "2"), ("e", "r"), (" ", "a"), ("a", "n"), ("an", "d"),
+          (" ", "t"), ("i", "n"), ("in", "g"), (" ", "1"), ("o", "u"), ("e", "s"), (" ", "s")]
+OTHER_SPECIALS = ["<unk>", "[BOS]", "[EOS]", "[PAD]", "[U]", "[A]"]
+OTHER_TEMPLATE = ("{% for m in messages %}[U]{{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}[A]{% endif %}")
+
+
+def make_other_tokenizer() -> PreTrainedTokenizerFast:
+    """Merges over the same characters, other ids (specials first, characters reversed), another template."""
+    tokens = OTHER_SPECIALS + CHARS[::-1] + ["".join(m) for m in MERGES]
+    backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=MERGES, unk_token="<unk>"))
+    backend.add_special_tokens(OTHER_SPECIALS)
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                  unk_token="<unk>")
+    tok.chat_template = OTHER_TEMPLATE
+    return tok
+
+
+OTHER = make_other_tokenizer()
+OTHER_VOCAB = len(OTHER)
+
+
+def make_other_expert(seed: int = 1) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=OTHER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+PROMPTS = ["the cat and the 12 dogs", "Add 12 and 21", "sing"]
+
+
+@pytest.fixture(scope="module")
+def base_tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pair_parts(base_tok):
+    return make_llama(0), make_other_expert(1), base_tok
+
+
+def cross_pair(parts, head: DeferralHead | None) -> CoLLM:
+    base, expert, tok = parts
+    return CoLLM(base, [CrossExpert(expert, OTHER, tok)], head, tok)
+
+
+def constant(p: float) -> DeferralHead:
+    return DeferralHead.constant(32, p, 1)
+
+
+def test_the_second_tokenizer_really_differs(base_tok):
+    assert OTHER_VOCAB != VOCAB
+    assert len(OTHER("the 12 things")["input_ids"]) < len(base_tok("the 12 things")["input_ids"])
+
+
+def test_a_head_that_never_defers_gives_the_base_s_own_text(pair_parts):
+    base, _, tok = pair_parts
+    out = cross_pair(pair_parts, constant(0.0)).generate(PROMPTS, max_new_tokens=24)
+    alone = CoLLM(base, [], None, tok).generate(PROMPTS, max_new_tokens=24, mode="base")
+    assert out.token_ids == alone.token_ids and out.texts == alone.texts
+    assert out.stats["expert_calls"] == 0
+
+
+@pytest.mark.parametrize("how", ["head", "mode"])
+def test_a_head_that_always_defers_gives_the_expert_s_own_text(pair_parts, how):
+    base, expert, tok = pair_parts
+    pair = cross_pair(pair_parts, constant(1.0) if how == "head" else None)
+    out = pair.generate(PROMPTS, max_new_tokens=40, **({"mode": "expert"} if how == "mode" else {}))
+    own = CoLLM(expert, [], None, OTHER).generate(PROMPTS, max_new_tokens=60, mode="base")
+    for row, (text, reference) in enumerate(zip(out.texts, own.texts)):
+        assert reference.startswith(text), row
+        assert out.stopped_by[row] is None
+        if len(out.token_ids[row]) < 40:  # it ended: the expert's EOS became the base's
+            assert text == reference
+    assert all(s == 1 for sources in out.sources for s in sources)
+    # one expert call per expert token, not per base token: its tokens hold several characters
+    assert out.stats["expert_calls"] < sum(len(ids) for ids in out.token_ids)
+
+
+def test_one_tokenizer_for_both_is_today_s_path_token_for_token(pair_parts):
+    base, _, tok = pair_parts
+    expert = make_llama(1)
+    torch.manual_seed(3)
+    head = DeferralHead(32, 1)
+    torch.nn.init.normal_(head.linear.weight, std=0.5)
+    today = CoLLM(base, [expert], head, tok).generate(PROMPTS, max_new_tokens=30, threshold=0.5)
+    crossed = CoLLM(base, [CrossExpert(expert, tok, tok)], head, tok).generate(PROMPTS, max_new_tokens=30,
+                                                                                 threshold=0.5)
+    assert 0 < sum(map(sum, today.sources)) < sum(map(len, today.sources))  # the head mixes the two writers
+    assert crossed.token_ids == today.token_ids and crossed.sources == today.sources
+
+
+def _mixed_head() -> DeferralHead:
+    torch.manual_seed(5)
+    head = DeferralHead(32, 1)
+    torch.nn.init.normal_(head.linear.weight, std=0.5)
+    return head
+
+
+def test_at_every_deferral_the_expert_reads_the_text_as_its_tokenizer_writes_it(pair_parts):
+    """The backbone alone: the base's tokens arrive one at a time; at each read the expert's token is the one
+    the expert picks from its own tokenization of the whole text, read from scratch."""
+    base, expert, tok = pair_parts
+    cross = CrossExpert(expert, OTHER, tok)
+    backbone = cross.backbone()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "the 12 things"}], add_generation_prompt=True,
+                                     tokenize=False)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    written = "the 12 sing and the 1212 ant"
+    asked = 0
+    for i, char in enumerate(written):
+        ids.append(tok.convert_tokens_to_ids(char))
+        if i % 3:
+            continue
+        cols = Columns(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                       torch.arange(len(ids))[None])
+        token = int(backbone.read(cols, len(ids), rows=[0]).tokens[0])
+        text, _ = cross.chat(tok.decode(ids, skip_special_tokens=False))
+        scratch = OTHER(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            best = int(expert(torch.tensor([scratch])).logits[0, -1].argmax())
+        first = OTHER.decode([best])
+        assert tok.decode([token]) == (first[:1] if best != 2 else "</s>"), (i, text)
+        # the expert's cache holds exactly its tokens of the text
+        assert backbone.rows[0].ids == scratch
+        asked += 1
+        ids.pop()  # the base writes on instead: its own character
+        ids.append(tok.convert_tokens_to_ids(char))
+    assert asked > 5 and backbone.windows > 0 and backbone.cutbacks > 0
+
+
+def test_mixed_writers_keep_one_text_and_report_their_seams(pair_parts):
+    out = cross_pair(pair_parts, _mixed_head()).generate(PROMPTS, max_new_tokens=40, threshold=0.5)
+    _, _, tok = pair_parts
+    for ids, text, sources in zip(out.token_ids, out.texts, out.sources):
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert 0 < sum(sources)
+    assert any(0 in s and 1 in s for s in out.sources)
+    assert out.stats["seam_windows"] > 0
+
+
+def test_rows_that_join_later_get_what_they_get_alone(pair_parts):
+    pair = cross_pair(pair_parts, _mixed_head())
+    alone = [pair.generate(p, max_new_tokens=20, threshold=0.5).token_ids[0] for p in PROMPTS]
+    engine = pair.engine()
+    request = pair.request(max_new_tokens=20, threshold=0.5)
+    got: dict[int, list[int]] = {}
+    handles = [engine.add(pair.encode(PROMPTS[0])[0], request)]
+    for _ in range(3):
+        for e in engine.step():
+            got.setdefault(e.row, []).append(e.token_id)
+    handles += [engine.add(pair.encode(p)[0], request) for p in PROMPTS[1:]]
+    while engine.active:
+        for e in engine.step():
+            got.setdefault(e.row, []).append(e.token_id)
+    assert [got[h] for h in handles] == alone
+
+
+def test_sampling_across_tokenizers_is_seeded(pair_parts):
+    pair = cross_pair(pair_parts, constant(1.0))
+    a = pair.generate(PROMPTS, max_new_tokens=20, do_sample=True, temperature=1.0, seed=4)
+    b = pair.generate(PROMPTS, max_new_tokens=20, do_sample=True, temperature=1.0, seed=4)
+    c = pair.generate(PROMPTS, max_new_tokens=20, do_sample=True, temperature=1.0, seed=5)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+@pytest.mark.parametrize("options", [{"lookahead": 4}, {"rewind": 0.1}, {"mode": "compose"}])
+def test_what_needs_one_tokenizer_is_refused_in_one_line(pair_parts, options):
+    with pytest.raises(CollmError) as err:
+        cross_pair(pair_parts, constant(1.0)).generate(PROMPTS[:1], max_new_tokens=4, **options)
+    assert "\n" not in str(err.value)
+
+
+def test_loading_models_with_two_tokenizers_pairs_them_through_the_text(tmp_path, base_tok):
+    base = save_tiny(make_llama(0), base_tok, tmp_path / "base")
+    expert = save_tiny(make_other_expert(1), OTHER, tmp_path / "expert")
+    pair = CoLLM.load(base, [expert], head="always")
+    assert isinstance(pair.experts[0], CrossExpert)
+    out = pair.generate("the 12 things", max_new_tokens=12)
+    assert out.texts[0] and all(s == 1 for s in out.sources[0])
