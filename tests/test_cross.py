@@ -24,8 +24,8 @@ from collm.errors import CollmError
 MERGES = [("t", "h"), ("th", "e"), (" ", "the"), ("1", "2"), ("e", "r"), (" ", "a"), ("a", "n"), ("an", "d"),
           (" ", "t"), ("i", "n"), ("in", "g"), (" ", "1"), ("o", "u"), ("e", "s"), (" ", "s")]
 OTHER_SPECIALS = ["<unk>", "[BOS]", "[EOS]", "[PAD]", "[U]", "[A]"]
-OTHER_TEMPLATE = ("{% for m in messages %}[U]{{ m['content'] }}\n{% endfor %}"
-                  "{% if add_generation_prompt %}[A]{% endif %}")
+OTHER_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[U]{% else %}[A]{% endif %}"
+                  "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[A]{% endif %}")
 
 
 def make_other_tokenizer() -> PreTrainedTokenizerFast:
@@ -205,3 +205,65 @@ def test_loading_models_with_two_tokenizers_pairs_them_through_the_text(tmp_path
     assert isinstance(pair.experts[0], CrossExpert)
     out = pair.generate("the 12 things", max_new_tokens=12)
     assert out.texts[0] and all(s == 1 for s in out.sources[0])
+
+
+# ---------------------------------------------------------------- scoring across tokenizers
+
+
+def test_a_seam_token_s_log_probability_is_split_by_its_characters():
+    from collm.training.align import weights
+
+    # base "ab|cd|<end>", expert "abc|d|<end, end>": "abc" straddles the base's boundary
+    w = weights([(0, 2), (2, 4), (4, 5)], [(0, 3), (3, 4), (4, 6)], shared=4)
+    want = torch.tensor([[2 / 3, 0, 0], [1 / 3, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    assert torch.allclose(w, want)
+    assert torch.allclose(w.sum(0), torch.ones(3, dtype=torch.float64))
+
+
+def test_one_tokenizer_aligns_token_for_token(base_tok):
+    from collm.data.rows import DataConfig
+    from collm.training.align import align_row
+
+    aligned = align_row({"prompt": "Add 12 and 21", "completion": "the 33 things"}, base_tok, base_tok, DataConfig())
+    assert torch.equal(aligned.weights, torch.eye(aligned.weights.shape[0]))
+
+
+def _write_rows(path):
+    import json
+
+    rows = [{"prompt": f"Add {a} and {b}", "completion": f"the {a + b} things and {a}"}
+            for a, b in [(12, 21), (3, 40), (7, 7), (120, 1)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_scores_across_tokenizers_keep_each_row_s_probability_and_train(tmp_path, base_tok):
+    from conftest import invoke
+
+    from collm.data.rows import DataConfig, encode_file
+    from collm.training.align import align_file
+    from collm.training.score import ScoreConfig, load_scores, score
+
+    data = _write_rows(tmp_path / "rows.jsonl")
+    base_dir = save_tiny(make_llama(0), base_tok, tmp_path / "base")
+    expert = make_other_expert(1)
+    config = ScoreConfig(expert="other", data=str(data), out=str(tmp_path / "scores"), tokenizer=base_dir,
+                         batch_tokens=64, shard_rows=2)
+    score(config, expert, OTHER)
+    encoded = encode_file(data, base_tok, config.data_config())
+    scores = load_scores(tmp_path / "scores", encoded)
+    for i, aligned in enumerate(align_file(data, base_tok, OTHER, DataConfig())):
+        ids = torch.tensor([aligned.example.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(expert(ids).logits[0, :-1].float(), -1)
+        targets = torch.tensor(aligned.example.completion_mask[1:])
+        own = logp[targets].gather(-1, ids[0, 1:][targets][:, None]).sum()
+        got = scores.gold_logp[scores.offsets[i]: scores.offsets[i + 1]]
+        assert len(got) == encoded.examples[i].num_targets  # one score per base target
+        assert torch.allclose(got.sum(), own, atol=1e-3)  # the expert's probability of the whole completion
+    expert_dir = save_tiny(expert, OTHER, tmp_path / "expert")
+    invoke("train", "--base", base_dir, "--data", str(data), "--scores", str(tmp_path / "scores"),
+           "--out", str(tmp_path / "run"), "--base-mode", "frozen", "--max-steps", "3", "--batch-size", "2")
+    pair = CoLLM.load(base_dir, [expert_dir], str(tmp_path / "run" / "head.safetensors"), threshold=0.5)
+    assert isinstance(pair.experts[0], CrossExpert)
+    assert pair.generate("Add 3 and 4", max_new_tokens=8).texts[0] is not None

@@ -169,23 +169,35 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def render_row(row: dict, tokenizer, config: DataConfig, where: str = "row") -> tuple[str, bool, str, int | None]:
+    """How one row is written for ``tokenizer``: (prompt text, whether the prompt gets the tokenizer's special
+    tokens, completion text, an EOS id appended after the completion's text or None)."""
+    if "messages" in row:
+        prompt, completion = _render_chat(row["messages"], tokenizer, where)
+        return prompt, False, completion, None
+    if config.chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+        prompt, completion = _render_chat(messages, tokenizer, where)
+        return prompt, False, completion, None
+    eos = tokenizer.eos_token_id if config.add_eos else None
+    return row["prompt"], True, row["completion"], eos
+
+
 def encode_row(row: dict, tokenizer, config: DataConfig, where: str = "row") -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) for one row, before truncation.
 
     Prompt and completion are tokenised separately so the boundary is exact, as decoding will see it:
     the prompt alone is what the model is given.
     """
-    if "messages" in row:
-        prompt, completion = _render_chat(row["messages"], tokenizer, where)
-        return _ids(tokenizer, prompt, False), _ids(tokenizer, completion, False)
-    if config.chat and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-        prompt, completion = _render_chat(messages, tokenizer, where)
-        return _ids(tokenizer, prompt, False), _ids(tokenizer, completion, False)
-    completion_ids = _ids(tokenizer, row["completion"], False)
-    if config.add_eos and tokenizer.eos_token_id is not None:
-        completion_ids.append(tokenizer.eos_token_id)
-    return _ids(tokenizer, row["prompt"], True), completion_ids
+    prompt, special, completion, eos = render_row(row, tokenizer, config, where)
+    completion_ids = _ids(tokenizer, completion, False) + ([eos] if eos is not None else [])
+    return _ids(tokenizer, prompt, special), completion_ids
+
+
+def target_positions(prompt_len: int, completion_len: int, max_len: int) -> list[int]:
+    """The completion tokens (by index in the completion) that are targets of a row: those within ``max_len``,
+    except a first token nothing predicts."""
+    return [k for k in range(completion_len) if 0 < prompt_len + k < max_len]
 
 
 def _example(prompt_ids: list[int], completion_ids: list[int], max_len: int) -> tuple[Example, bool]:

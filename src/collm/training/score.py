@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from collm.atomic import remove, temp_siblings, write_json
+from collm.backends.cross import same_vocab
 from collm.backends.models import (
     DTYPES,
     check_vocab,
@@ -40,9 +41,19 @@ from collm.backends.models import (
 )
 from collm.backends.remote import RemoteExpert, is_remote_spec
 from collm.core.head import head_inputs
-from collm.data.rows import DataConfig, EncodedData, Example, check_fits, encode_file, length_order, pad_id
+from collm.data.rows import (
+    DataConfig,
+    EncodedData,
+    Example,
+    check_fits,
+    encode_file,
+    length_order,
+    pad_id,
+    tokenizer_identity,
+)
 from collm.errors import CollmError
 from collm.tensorfile import write_tensors
+from collm.training.align import align_file, base_outputs
 from collm.training.loss import ARGMAX_RTOL, gold_outputs
 
 MANIFEST = "manifest.json"
@@ -215,18 +226,34 @@ def score(config: ScoreConfig, model=None, tokenizer=None, forward=target_output
         expert_id = expert_identity(config.expert, config.dtype)
     else:
         expert_id = hashlib.sha256(f"{config.expert}:{config.dtype}".encode()).hexdigest()
-    data_tokenizer = tokenizer
+    data_tokenizer, aligned = tokenizer, None
     if config.tokenizer:
         data_tokenizer = load_tokenizer(config.tokenizer)
-        check_vocab(data_tokenizer, tokenizer, ("data tokenizer", "expert"))
     data = encode_file(config.data, data_tokenizer, config.data_config())
     print(f"data: {data.stats.describe()}")
-    check_fits(data, context_length(model), "expert")
+    if data_tokenizer is not tokenizer and not same_vocab(data_tokenizer, tokenizer):
+        if getattr(model, "remote", False):
+            check_vocab(data_tokenizer, tokenizer, ("data tokenizer", "expert"))
+        # another tokenizer: the expert scores its own tokens of each row, aligned to the base's by characters
+        aligned = align_file(config.data, data_tokenizer, tokenizer, config.data_config())
+        if len(aligned) != len(data.examples):
+            raise CollmError(f"{config.data}: {len(aligned)} rows aligned for the expert but {len(data.examples)} "
+                             "encoded for the base")
+        expert_id = hashlib.sha256(f"{expert_id}:aligned by characters:{tokenizer_identity(tokenizer)}".encode()
+                                   ).hexdigest()
+        print(f"the expert's tokenizer differs from the data's: {sum(len(a.example.input_ids) for a in aligned)} "
+              "expert tokens, scores aligned to the base's tokens by characters (collm.training.align)")
+        long = max(len(a.example.input_ids) for a in aligned)
+        if context_length(model) and long > context_length(model):
+            raise CollmError(f"a row is {long} tokens for the expert, past its context of {context_length(model)}")
+    else:
+        check_fits(data, context_length(model), "expert")
     known = reused_rows(config.reuse, data, expert_id, data_tokenizer)  # checked before the folder is touched
     if config.reuse:
         print(f"reusing {len(known)} of {len(data.examples)} rows from {', '.join(map(str, config.reuse))}")
     manifest = _start(out, config, data, expert_id)
-    _run_shards(model, data, manifest, out, config, pad_id(data_tokenizer), forward, known)
+    _run_shards(model, data, manifest, out, config, pad_id(tokenizer if aligned else data_tokenizer), forward, known,
+                aligned)
     return out
 
 
@@ -378,7 +405,7 @@ def _remove_own(out: Path, manifest: dict) -> None:
 
 
 def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: ScoreConfig, pad_id: int,
-                forward, known: dict | None = None) -> None:
+                forward, known: dict | None = None, aligned: list | None = None) -> None:
     order = length_order(data.examples)
     rows = config.shard_rows
     known = known or {}
@@ -397,7 +424,7 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
         manifest["pending"] = name  # recorded first, so a kill leaves a file the manifest proves is ours
         write_json(out / MANIFEST, manifest)
         tensors = _score_shard(model, data.examples, order[k * rows : (k + 1) * rows], config, pad_id, bar, forward,
-                               known)
+                               known, aligned)
         write_tensors(out / name, tensors, {"shard": str(k)})
         manifest["shards"][str(k)] = name
         manifest["pending"] = None
@@ -413,19 +440,20 @@ def _run_shards(model, data: EncodedData, manifest: dict, out: Path, config: Sco
 
 @torch.inference_mode()
 def _score_shard(model, examples: list[Example], rows: list[int], config: ScoreConfig, pad_id: int, bar,
-                 forward, known: dict) -> dict:
+                 forward, known: dict, aligned: list | None = None) -> dict:
     logp, hit = {}, {}
     for i in rows:
         if i in known:
             logp[i], hit[i] = known[i]
             bar.update(len(examples[i].input_ids))
     device = config.device
-    for batch in token_batches([i for i in rows if i not in known], examples, config.batch_tokens):
-        ids, attention, targets = pad_batch([examples[i] for i in batch], pad_id)
+    scored = examples if aligned is None else [a.example for a in aligned]  # what the expert reads, per row
+    for batch in token_batches([i for i in rows if i not in known], scored, config.batch_tokens):
+        ids, attention, targets = pad_batch([scored[i] for i in batch], pad_id)
         gold, right, _ = forward(model, ids.to(device), attention.to(device), targets.to(device))
-        counts = [examples[i].num_targets for i in batch]
+        counts = [scored[i].num_targets for i in batch]
         for i, a, b in zip(batch, gold.float().cpu().split(counts), right.cpu().split(counts)):
-            logp[i], hit[i] = a, b
+            logp[i], hit[i] = (a, b) if aligned is None else base_outputs(aligned[i], a, b)
         bar.update(int(attention.sum()))
     index = sorted(rows)  # file order inside a shard, so training can map rows without sorting
     counts = torch.tensor([0] + [examples[i].num_targets for i in index])
