@@ -53,9 +53,9 @@ class Next:
     """For a read with ``check`` pairs (row, column): the model's next-token logits at each pair, (N, vocab)
     float32, i.e. its distribution for the token in that column given the columns before it; from a picking
     backbone its greedy token there, (N,) long."""
-    seams: tuple[int, int] | None = None
-    """From an expert with another tokenizer (collm.backends.cross): the seams this read re-tokenized and how many
-    of them cut its cache back."""
+    seams: tuple[int, int, int] | None = None
+    """From an expert with another tokenizer (collm.backends.cross): the seams this read re-tokenized, how many of
+    them cut its cache back, and the forward passes its model ran (one per token of its own it wrote)."""
 
 
 @runtime_checkable

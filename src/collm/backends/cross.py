@@ -131,6 +131,8 @@ class _Own:
     cached: int = 0
     span: list[int] = field(default_factory=list)
     span_text: str = ""
+    span_base: list[int] = field(default_factory=list)  # the span's text as the base's tokens
+    span_start: int = 0  # the row's base tokens when the span was written (its base tokens follow)
     base_len: int = 0  # the base's tokens the ids hold (one vocabulary: the ids are the base's tokens)
 
 
@@ -144,7 +146,7 @@ class CrossBackbone:
         self.expert = expert
         self.seen = 0
         self.rows = [_Own() for _ in range(rows)]
-        self.windows = self.cutbacks = 0
+        self.windows = self.cutbacks = self.forwards = 0
 
     # ---------------------------------------------------------------- the Backbone protocol
 
@@ -157,13 +159,13 @@ class CrossBackbone:
             raise CollmError("drafting (lookahead) needs an expert that shares the base's tokenizer")
         self._ensure(cols.rows)
         self.seen = end
-        windows, cutbacks = self.windows, self.cutbacks
+        windows, cutbacks, forwards = self.windows, self.cutbacks, self.forwards
         tokens = torch.full((cols.rows,), -1, dtype=torch.long)
         for r in range(cols.rows) if rows is None else rows:
             r = int(r)
             settings = sampling[r] if sampling is not None else Sampling()
             tokens[r] = self._next(self.rows[r], cols.row_ids(r, end), settings, step)
-        return Next(tokens=tokens, seams=(self.windows - windows, self.cutbacks - cutbacks))
+        return Next(tokens=tokens, seams=(self.windows - windows, self.cutbacks - cutbacks, self.forwards - forwards))
 
     def keep(self, rows: torch.Tensor) -> None:
         self.rows = [self.rows[int(i)] if int(i) < len(self.rows) else _Own() for i in rows]
@@ -192,44 +194,43 @@ class CrossBackbone:
         expert = self.expert
         if expert.same:  # one vocabulary: the expert reads the base's tokens as they are (no seam)
             own.ids += base_ids[own.base_len:]
-            own.base_len, own.span = len(base_ids), []
-        else:
-            text, templated = expert.chat(expert.base_tokenizer.decode(base_ids, skip_special_tokens=False))
-            self._sync(own, text.rstrip("\ufffd"), templated)  # a character the base has only begun waits
-        if not own.span:
-            if not own.ids:
-                raise CollmError("the expert's prompt is empty in its own tokenization")
+            own.base_len = len(base_ids)
             self._write(own, settings, step)
-        if own.span[-1] in expert.eos and not own.span_text:
-            return expert.base_eos if not expert.same else own.span[-1]
-        if expert.same:
             return own.span[0]
-        written = len(own.text) - (own.ends[-1] if own.ends else 0)  # chars of the span the matrix holds
-        ids = expert.base_ids(own.span_text[written:])
-        return ids[0] if ids else expert.base_eos  # a token without text (a special token): the end
+        if own.span:
+            written = base_ids[own.span_start:]
+            if written == own.span_base[:len(written)] and len(written) < len(own.span_base):
+                return own.span_base[len(written)]  # still being written: the expert has nothing new to read
+        text, templated = expert.chat(expert.base_tokenizer.decode(base_ids, skip_special_tokens=False))
+        text = text.rstrip("\ufffd")  # a character the base has only begun waits for its other bytes
+        if own.span:
+            covered = own.ends[-1] if own.ends else 0
+            if base_ids[own.span_start:] == own.span_base and text[covered:].startswith(own.span_text):
+                own.ids += own.span  # written out: the expert's own tokens go in, as it wrote them
+                own.ends += [covered + len(own.span_text)] * len(own.span)
+                own.text = text
+            else:  # the base wrote on inside the expert's text: only what was written counts
+                self._truncate(own, len(own.ids))
+            own.span = []
+        self._sync(own, text, templated)
+        if not own.ids:
+            raise CollmError("the expert's prompt is empty in its own tokenization")
+        self._write(own, settings, step)
+        if own.span[-1] in expert.eos:
+            return expert.base_eos
+        own.span_base, own.span_start = expert.base_ids(own.span_text), len(base_ids)
+        if not own.span_base:  # only tokens without text (special tokens that are not EOS): the end
+            return expert.base_eos
+        return own.span_base[0]
 
     def _sync(self, own: _Own, text: str, templated: bool) -> None:
-        """Bring the row's expert tokens up to ``text`` (the expert's view of the whole row): finish a span the
-        base tokens have now written out, or re-tokenize the seam and cut the cache back where it differs."""
+        """Bring the row's expert tokens up to ``text`` (the expert's view of the whole row): re-tokenize the
+        seam (the expert's last ``window`` tokens and the new text) and cut the cache back where it differs."""
         covered = own.ends[-1] if own.ends else 0
         if text[:covered] != own.text[:covered]:  # an earlier character changed (a split one was completed)
             keep = next((i for i, e in enumerate(own.ends) if text[:e] != own.text[:e]), len(own.ends))
             self._truncate(own, keep)
-            own.span, own.span_text = [], ""
             covered = own.ends[-1] if own.ends else 0
-        if own.span:
-            new = text[covered:]
-            if own.span_text and new.startswith(own.span_text):  # written out: the expert's own tokens go in
-                covered += len(own.span_text)
-                own.ids += own.span
-                own.ends += [covered] * len(own.span)
-                own.span, own.span_text = [], ""
-            elif own.span_text.startswith(new):
-                own.text = text  # still being written: nothing new for the expert to read
-                return
-            else:  # the base wrote on inside the expert's text: only what was written counts
-                own.span, own.span_text = [], ""
-                self._truncate(own, len(own.ids))
         own.text = text
         if len(text) == covered:
             return
@@ -296,4 +297,5 @@ class CrossBackbone:
         out = model(input_ids=torch.tensor([pending], dtype=torch.long, device=device), cache=own.cache,
                     use_cache=True)
         own.cached += len(pending)
+        self.forwards += 1
         return out.logits[0, -1].float()

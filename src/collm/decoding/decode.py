@@ -162,6 +162,7 @@ def summary(out: Decoded, stats: Stats, mode: str) -> dict:
         "yielded": stats.yielded,
         "seam_windows": stats.seam_windows,
         "seam_cutbacks": stats.seam_cutbacks,
+        "cross_forwards": stats.cross_forwards,
         "seconds": stats.seconds,
         "tokens_per_s": new / stats.seconds if stats.seconds > 0 else 0.0,
     }

@@ -68,6 +68,8 @@ class Stats:
     """Windows an expert with another tokenizer re-tokenized where the base's text met its own."""
     seam_cutbacks: int = 0
     """Of those, the windows where its tokens differed and its cache was cut back."""
+    cross_forwards: int = 0
+    """Forward passes of an expert with another tokenizer (its reads at a seam are part of the next one)."""
     seconds: float = 0.0
 
 
@@ -489,6 +491,7 @@ class Engine:
         if nxt.seams is not None:
             self.stats.seam_windows += nxt.seams[0]
             self.stats.seam_cutbacks += nxt.seams[1]
+            self.stats.cross_forwards += nxt.seams[2]
         if self.n > start or expert.picks:
             self.stats.expert_calls += 1
             self.stats.expert_tokens += self._real(start, self.n)
