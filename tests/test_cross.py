@@ -269,3 +269,27 @@ def test_scores_across_tokenizers_keep_each_row_s_probability_and_train(tmp_path
     pair = CoLLM.load(base_dir, [expert_dir], str(tmp_path / "run" / "head.safetensors"), threshold=0.5)
     assert isinstance(pair.experts[0], CrossExpert)
     assert pair.generate("Add 3 and 4", max_new_tokens=8).texts[0] is not None
+
+
+def test_the_server_serves_a_pair_of_two_tokenizers(pair_parts):
+    import openai
+    from serve_live import live
+
+    from collm.serve.app import build_app
+    from collm.serve.serving import ServeConfig
+
+    pair = cross_pair(pair_parts, _mixed_head())
+    want = pair.generate(["the cat and"], max_new_tokens=24, threshold=0.5, chat=False)
+    assert 0 < sum(want.sources[0]) < len(want.sources[0])
+    with live(build_app(pair, ServeConfig(model_name="tiny", max_tokens=64))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model="tiny", prompt="the cat and", max_tokens=24, temperature=0,
+                                        extra_body={"threshold": 0.5})
+        assert got.choices[0].text == want.texts[0]
+        chunks = list(client.completions.create(model="tiny", prompt="the cat and", max_tokens=24, temperature=0,
+                                                stream=True, extra_body={"threshold": 0.5}))
+        assert "".join(c.choices[0].text for c in chunks) == want.texts[0]
+        chat = pair.generate(["Add 12 and 21"], max_new_tokens=16, mode="expert")
+        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Add 12 and 21"}],
+                                                max_tokens=16, temperature=0, extra_body={"mode": "expert"})
+        assert answer.choices[0].message.content == chat.texts[0]
