@@ -53,9 +53,10 @@ class Next:
     """For a read with ``check`` pairs (row, column): the model's next-token logits at each pair, (N, vocab)
     float32, i.e. its distribution for the token in that column given the columns before it; from a picking
     backbone its greedy token there, (N,) long."""
-    seams: tuple[int, int, int] | None = None
+    seams: tuple[int, int, int, float] | None = None
     """From an expert with another tokenizer (collm.backends.cross): the seams this read re-tokenized, how many of
-    them cut its cache back, and the forward passes its model ran (one per token of its own it wrote)."""
+    them cut its cache back, the forward passes its model ran (one per token of its own it wrote), and the
+    seconds spent on the text (decoding the base's tokens, re-tokenizing seams, writing spans as base tokens)."""
 
 
 @runtime_checkable

@@ -28,6 +28,7 @@ distribution over the base's vocabulary (compose, proxy) are refused with such a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -147,6 +148,8 @@ class CrossBackbone:
         self.seen = 0
         self.rows = [_Own() for _ in range(rows)]
         self.windows = self.cutbacks = self.forwards = 0
+        self.seconds = 0.0  # on the text, not the model (see Next.seams)
+        self.model_seconds = 0.0
 
     # ---------------------------------------------------------------- the Backbone protocol
 
@@ -159,13 +162,16 @@ class CrossBackbone:
             raise CollmError("drafting (lookahead) needs an expert that shares the base's tokenizer")
         self._ensure(cols.rows)
         self.seen = end
-        windows, cutbacks, forwards = self.windows, self.cutbacks, self.forwards
+        windows, cutbacks, forwards, seconds = self.windows, self.cutbacks, self.forwards, self.seconds
         tokens = torch.full((cols.rows,), -1, dtype=torch.long)
         for r in range(cols.rows) if rows is None else rows:
             r = int(r)
             settings = sampling[r] if sampling is not None else Sampling()
+            started, model = time.perf_counter(), self.model_seconds
             tokens[r] = self._next(self.rows[r], cols.row_ids(r, end), settings, step)
-        return Next(tokens=tokens, seams=(self.windows - windows, self.cutbacks - cutbacks, self.forwards - forwards))
+            self.seconds += time.perf_counter() - started - (self.model_seconds - model)
+        return Next(tokens=tokens, seams=(self.windows - windows, self.cutbacks - cutbacks, self.forwards - forwards,
+                                               self.seconds - seconds))
 
     def keep(self, rows: torch.Tensor) -> None:
         self.rows = [self.rows[int(i)] if int(i) < len(self.rows) else _Own() for i in rows]
@@ -294,8 +300,10 @@ class CrossBackbone:
             own.cache = DynamicCache()
         pending = (own.ids + span)[own.cached:]
         device = next(model.parameters()).device
+        started = time.perf_counter()
         out = model(input_ids=torch.tensor([pending], dtype=torch.long, device=device), cache=own.cache,
                     use_cache=True)
         own.cached += len(pending)
         self.forwards += 1
+        self.model_seconds += time.perf_counter() - started
         return out.logits[0, -1].float()

@@ -163,6 +163,7 @@ def summary(out: Decoded, stats: Stats, mode: str) -> dict:
         "seam_windows": stats.seam_windows,
         "seam_cutbacks": stats.seam_cutbacks,
         "cross_forwards": stats.cross_forwards,
+        "seam_seconds": stats.seam_seconds,
         "seconds": stats.seconds,
         "tokens_per_s": new / stats.seconds if stats.seconds > 0 else 0.0,
     }

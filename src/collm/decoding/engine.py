@@ -70,6 +70,8 @@ class Stats:
     """Of those, the windows where its tokens differed and its cache was cut back."""
     cross_forwards: int = 0
     """Forward passes of an expert with another tokenizer (its reads at a seam are part of the next one)."""
+    seam_seconds: float = 0.0
+    """Time such an expert spent on the text rather than its model: decoding, re-tokenizing, mapping spans."""
     seconds: float = 0.0
 
 
@@ -492,6 +494,7 @@ class Engine:
             self.stats.seam_windows += nxt.seams[0]
             self.stats.seam_cutbacks += nxt.seams[1]
             self.stats.cross_forwards += nxt.seams[2]
+            self.stats.seam_seconds += nxt.seams[3]
         if self.n > start or expert.picks:
             self.stats.expert_calls += 1
             self.stats.expert_tokens += self._real(start, self.n)
