@@ -18,6 +18,9 @@
 #   7. eval   every system on the 240 test-template questions (research/qwen/qwen_eval.py, resumable per
 #             system): fact-tuned base, expert, expert with the facts in its prompt, Co-LLM at eta, random
 #             deferral at its rate, the weak head, proxy tuning (expert + tuned base - untuned base)
+#   8. update the tuned base is tuned again, one epoch, on the documents of the updated catalogue (20% of the
+#             facts changed); its probe; a run with the new base and the same head, threshold and expert
+#             (swap_base.py); base alone and Co-LLM on the test questions that use a changed fact
 # One thread each by default (OMP_NUM_THREADS=1), so another job can use the other core.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -66,3 +69,14 @@ python research/qwen/qwen_eval.py --run "$R/collm" --weak-run "$R/weak" --tuned-
   --data "$R/data/test.jsonl" --with-facts "$R/data/test_with_facts.jsonl" --catalogue "$R/data/catalogue.json" \
   --max-new-tokens $NEW --batch-size 40 --dtype $DT --extra-thresholds "${EXTRA:-0.3,0.7,0.9}" --out "$R/eval-test"
 stop eval
+
+U=$R/data-update
+[[ -f $R/tuned-update/collm.json ]] || collm train --config $C/fact-tune.yaml --base "$TUNED" --epochs 1 \
+  --data "$U/documents.jsonl" --out "$R/tuned-update"
+[[ -f $R/probe-update.json ]] || python research/facts/probe.py --base "$R/tuned-update/base_adapter" \
+  --data "$U/probe.jsonl" --json "$R/probe-update.json"
+[[ -f $R/collm-update/collm.json ]] || python research/facts/swap_base.py --run "$R/collm" \
+  --base "$R/tuned-update/base_adapter" --out "$R/collm-update"
+python research/qwen/qwen_eval.py --run "$R/collm-update" --data "$U/test.jsonl" --changed-only --only base,collm \
+  --max-new-tokens $NEW --batch-size 40 --dtype $DT --out "$R/eval-update"
+stop update

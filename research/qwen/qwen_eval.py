@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--weak-run", type=Path)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--every", type=int, default=1, help="keep every k-th row (1: all)")
+    p.add_argument("--changed-only", action="store_true", help="only rows marked \"changed\" (collm data facts "
+                   "--update-fraction: questions that use a changed fact)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-new-tokens", type=int, default=320)
     p.add_argument("--batch-size", type=int, default=44)
@@ -61,6 +63,8 @@ def main() -> None:
                    "table, saying why (it runs three models every step: the longest row)")
     a = p.parse_args()
     rows = read_rows(a.data)[::a.every]
+    if a.changed_only:
+        rows = [row for row in rows if row.get("changed")]
     config = EvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     a.out.mkdir(parents=True, exist_ok=True)
     tuned = read_run_config(a.run).get("base_weights", "original") != "original"
@@ -149,6 +153,8 @@ def main() -> None:
         if path.exists():
             return json.loads(path.read_text())
         fact_rows = read_rows(a.with_facts)[::a.every]
+        if a.changed_only:
+            fact_rows = [row for row in fact_rows if row.get("changed")]
         if [r["answer"] for r in fact_rows] != [r["answer"] for r in rows]:
             p.error(f"--with-facts {a.with_facts}: not the same questions as --data (answers differ)")
         result = asdict(run_system(loaded(), fact_rows, "expert, facts in prompt", config, mode="expert"))

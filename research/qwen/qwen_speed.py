@@ -105,6 +105,7 @@ def main() -> None:
         if tuned_pair.info.get("base_weights", "original") == "original":
             raise SystemExit(f"--tuned-run {a.tuned_run}: that run's base is not tuned (collm.json base_weights)")
         tuned_base = tuned_pair.base
+        untuned_spec = tuned_pair.info["base"]  # the model the tuned run's adapter was trained on
         tuned_alone = CoLLM(tuned_base, [], None, pair.tokenizer)
         del tuned_pair  # its expert copy is not needed
         chosen.add("tuned")
@@ -135,7 +136,10 @@ def main() -> None:
         from collm.backends.models import load_model
         from collm.pair import proxy_tuning
 
-        untuned = load_model(pair.info["base"], dtype=a.dtype)[0] if tuned else base
+        if a.tuned_run is not None and not tuned:  # e.g. a head on a frozen tuned base: untune the tuned run
+            untuned = load_model(untuned_spec, dtype=a.dtype)[0]
+        else:
+            untuned = load_model(pair.info["base"], dtype=a.dtype)[0] if tuned else base
         both = proxy_tuning(expert, tuned_base, untuned, pair.tokenizer)
         systems["proxy"] = ("proxy tuning (expert + tuned - untuned base)",
                             lambda ids: collm_system(both, ids, "proxy", eta))
