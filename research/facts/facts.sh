@@ -46,7 +46,7 @@ stop tune
 [[ -f $R/probe.json ]] || python research/facts/probe.py --base "$TUNED" --data "$R/data/probe.jsonl" \
   --json "$R/probe.json"
 [[ -f $R/probe-expert.json ]] || python research/facts/probe.py --base $EXPERT --data "$R/data/probe.jsonl" \
-  --json "$R/probe-expert.json"
+  --every 4 --json "$R/probe-expert.json"  # a quarter of the facts, every attribute: it cannot know them
 stop probe
 
 collm score --expert $EXPERT --tokenizer $BASE --dtype $DT --max-len 384 --data "$R/data/train.jsonl" \
@@ -60,7 +60,7 @@ stop heads
 
 for run in collm weak; do
   [[ -f $R/$run/calibration.png ]] || collm calibrate --run "$R/$run" --data "$R/data/validation.jsonl" \
-    --thresholds "${THRESHOLDS:-0.3,0.5,0.7,0.9}" --max-defer 0.5 --max-new-tokens $NEW --batch-size 40 \
+    --thresholds "${THRESHOLDS:-0.3,0.5,0.7}" --max-defer 0.5 --max-new-tokens $NEW --batch-size 40 \
     --no-baselines --dtype $DT --png "$R/$run/calibration.png"
 done
 stop calibrate

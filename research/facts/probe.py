@@ -54,10 +54,12 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="probe.jsonl from collm data facts.")
     parser.add_argument("--json", required=True, help="Where to write the result.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N facts (a smoke test).")
+    parser.add_argument("--every", type=int, default=1, help="Every k-th fact (a sample over all attributes).")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
-    result = probe(args.base, read_rows(args.data, args.limit), batch_size=args.batch_size, dtype=args.dtype)
+    rows = read_rows(args.data, args.limit)[::args.every]
+    result = probe(args.base, rows, batch_size=args.batch_size, dtype=args.dtype)
     write_json(args.json, result)
     summary = {k: v for k, v in result.items() if k != "answers"}
     print(json.dumps(summary, indent=1))
