@@ -35,6 +35,8 @@ from typing import Sequence
 import torch
 
 from collm.backends.base import Columns, Next
+from collm.backends.hf import HFBackbone
+from collm.backends.models import vocab_size
 from collm.core.request import Sampling
 from collm.core.sampling import distribution
 from collm.errors import CollmError
@@ -122,24 +124,33 @@ def _eos_ids(tokenizer, model) -> set[int]:
 
 @dataclass
 class _Own:
-    """One row as the expert sees it: its tokens of the row's text, where each ends in that text, how many its
-    cache holds, and the text of a deferral still being written (its tokens, their text, chars written)."""
+    """One row as the expert sees it: its tokens of the row's text (``ids``) and where each ends in that text,
+    the text of a deferral still being written (its tokens, their text, and the same text in the base's tokens),
+    and where the row stands in the expert's own token matrix (the tokens there, their columns, the next
+    position, and the expert's next-token logits after them, while they are valid)."""
 
     ids: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
     text: str = ""  # the expert's text the ids cover
-    cache: object = None
-    cached: int = 0
     span: list[int] = field(default_factory=list)
     span_text: str = ""
-    span_base: list[int] = field(default_factory=list)  # the span's text as the base's tokens
+    span_base: list[int] = field(default_factory=list)
     span_start: int = 0  # the row's base tokens when the span was written (its base tokens follow)
     base_len: int = 0  # the base's tokens the ids hold (one vocabulary: the ids are the base's tokens)
+    placed: list[int] = field(default_factory=list)
+    columns: list[int] = field(default_factory=list)
+    position: int = 0
+    logits: torch.Tensor | None = None
 
 
 class CrossBackbone:
-    """The :class:`~collm.backends.base.Backbone` of a :class:`CrossExpert`: one cache per row, tokens picked on
-    this side (``picks``), returned in the base's vocabulary."""
+    """The :class:`~collm.backends.base.Backbone` of a :class:`CrossExpert`: tokens picked on this side
+    (``picks``), returned in the base's vocabulary.
+
+    The expert runs on its own token matrix (rows x columns, in its vocabulary) through an in-process
+    :class:`~collm.backends.hf.HFBackbone`, so the rows that need its next token in one step share one forward
+    pass. Rows advance by different numbers of the expert's tokens: a row with fewer new tokens than the
+    others gets masked columns before them (never attended to), and a cut-back masks the columns it drops."""
 
     picks = True
 
@@ -147,6 +158,9 @@ class CrossBackbone:
         self.expert = expert
         self.seen = 0
         self.rows = [_Own() for _ in range(rows)]
+        self.device = next(expert.model.parameters()).device
+        self.inner = HFBackbone(expert.model, vocab_size(expert.model), rows=rows)
+        self.cols = Columns(*(torch.zeros((rows, 0), dtype=torch.long, device=self.device) for _ in range(3)))
         self.windows = self.cutbacks = self.forwards = 0
         self.seconds = 0.0  # on the text, not the model (see Next.seams)
         self.model_seconds = 0.0
@@ -160,21 +174,36 @@ class CrossBackbone:
             raise CollmError("an expert with another tokenizer gives no hidden states at the base's positions")
         if check:
             raise CollmError("drafting (lookahead) needs an expert that shares the base's tokenizer")
-        self._ensure(cols.rows)
+        if cols.rows != len(self.rows):
+            self._ensure(cols.rows)
         self.seen = end
         windows, cutbacks, forwards, seconds = self.windows, self.cutbacks, self.forwards, self.seconds
+        started, model = time.perf_counter(), self.model_seconds
+        asked = list(range(cols.rows)) if rows is None else [int(r) for r in rows]
+        settings = {r: sampling[r] if sampling is not None else Sampling() for r in asked}
         tokens = torch.full((cols.rows,), -1, dtype=torch.long)
-        for r in range(cols.rows) if rows is None else rows:
-            r = int(r)
-            settings = sampling[r] if sampling is not None else Sampling()
-            started, model = time.perf_counter(), self.model_seconds
-            tokens[r] = self._next(self.rows[r], cols.row_ids(r, end), settings, step)
-            self.seconds += time.perf_counter() - started - (self.model_seconds - model)
-        return Next(tokens=tokens, seams=(self.windows - windows, self.cutbacks - cutbacks, self.forwards - forwards,
-                                               self.seconds - seconds))
+        writers = []
+        for r in asked:
+            token = self._follow(self.rows[r], cols.row_ids(r, end))
+            if token is None:
+                writers.append(r)
+            else:
+                tokens[r] = token
+        if writers:
+            self._write(writers, settings, step)
+            for r in writers:
+                tokens[r] = self._first_base_token(self.rows[r], cols.row_ids(r, end))
+        self.seconds += time.perf_counter() - started - (self.model_seconds - model)
+        return Next(tokens=tokens, seams=(self.windows - windows, self.cutbacks - cutbacks,
+                                          self.forwards - forwards, self.seconds - seconds))
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.rows = [self.rows[int(i)] if int(i) < len(self.rows) else _Own() for i in rows]
+        self.rows = [self.rows[int(i)] for i in rows]
+        index = rows.to(self.device)
+        if self.inner.seen:
+            self.inner.keep(index)
+        self.inner.rows = len(self.rows)
+        self.cols = Columns(*(t.index_select(0, index) for t in (self.cols.seq, self.cols.mask, self.cols.positions)))
 
     def cut(self, columns: int) -> None:
         if columns < self.seen:
@@ -187,22 +216,41 @@ class CrossBackbone:
         return CrossBackbone(self.expert, rows)
 
     def extend(self, other: "CrossBackbone") -> None:
+        """Append the joining rows: they have read nothing yet, so their part of the matrix is all masked."""
+        width = self.cols.seq.shape[1]
+        if other.cols.seq.shape[1]:
+            raise CollmError("internal: joining rows of an expert with another tokenizer have read already")
+        count = len(other.rows)
+        blank = torch.zeros((count, width), dtype=torch.long, device=self.device)
+        self.cols = Columns(torch.cat([self.cols.seq, blank]), torch.cat([self.cols.mask, blank]),
+                            torch.cat([self.cols.positions, blank]))
+        other.inner.pad_left(self.inner.seen)
+        other.inner.rows = count
+        if self.inner.seen:
+            self.inner.extend(other.inner)
+        else:
+            self.inner = HFBackbone(self.expert.model, self.inner.vocab, rows=len(self.rows) + count)
+        self.inner.rows = len(self.rows) + count
         self.rows += other.rows
 
     def _ensure(self, rows: int) -> None:
+        """The rows of the batch this backbone was made for before it knew them (the engine's first block)."""
+        if self.inner.seen or rows < len(self.rows):
+            raise CollmError(f"internal: {rows} rows read by an expert that holds {len(self.rows)}")
         self.rows += [_Own() for _ in range(rows - len(self.rows))]
+        self.inner = HFBackbone(self.expert.model, self.inner.vocab, rows=rows)
+        self.cols = Columns(*(torch.zeros((rows, 0), dtype=torch.long, device=self.device) for _ in range(3)))
 
-    # ---------------------------------------------------------------- one row
+    # ---------------------------------------------------------------- one row's text
 
-    def _next(self, own: _Own, base_ids: list[int], settings: Sampling, step: int) -> int:
-        """The row's next token in the base's vocabulary: the next base token of a deferral being written, or
-        the first of a new one the expert writes now."""
+    def _follow(self, own: _Own, base_ids: list[int]) -> int | None:
+        """Bring the row's expert tokens up to its text. Returns the next base token of a deferral still being
+        written, or None: the expert writes a new one (its tokens, ``own.ids``, are then what it must read)."""
         expert = self.expert
         if expert.same:  # one vocabulary: the expert reads the base's tokens as they are (no seam)
             own.ids += base_ids[own.base_len:]
             own.base_len = len(base_ids)
-            self._write(own, settings, step)
-            return own.span[0]
+            return None
         if own.span:
             written = base_ids[own.span_start:]
             if written == own.span_base[:len(written)] and len(written) < len(own.span_base):
@@ -215,19 +263,21 @@ class CrossBackbone:
                 own.ids += own.span  # written out: the expert's own tokens go in, as it wrote them
                 own.ends += [covered + len(own.span_text)] * len(own.span)
                 own.text = text
-            else:  # the base wrote on inside the expert's text: only what was written counts
-                self._truncate(own, len(own.ids))
-            own.span = []
+            own.span = []  # else the base wrote on inside the expert's text: only what was written counts
         self._sync(own, text, templated)
         if not own.ids:
             raise CollmError("the expert's prompt is empty in its own tokenization")
-        self._write(own, settings, step)
+        return None
+
+    def _first_base_token(self, own: _Own, base_ids: list[int]) -> int:
+        """The first base token of the span the expert just wrote (its EOS as the base's)."""
+        expert = self.expert
+        if expert.same:
+            return own.span[-1]
         if own.span[-1] in expert.eos:
             return expert.base_eos
         own.span_base, own.span_start = expert.base_ids(own.span_text), len(base_ids)
-        if not own.span_base:  # only tokens without text (special tokens that are not EOS): the end
-            return expert.base_eos
-        return own.span_base[0]
+        return own.span_base[0] if own.span_base else expert.base_eos  # tokens without text only: the end
 
     def _sync(self, own: _Own, text: str, templated: bool) -> None:
         """Bring the row's expert tokens up to ``text`` (the expert's view of the whole row): re-tokenize the
@@ -258,52 +308,90 @@ class CrossBackbone:
         own.ends += ends[same:]
 
     def _truncate(self, own: _Own, keep: int) -> None:
-        """Keep the row's first ``keep`` tokens; the cache forgets the rest."""
+        """Keep the row's first ``keep`` tokens (the matrix masks the rest at the next forward)."""
         del own.ids[keep:], own.ends[keep:]
-        if own.cached > keep:
-            for layer in own.cache.layers:
-                if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                    layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
-            own.cached = keep
 
-    def _write(self, own: _Own, settings: Sampling, step: int) -> None:
-        """The expert writes: its next token (and more while the text holds only part of a character). The
-        span's tokens stay in the cache; they join the row's ids once the matrix holds their text."""
+    # ---------------------------------------------------------------- the expert writes
+
+    def _write(self, writers: list[int], settings: dict[int, Sampling], step: int) -> None:
+        """Rows ``writers`` get the expert's next token (more while the text holds only part of a character),
+        in one forward pass per token for all of them. Sets each row's span and its text."""
         expert = self.expert
-        generator = None
-        if settings.do_sample:
-            generator = torch.Generator(device=next(expert.model.parameters()).device)
-            generator.manual_seed((settings.seed * 1_000_003 + step) % (2**63 - 1))
-        context = own.ids[-8:]
-        before = expert.tokenizer.decode(context, skip_special_tokens=True)
-        span, text = [], ""
+        spans: dict[int, list[int]] = {r: [] for r in writers}
+        texts: dict[int, str] = {r: "" for r in writers}
+        context = {r: self.rows[r].ids[-8:] for r in writers}
+        before = {r: expert.tokenizer.decode(context[r], skip_special_tokens=True) for r in writers}
+        generators = {}
+        for r in writers:
+            if settings[r].do_sample:
+                generators[r] = torch.Generator(device=self.device)
+                generators[r].manual_seed((settings[r].seed * 1_000_003 + step) % (2**63 - 1))
+        going = list(writers)
         for _ in range(1 if expert.same else MAX_SPAN):
-            logits = self._logits(own, span)
-            token = int(logits.argmax()) if not settings.do_sample else \
-                int(torch.multinomial(distribution(logits, settings), 1, generator=generator)[0])
-            span.append(token)
-            if token in expert.eos:
+            self._place({r: self.rows[r].ids + spans[r] for r in going})
+            still = []
+            for r in going:
+                logits = self.rows[r].logits
+                token = int(logits.argmax()) if not settings[r].do_sample else \
+                    int(torch.multinomial(distribution(logits, settings[r]), 1, generator=generators[r])[0])
+                spans[r].append(token)
+                if token in expert.eos:
+                    continue
+                # special tokens add no text (as in a decode that skips them): the expert writes on after them
+                after = expert.tokenizer.decode(context[r] + spans[r], skip_special_tokens=True)
+                texts[r] = after[len(before[r]):] if after.startswith(before[r]) else ""
+                if not texts[r] or texts[r].endswith("\ufffd"):
+                    still.append(r)
+            going = still
+            if not going:
                 break
-            # special tokens add no text (as in a decode that skips them): the expert writes on after them
-            after = expert.tokenizer.decode(context + span, skip_special_tokens=True)
-            text = after[len(before):] if after.startswith(before) else ""
-            if text and not text.endswith("\ufffd"):
-                break
-        own.span, own.span_text = span, "" if span[-1] in expert.eos else text.rstrip("\ufffd")
+        for r in writers:
+            own = self.rows[r]
+            own.span = spans[r]
+            own.span_text = "" if spans[r][-1] in expert.eos else texts[r].rstrip("\ufffd")
 
-    def _logits(self, own: _Own, span: list[int]) -> torch.Tensor:
-        """The expert's next-token logits after the row's ids and ``span``, reading only what its cache lacks."""
-        from transformers import DynamicCache
-
-        model = self.expert.model
-        if own.cache is None:
-            own.cache = DynamicCache()
-        pending = (own.ids + span)[own.cached:]
-        device = next(model.parameters()).device
+    def _place(self, wants: dict[int, list[int]]) -> None:
+        """Make the matrix hold ``wants[r]`` for each row r (cutting back where it differs, masking the columns
+        dropped) and run the expert once over the new columns; each row's ``logits`` are then the expert's
+        next-token logits after its tokens."""
+        new: dict[int, list[int]] = {}
+        for r, want in wants.items():
+            own = self.rows[r]
+            same = 0
+            while same < min(len(own.placed), len(want)) and own.placed[same] == want[same]:
+                same += 1
+            if same == len(want) and same == len(own.placed) and own.logits is not None:
+                continue  # already read, and its answer is known
+            if same == len(want):  # nothing new but the answer is not known: read the last token again
+                same -= 1
+            if same < len(own.placed):
+                self.cols.mask[r, own.columns[same:]] = 0
+                own.position = int(self.cols.positions[r, own.columns[same]])
+                del own.placed[same:], own.columns[same:]
+            new[r] = want[same:]
+        if not new:
+            return
+        width, extra = self.cols.seq.shape[1], max(len(t) for t in new.values())
+        rows = len(self.rows)
+        seq = torch.full((rows, extra), 0, dtype=torch.long, device=self.device)
+        mask = torch.zeros((rows, extra), dtype=torch.long, device=self.device)
+        positions = torch.zeros((rows, extra), dtype=torch.long, device=self.device)
+        for r, tokens in new.items():
+            own, start = self.rows[r], extra - len(tokens)
+            seq[r, start:] = torch.tensor(tokens, dtype=torch.long)
+            mask[r, start:] = 1
+            positions[r, start:] = own.position + torch.arange(len(tokens))
+            own.placed += tokens
+            own.columns += list(range(width + start, width + extra))
+            own.position += len(tokens)
+        for r, own in enumerate(self.rows):  # masked columns: any position; a row with tokens keeps counting
+            if r not in new:
+                positions[r] = own.position
+        self.cols = Columns(torch.cat([self.cols.seq, seq], 1), torch.cat([self.cols.mask, mask], 1),
+                            torch.cat([self.cols.positions, positions], 1))
         started = time.perf_counter()
-        out = model(input_ids=torch.tensor([pending], dtype=torch.long, device=device), cache=own.cache,
-                    use_cache=True)
-        own.cached += len(pending)
-        self.forwards += 1
+        logits = self.inner.read(self.cols, width + extra).logits
         self.model_seconds += time.perf_counter() - started
-        return out.logits[0, -1].float()
+        self.forwards += 1
+        for r in new:  # other rows keep theirs: masked columns change nothing after their tokens
+            self.rows[r].logits = logits[r]
