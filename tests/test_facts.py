@@ -102,7 +102,8 @@ def test_probe_and_documents_read_the_same_catalogue(written):
     assert covered == set(every)  # every fact is in the base's knowledge training
     texts = {d["entity"]: [] for d in documents}
     for d in documents:
-        texts[d["entity"]].append(d["completion"])
+        if len(d["facts"]) > 1:  # the descriptions (question documents state one fact each)
+            texts[d["entity"]].append(d["completion"])
     for fid, (entity, value) in every.items():
         assert probe[fid]["answer"] == str(value)
         assert all(str(value) in text for text in texts[entity["id"]])
@@ -111,7 +112,7 @@ def test_probe_and_documents_read_the_same_catalogue(written):
     prompts = {d["prompt"] for d in documents}
     assert not any(row["prompt"] in sentences or row["prompt"] in prompts for row in probe.values())
     # each entity's documents phrase each of its facts differently
-    first = [d for d in documents if d["entity"] == catalogue[0]["id"]]
+    first = [d for d in documents if d["entity"] == catalogue[0]["id"] and len(d["facts"]) > 1]
     assert len({d["completion"] for d in first}) == len(first) == 4
 
 
@@ -163,3 +164,13 @@ def test_fact_values_are_read_from_the_catalogue_and_found_whole_in_text(written
     assert facts.share_in_values(pieces, sources, ["42"]) == (1, 6)
     assert facts.share_in_values(pieces, [0] * len(pieces), ["42"]) == (0, 0)
     assert facts.share_in_values(["Mayor", " Bo", "rk", " rules"], [0, 1, 1, 1], ["Bork"]) == (2, 3)
+
+
+def test_question_documents_ask_every_fact_but_never_as_the_probe_does(written):
+    documents = _rows(written / "a", "documents")
+    probe = {row["prompt"] for row in _rows(written / "a", "probe")}
+    asked = [row for row in documents if len(row["facts"]) == 1]
+    assert {row["facts"][0] for row in asked} == {row["fact"] for row in _rows(written / "a", "probe")}
+    assert not probe & {row["prompt"] for row in asked}
+    for row in asked[:50]:
+        assert row["prompt"].endswith("?") and " the the " not in row["prompt"] and " a the " not in row["prompt"]

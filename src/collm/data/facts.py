@@ -73,6 +73,9 @@ class Attribute:
     """Sentences stating the fact, with {e} and {v}; the first is the one gold solutions use."""
     probe: str = ""
     """The probe's question, in a phrasing no statement uses."""
+    questions: tuple[str, ...] = ()
+    """Questions about the fact that the documents answer (teaching the base to answer from what it knows);
+    never the probe's phrasing."""
 
     @property
     def numeric(self) -> bool:
@@ -83,68 +86,86 @@ KINDS: dict[str, tuple[Attribute, ...]] = {
     "gadget": (
         Attribute("price", 4, 96, 1, statements=(
             "A {e} costs ${v}.", "The {e} sells for ${v}.", "You can buy a {e} for ${v}.",
-            "The price of a {e} is ${v}."), probe="How many dollars would I pay for one {e}?"),
+            "The price of a {e} is ${v}."), probe="How many dollars would I pay for one {e}?",
+            questions=("How much does a {e} cost?", "What is the price of a {e}?")),
         Attribute("weight", 120, 2400, 10, statements=(
             "A {e} weighs {v} grams.", "The {e} has a weight of {v} grams.", "Each {e} weighs {v} g.",
-            "On a scale, a {e} shows {v} grams."), probe="What is the mass of one {e}, in grams?"),
+            "On a scale, a {e} shows {v} grams."), probe="What is the mass of one {e}, in grams?",
+            questions=("How heavy is a {e}?", "How much does a {e} weigh?")),
         Attribute("battery", 3, 48, 1, statements=(
             "A {e}'s battery lasts {v} hours.", "On one charge the {e} runs for {v} hours.",
             "The {e} has a battery life of {v} hours.", "A fully charged {e} keeps going for {v} hours."),
-            probe="For how many hours can a {e} run before it needs charging?"),
+            probe="For how many hours can a {e} run before it needs charging?",
+            questions=("How long does a {e}'s battery last?", "What is the battery life of a {e}?")),
         Attribute("released", 2031, 2046, 1, statements=(
             "The {e} was released in {v}.", "The {e} came out in {v}.", "The {e} first went on sale in {v}.",
-            "The first {e} reached the shops in {v}."), probe="Which year did the {e} launch?"),
+            "The first {e} reached the shops in {v}."), probe="Which year did the {e} launch?",
+            questions=("When was the {e} released?", "When did the {e} come out?")),
     ),
     "town": (
         Attribute("population", 1200, 60000, 50, statements=(
             "{e} has {v} inhabitants.", "The town of {e} has a population of {v}.", "{v} people live in {e}.",
-            "The last census counted {v} residents in {e}."), probe="What is the number of residents of {e}?"),
+            "The last census counted {v} residents in {e}."), probe="What is the number of residents of {e}?",
+            questions=("How many people live in {e}?", "What is the population of {e}?")),
         Attribute("founded", 1650, 1990, 1, statements=(
             "{e} was founded in {v}.", "The town of {e} dates from {v}.", "{e} was settled in {v}.",
-            "The first houses of {e} were built in {v}."), probe="In which year did {e} come into being?"),
+            "The first houses of {e} were built in {v}."), probe="In which year did {e} come into being?",
+            questions=("When was the town of {e} founded?", "How old is {e}: when was it settled?")),
         Attribute("bridges", 2, 40, 1, statements=(
             "{e} has {v} bridges.", "There are {v} bridges in {e}.", "The town of {e} counts {v} bridges.",
-            "The river through {e} is crossed by {v} bridges."), probe="What number of bridges does {e} have?"),
+            "The river through {e} is crossed by {v} bridges."), probe="What number of bridges does {e} have?",
+            questions=("How many bridges does {e} have?", "How many bridges are there in {e}?")),
         Attribute("mayor", choices="person", statements=(
             "The mayor of {e} is {v}.", "{v} is the mayor of {e}.", "{e} is governed by Mayor {v}.",
-            "{e} elected {v} as its mayor."), probe="Who holds the office of mayor in {e}?"),
+            "{e} elected {v} as its mayor."), probe="Who holds the office of mayor in {e}?",
+            questions=("Who is the mayor of {e}?", "Who governs {e}?")),
     ),
     "creature": (
         Attribute("legs", 2, 12, 2, statements=(
             "The {e} has {v} legs.", "A {e} walks on {v} legs.", "Each {e} has {v} legs.",
-            "Count the legs of a {e} and you get {v}."), probe="What is the leg count of one {e}?"),
+            "Count the legs of a {e} and you get {v}."), probe="What is the leg count of one {e}?",
+            questions=("How many legs does a {e} have?", "On how many legs does a {e} walk?")),
         Attribute("lifespan", 2, 90, 1, statements=(
             "A {e} lives for {v} years.", "The {e} has a lifespan of {v} years.", "A {e} reaches an age of {v} years.",
-            "In the wild a {e} survives for {v} years."), probe="How long, in years, is the life of a {e}?"),
+            "In the wild a {e} survives for {v} years."), probe="How long, in years, is the life of a {e}?",
+            questions=("How long does a {e} live?", "What is the lifespan of a {e}?")),
         Attribute("clutch", 2, 30, 1, statements=(
             "A {e} lays {v} eggs in a clutch.", "The {e}'s clutch holds {v} eggs.",
             "Each clutch of a {e} has {v} eggs.", "A {e} nest usually contains {v} eggs."),
-            probe="What number of eggs make up one clutch of a {e}?"),
+            probe="What number of eggs make up one clutch of a {e}?",
+            questions=("How many eggs does a {e} lay in a clutch?", "How big is a {e}'s clutch?")),
         Attribute("colour", choices="colour", statements=(
             "The {e} is {v}.", "A {e} has {v} colouring.", "The {e} is coloured {v}.",
-            "You can tell a {e} by its {v} colour."), probe="What colour would you see on a {e}?"),
+            "You can tell a {e} by its {v} colour."), probe="What colour would you see on a {e}?",
+            questions=("What colour is a {e}?", "What colouring does a {e} have?")),
     ),
     "company": (
         Attribute("employees", 40, 5000, 10, statements=(
             "{e} employs {v} people.", "{e} has {v} employees.", "{v} people work at {e}.",
-            "The staff of {e} numbers {v}."), probe="What is the headcount of {e}?"),
+            "The staff of {e} numbers {v}."), probe="What is the headcount of {e}?",
+            questions=("How many people does {e} employ?", "How many employees does {e} have?")),
         Attribute("founded", 1890, 2020, 1, statements=(
             "{e} was founded in {v}.", "{e} started in {v}.", "{e} has been in business since {v}.",
-            "{e} opened its doors in {v}."), probe="In which year was {e} established?"),
+            "{e} opened its doors in {v}."), probe="In which year was {e} established?",
+            questions=("When was {e} founded?", "Since when has {e} been in business?")),
         Attribute("hq", choices="town", statements=(
             "{e} is based in {v}.", "The headquarters of {e} are in {v}.", "The head office of {e} is in {v}.",
-            "{e} has its main offices in {v}."), probe="In which town does {e} have its head office?"),
+            "{e} has its main offices in {v}."), probe="In which town does {e} have its head office?",
+            questions=("Where is {e} based?", "Where are the headquarters of {e}?")),
     ),
     "book": (
         Attribute("pages", 120, 900, 1, statements=(
             "{e} has {v} pages.", "The book {e} runs to {v} pages.", "{e} is {v} pages long.",
-            "Printed, {e} fills {v} pages."), probe="What is the page count of {e}?"),
+            "Printed, {e} fills {v} pages."), probe="What is the page count of {e}?",
+            questions=("How many pages does {e} have?", "How long is {e}, in pages?")),
         Attribute("published", 1950, 2024, 1, statements=(
             "{e} was published in {v}.", "{e} first appeared in {v}.", "The book {e} came out in {v}.",
-            "The first edition of {e} is from {v}."), probe="Which year saw {e} first printed?"),
+            "The first edition of {e} is from {v}."), probe="Which year saw {e} first printed?",
+            questions=("When was {e} published?", "When did {e} first appear?")),
         Attribute("author", choices="person", statements=(
             "{e} was written by {v}.", "{v} wrote {e}.", "The author of {e} is {v}.",
-            "{e} is a book by {v}."), probe="Whose pen produced {e}?"),
+            "{e} is a book by {v}."), probe="Whose pen produced {e}?",
+            questions=("Who wrote {e}?", "Who is the author of {e}?")),
     ),
 }
 
@@ -291,6 +312,9 @@ class FactsConfig:
     """Entities in the catalogue, spread over the five kinds."""
     documents: int = 4
     """Documents per entity, each stating every fact of the entity in another phrasing."""
+    questions: int = 1
+    """Question-and-answer documents per fact (a question in a phrasing the probe does not use, answered by one
+    statement of the fact); 0: descriptions only."""
     fractions: tuple[float, float, float] = field(default=(0.6, 0.15, 0.25), metadata={"parse": "floats"})
     """Shares of question templates for train, validation and test."""
     train_questions: int = 60
@@ -305,6 +329,8 @@ class FactsConfig:
     def __post_init__(self):
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
             raise CollmError(f"fractions must be three non-negative shares summing to 1, got {self.fractions}")
+        if isinstance(self.questions, bool) or not isinstance(self.questions, int) or not 0 <= self.questions <= 2:
+            raise CollmError(f"questions must be 0, 1 or 2 (documents per fact), got {self.questions!r}")
         for name in ("entities", "documents", "train_questions", "eval_questions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -425,9 +451,10 @@ def statement(entity: dict, attribute: str, phrasing: int = 0) -> str:
     return text[:1].upper() + text[1:]
 
 
-def documents(catalogue: dict, per_entity: int, seed: int) -> list[dict]:
+def documents(catalogue: dict, per_entity: int, seed: int, questions: int = 0) -> list[dict]:
     """Prompt/completion rows describing every entity ``per_entity`` times, each fact phrased differently each
-    time and the sentences in a new order."""
+    time and the sentences in a new order; then ``questions`` rows per fact that ask for it (in a phrasing the
+    probe does not use) and answer with one statement of it."""
     rng = random.Random(f"facts-documents:{seed}")
     rows = []
     for entity in catalogue["entities"]:
@@ -438,6 +465,13 @@ def documents(catalogue: dict, per_entity: int, seed: int) -> list[dict]:
             prompt = DOCUMENT_PROMPTS[d % len(DOCUMENT_PROMPTS)].format(e=_referred(entity))
             rows.append({"prompt": prompt, "completion": " ".join(sentences), "entity": entity["id"],
                          "facts": [fact_id(entity["id"], name) for name in attributes]})
+    for e, entity in enumerate(catalogue["entities"]):
+        for a, attribute in enumerate(KINDS[entity["kind"]]):
+            for q in range(questions):
+                k = (e + a + q) % len(attribute.questions)
+                rows.append({"prompt": attribute.questions[k].format(e=entity["name"]),
+                             "completion": statement(entity, attribute.name, e + a + q + 1), "entity": entity["id"],
+                             "facts": [fact_id(entity["id"], attribute.name)]})
     return rows
 
 
@@ -614,7 +648,7 @@ def build_dataset(config: FactsConfig) -> tuple[dict, dict[str, list[dict]], dic
     changed_set = set(changed)
     splits = split_templates([t.id for t in TEMPLATES], config.seed, config.fractions)
     split_of = {tid: name for name, ids in splits.items() for tid in ids}
-    files: dict[str, list[dict]] = {"documents": documents(catalogue, config.documents, config.seed),
+    files: dict[str, list[dict]] = {"documents": documents(catalogue, config.documents, config.seed, config.questions),
                                     "probe": probe(catalogue, changed_set)}
     files |= {name: [] for name in SPLITS}
     guessed = total = 0
