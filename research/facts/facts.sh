@@ -30,7 +30,11 @@ BASE=qwen2.5-coder-0.5b-instruct
 EXPERT=qwen2.5-coder-1.5b-instruct
 DT=bfloat16
 NEW=${NEW:-160}   # new tokens per answer: the gold solutions are 40-90 tokens
-TUNED=$R/tuned/base_adapter
+# The fact-tuned base the later stages use. The 2026-12-03 run: runs/facts/tuned (3 epochs on the descriptions
+# alone; probe 28%), then runs/facts/tuned-qa (1 more epoch on descriptions + question documents, from tuned):
+#   TUNED=runs/facts/tuned-qa/base_adapter UNTIL=eval bash research/facts/facts.sh
+TUNED=${TUNED:-$R/tuned/base_adapter}
+TAG=$(basename "$(dirname "$TUNED")")
 C=research/facts/configs
 UNTIL=${UNTIL:-}
 stop() { [[ $UNTIL == "$1" ]] && { echo "stopped after $1"; exit 0; }; return 0; }
@@ -43,8 +47,8 @@ stop data
   --data "$R/data/documents.jsonl" --out "$R/tuned"
 stop tune
 
-[[ -f $R/probe.json ]] || python research/facts/probe.py --base "$TUNED" --data "$R/data/probe.jsonl" \
-  --json "$R/probe.json"
+[[ -f $R/probe-$TAG.json ]] || python research/facts/probe.py --base "$TUNED" --data "$R/data/probe.jsonl" \
+  --json "$R/probe-$TAG.json"
 [[ -f $R/probe-expert.json ]] || python research/facts/probe.py --base $EXPERT --data "$R/data/probe.jsonl" \
   --every 4 --json "$R/probe-expert.json"  # a quarter of the facts, every attribute: it cannot know them
 stop probe
@@ -54,20 +58,20 @@ collm score --expert $EXPERT --tokenizer $BASE --dtype $DT --max-len 384 --data 
 stop score
 
 HEAD="--config $C/head-frozen.yaml --base $TUNED --data $R/data/train.jsonl --scores $R/scores"
-[[ -f $R/collm/collm.json ]] || collm train $HEAD --objective marginal --out "$R/collm"
-[[ -f $R/weak/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak"
+[[ -f $R/collm-$TAG/collm.json ]] || collm train $HEAD --objective marginal --out "$R/collm-$TAG"
+[[ -f $R/weak-$TAG/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak-$TAG"
 stop heads
 
-for run in collm weak; do
+for run in collm-$TAG weak-$TAG; do
   [[ -f $R/$run/calibration.png ]] || collm calibrate --run "$R/$run" --data "$R/data/validation.jsonl" \
     --thresholds "${THRESHOLDS:-0.3,0.5,0.7}" --max-defer 0.5 --max-new-tokens $NEW --batch-size 40 \
     --no-baselines --dtype $DT --png "$R/$run/calibration.png"
 done
 stop calibrate
 
-python research/qwen/qwen_eval.py --run "$R/collm" --weak-run "$R/weak" --tuned-run "$R/tuned" \
+python research/qwen/qwen_eval.py --run "$R/collm-$TAG" --weak-run "$R/weak-$TAG" --tuned-run "$(dirname "$TUNED")" \
   --data "$R/data/test.jsonl" --with-facts "$R/data/test_with_facts.jsonl" --catalogue "$R/data/catalogue.json" \
-  --max-new-tokens $NEW --batch-size 40 --dtype $DT --extra-thresholds "${EXTRA:-0.3,0.7,0.9}" --out "$R/eval-test"
+  --max-new-tokens $NEW --batch-size 40 --dtype $DT --extra-thresholds "${EXTRA:-0.3,0.7,0.9}" --out "$R/eval-test-$TAG"
 stop eval
 
 U=$R/data-update
@@ -75,7 +79,7 @@ U=$R/data-update
   --data "$U/documents.jsonl" --out "$R/tuned-update"
 [[ -f $R/probe-update.json ]] || python research/facts/probe.py --base "$R/tuned-update/base_adapter" \
   --data "$U/probe.jsonl" --json "$R/probe-update.json"
-[[ -f $R/collm-update/collm.json ]] || python research/facts/swap_base.py --run "$R/collm" \
+[[ -f $R/collm-update/collm.json ]] || python research/facts/swap_base.py --run "$R/collm-$TAG" \
   --base "$R/tuned-update/base_adapter" --out "$R/collm-update"
 python research/qwen/qwen_eval.py --run "$R/collm-update" --data "$U/test.jsonl" --changed-only --only base,collm \
   --max-new-tokens $NEW --batch-size 40 --dtype $DT --out "$R/eval-update"
