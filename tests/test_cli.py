@@ -184,13 +184,14 @@ def test_default_head_says_it_never_defers(monkeypatch, folders):
     assert json.loads(quiet.stdout)["stats"]["defer_rate"] == 1.0
 
 
-def test_vocab_mismatch_refused(tmp_path, folders):
+def test_a_pair_of_two_tokenizers_collaborates_through_the_text(tmp_path, folders):
     base, _ = folders
     tok = make_tokenizer()
-    tok.add_tokens(["<extra>"])
+    tok.add_tokens(["<extra>"])  # another vocabulary: the expert is paired through the text (collm.backends.cross)
     other = save_tiny(make_gpt2(3), tok, tmp_path / "other")
-    with pytest.raises(Exception, match="vocabularies differ"):
-        invoke("generate", "--base", base, "--expert", other, "hi")
+    out = json.loads(invoke("generate", "--base", base, "--expert", other, "--head", "always", "--max-new-tokens", 6,
+                            "--json", "hi").stdout)
+    assert out["stats"]["defer_rate"] == 1.0 and out["stats"]["cross_forwards"] > 0
 
 
 def test_generate_from_a_saved_run(folders, tmp_path):
