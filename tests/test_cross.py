@@ -16,6 +16,7 @@ from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from collm import CoLLM
+from collm.backends import cross
 from collm.backends.base import Columns
 from collm.backends.cross import CrossExpert
 from collm.core.head import DeferralHead
@@ -184,6 +185,39 @@ def test_rows_that_join_later_get_what_they_get_alone(pair_parts):
         for e in engine.step():
             got.setdefault(e.row, []).append(e.token_id)
     assert [got[h] for h in handles] == alone
+
+
+def _joining(pair) -> tuple[list[list[int]], int, int]:
+    """Rows join the first one after 3 and 8 of its tokens; their tokens, the widest the expert's matrix got,
+    and how often it was compacted."""
+    engine = pair.engine()
+    request = pair.request(max_new_tokens=30, threshold=0.5)
+    got: dict[int, list[int]] = {}
+    handles = [engine.add(pair.encode(PROMPTS[0])[0], request)]
+    width = compactions = 0
+    while engine.active:
+        if len(handles) < len(PROMPTS) and len(got.get(handles[0], [])) in (3, 8):
+            handles.append(engine.add(pair.encode(PROMPTS[len(handles)])[0], request))
+        for e in engine.step():
+            got.setdefault(e.row, []).append(e.token_id)
+        for backbone in engine.expert_backbones:
+            width, compactions = max(width, backbone.cols.seq.shape[1]), max(compactions, backbone.compactions)
+    return [got[h] for h in handles], width, compactions
+
+
+@pytest.mark.parametrize("at", [1, 6])
+def test_compacting_the_expert_s_matrix_changes_no_token(pair_parts, monkeypatch, at):
+    """Every forward widens the expert's matrix for every row; compacting it (each row's columns right-aligned,
+    its cache entries with them) keeps every token and writer, with rows joining and leaving."""
+    pair = cross_pair(pair_parts, _mixed_head())
+    monkeypatch.setattr(cross, "COMPACT_AT", 10**9)
+    loose = pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
+    joined, loose_width, none = _joining(pair)
+    monkeypatch.setattr(cross, "COMPACT_AT", at)
+    tight = pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
+    assert tight.token_ids == loose.token_ids and tight.sources == loose.sources
+    tokens, width, compactions = _joining(pair)
+    assert tokens == joined and none == 0 < compactions and width < loose_width
 
 
 def test_sampling_across_tokenizers_is_seeded(pair_parts):

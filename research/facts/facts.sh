@@ -14,7 +14,8 @@
 #   4. score  collm score: the expert's log P(gold token) on the training questions' gold solutions, once
 #   5. heads  on the frozen fact-tuned base: marginal likelihood after the weak start (collm), and the paper's weak
 #             supervision alone (weak)
-#   6. calibrate  eta of both heads on the validation templates (160 questions; test templates never seen)
+#   6. calibrate  eta of both heads on the validation templates (every 4th of the 160 questions, all 4 templates;
+#             test templates never seen)
 #   7. eval   every system on the 240 test-template questions (research/qwen/qwen_eval.py, resumable per
 #             system): fact-tuned base, expert, expert with the facts in its prompt, Co-LLM at eta, random
 #             deferral at its rate, the weak head, proxy tuning (expert + tuned base - untuned base)
@@ -62,8 +63,13 @@ HEAD="--config $C/head-frozen.yaml --base $TUNED --data $R/data/train.jsonl --sc
 [[ -f $R/weak-$TAG/collm.json ]] || collm train $HEAD --objective weak --out "$R/weak-$TAG"
 stop heads
 
+# Calibration on every VAL_EVERY-th validation row (the rows are grouped by template, so every template stays;
+# 4: 40 questions, one batch per threshold); VAL_EVERY=1 for all 160.
+VAL_EVERY=${VAL_EVERY:-4}
+VAL=$R/data/validation-every$VAL_EVERY.jsonl
+[[ -f $VAL ]] || { awk -v k="$VAL_EVERY" '(NR - 1) % k == 0' "$R/data/validation.jsonl" > "$VAL.tmp" && mv "$VAL.tmp" "$VAL"; }
 for run in collm-$TAG weak-$TAG; do
-  [[ -f $R/$run/calibration.png ]] || collm calibrate --run "$R/$run" --data "$R/data/validation.jsonl" \
+  [[ -f $R/$run/calibration.png ]] || collm calibrate --run "$R/$run" --data "$VAL" \
     --thresholds "${THRESHOLDS:-0.3,0.5,0.7}" --max-defer 0.5 --max-new-tokens $NEW --batch-size 40 \
     --no-baselines --dtype $DT --png "$R/$run/calibration.png"
 done

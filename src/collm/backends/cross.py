@@ -44,6 +44,7 @@ from collm.errors import CollmError
 _SENTINEL = "\u2063collm-turn\u2063"  # an invisible separator no chat template or user text contains
 WINDOW = 2  # expert tokens re-tokenized with the new text at a seam
 MAX_SPAN = 4  # expert tokens one deferral may take to complete a character
+COMPACT_AT = 32  # masked columns in the longest row's part of the matrix before the matrix is compacted
 
 
 def same_vocab(a, b) -> bool:
@@ -161,7 +162,7 @@ class CrossBackbone:
         self.device = next(expert.model.parameters()).device
         self.inner = HFBackbone(expert.model, vocab_size(expert.model), rows=rows)
         self.cols = Columns(*(torch.zeros((rows, 0), dtype=torch.long, device=self.device) for _ in range(3)))
-        self.windows = self.cutbacks = self.forwards = 0
+        self.windows = self.cutbacks = self.forwards = self.compactions = 0
         self.seconds = 0.0  # on the text, not the model (see Next.seams)
         self.model_seconds = 0.0
 
@@ -350,6 +351,34 @@ class CrossBackbone:
             own.span = spans[r]
             own.span_text = "" if spans[r][-1] in expert.eos else texts[r].rstrip("\ufffd")
 
+    def _compact(self, at: int | None = None) -> None:
+        """Drop the masked columns once there are ``at`` of them beside the row with the most tokens.
+
+        Every forward adds columns to every row (masked where a row reads less or nothing), and a cut-back masks
+        the columns it drops, so the matrix outgrows its rows by the number of forwards. Each row keeps its
+        tokens' columns in their order, right-aligned, and its cache entries with them: positions are explicit,
+        and a row's keys keep their order, so every later query sees exactly the keys it saw before."""
+        rows, width = self.cols.seq.shape
+        keep = max((len(own.columns) for own in self.rows), default=0)
+        layers = [layer for layer in self.inner.cache.layers
+                  if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+        if not rows or width - keep < (COMPACT_AT if at is None else at) or self.inner.seen != width \
+                or any(layer.keys.shape[2] != width for layer in layers):  # a sliding-window layer: left as is
+            return
+        index = torch.zeros((rows, keep), dtype=torch.long, device=self.device)
+        mask = torch.zeros((rows, keep), dtype=torch.long, device=self.device)
+        for r, own in enumerate(self.rows):
+            if own.columns:
+                index[r, keep - len(own.columns):] = torch.tensor(own.columns, dtype=torch.long)
+                mask[r, keep - len(own.columns):] = 1
+                own.columns = list(range(keep - len(own.columns), keep))
+        self.cols = Columns(self.cols.seq.gather(1, index), mask, self.cols.positions.gather(1, index))
+        for layer in layers:
+            at_rows = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, at_rows), layer.values.gather(2, at_rows)
+        self.inner.seen = keep
+        self.compactions += 1
+
     def _place(self, wants: dict[int, list[int]]) -> None:
         """Make the matrix hold ``wants[r]`` for each row r (cutting back where it differs, masking the columns
         dropped) and run the expert once over the new columns; each row's ``logits`` are then the expert's
@@ -371,6 +400,7 @@ class CrossBackbone:
             new[r] = want[same:]
         if not new:
             return
+        self._compact()
         width, extra = self.cols.seq.shape[1], max(len(t) for t in new.values())
         rows = len(self.rows)
         seq = torch.full((rows, extra), 0, dtype=torch.long, device=self.device)
