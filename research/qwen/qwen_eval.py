@@ -198,7 +198,10 @@ def main() -> None:
             randomised(a.random_rate, a.random_rate_from)
         return
     eta = read_run_config(a.run)["threshold"]
-    systems = [base_alone(), system("expert alone", mode="expert"), system("Co-LLM", threshold=eta)]
+    systems = [base_alone(), system("expert alone", mode="expert")]
+    if a.with_facts:  # the retrieval upper bound goes beside the expert, and is decoded before the slow rows
+        systems.append(with_facts())
+    systems.append(system("Co-LLM", threshold=eta))
     rate = systems[-1]["defer_rate"]
     systems.append(randomised(rate, "Co-LLM's measured rate on these problems"))
     if a.weak_run:
@@ -210,8 +213,6 @@ def main() -> None:
         systems += [proxy() if not a.no_proxy else asdict(missing("proxy tuning", a.no_proxy))]
     for t in (float(x) for x in a.extra_thresholds.split(",") if x.strip()):
         systems.append(system(f"Co-LLM eta={t:g}", threshold=t))
-    if a.with_facts:
-        systems.insert(2, with_facts())
     if a.catalogue:
         value_shares(systems)
     results = {"config": asdict(config), "threshold": eta, "rows": len(rows), "dtype": a.dtype, "systems": systems,
