@@ -140,6 +140,10 @@ def test_an_update_changes_exactly_the_facts_it_names(tmp_path):
     assert any(row["changed"] for row in rows)
     assert all(row["changed"] == any(f in changed for f in row["facts"]) for row in rows)
     assert after[2]["splits"] == before[2]["splits"]
+    # the update's documents: exactly those that state a changed fact, every changed fact among them
+    update = after[1]["update_documents"]
+    assert update == [d for d in after[1]["documents"] if changed & set(d["facts"])]
+    assert changed <= {f for d in update for f in d["facts"]} and "update_documents" not in before[1]
 
 
 @pytest.mark.parametrize("options, message", [

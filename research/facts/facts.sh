@@ -19,8 +19,8 @@
 #   7. eval   every system on the 240 test-template questions (research/qwen/qwen_eval.py, resumable per
 #             system): fact-tuned base, expert, expert with the facts in its prompt, Co-LLM at eta, random
 #             deferral at its rate, the weak head, proxy tuning (expert + tuned base - untuned base)
-#   8. update the tuned base is tuned again, one epoch, on the documents of the updated catalogue (20% of the
-#             facts changed); its probe; a run with the new base and the same head, threshold and expert
+#   8. update the tuned base is tuned again, one epoch, on the updated catalogue's documents that state a changed
+#             fact (20% of the facts changed; 934 of the 2,432 documents); its probe; a run with the new base and the same head, threshold and expert
 #             (swap_base.py); base alone and Co-LLM on the test questions that use a changed fact
 # One thread each by default (OMP_NUM_THREADS=1), so another job can use the other core.
 set -euo pipefail
@@ -81,8 +81,8 @@ python research/qwen/qwen_eval.py --run "$R/collm-$TAG" --weak-run "$R/weak-$TAG
 stop eval
 
 U=$R/data-update
-[[ -f $R/tuned-update/collm.json ]] || collm train --config $C/fact-tune.yaml --base "$TUNED" --epochs 1 \
-  --data "$U/documents.jsonl" --out "$R/tuned-update"
+[[ -f $R/tuned-update/collm.json ]] || collm train --config $C/fact-tune.yaml --base "$TUNED" \
+  --epochs "${UPDATE_EPOCHS:-1}" --data "$U/update_documents.jsonl" --out "$R/tuned-update"
 [[ -f $R/probe-update.json ]] || python research/facts/probe.py --base "$R/tuned-update/base_adapter" \
   --data "$U/probe.jsonl" --json "$R/probe-update.json"
 [[ -f $R/collm-update/collm.json ]] || python research/facts/swap_base.py --run "$R/collm-$TAG" \

@@ -21,7 +21,8 @@ most likely value a model without the catalogue could guess (the median of its a
 An **update** (``update_fraction`` > 0) changes that share of the catalogue's facts (numeric ones, each to a
 new value, chosen by ``update_seed``); documents, probe and questions are written from the updated catalogue,
 and rows that use a changed fact are marked ``"changed": true``. Questions of an updated set are drawn with the
-same seed, so the template split is the original's.
+same seed, so the template split is the original's. ``update_documents.jsonl`` holds the documents that state a
+changed fact: what the base is tuned on to learn the update.
 """
 
 from __future__ import annotations
@@ -650,6 +651,8 @@ def build_dataset(config: FactsConfig) -> tuple[dict, dict[str, list[dict]], dic
     split_of = {tid: name for name, ids in splits.items() for tid in ids}
     files: dict[str, list[dict]] = {"documents": documents(catalogue, config.documents, config.seed, config.questions),
                                     "probe": probe(catalogue, changed_set)}
+    if changed:
+        files["update_documents"] = [d for d in files["documents"] if changed_set.intersection(d["facts"])]
     files |= {name: [] for name in SPLITS}
     guessed = total = 0
     medians = _medians(catalogue)
