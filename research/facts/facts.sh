@@ -89,6 +89,6 @@ U=$R/data-update
   --base "$R/tuned-update/base_adapter" --out "$R/collm-update"
 python research/qwen/qwen_eval.py --run "$R/collm-update" --data "$U/test.jsonl" --changed-only --only base,collm \
   --max-new-tokens $NEW --batch-size 40 --dtype $DT --out "$R/eval-update"
-python research/facts/update_report.py --before "$R/eval-test-$TAG/results.json" --after "$R/eval-update/results.json" \
+python research/facts/update_report.py --before "$R/eval-test-$TAG" --after "$R/eval-update" \
   --updated "$U/test.jsonl" --out "$R/update.md"
 stop update

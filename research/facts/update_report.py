@@ -1,7 +1,7 @@
 """The knowledge update, measured on the test questions that use a changed fact (facts.sh stage 8).
 
-    python research/facts/update_report.py --before runs/facts/eval-test-tuned-qa/results.json \
-        --after runs/facts/eval-update/results.json --updated runs/facts/data-update/test.jsonl \
+    python research/facts/update_report.py --before runs/facts/eval-test-tuned-qa \
+        --after runs/facts/eval-update --updated runs/facts/data-update/test.jsonl \
         --out runs/facts/update.md
 
 The same questions before and after: the original test set's rows are matched by prompt to the updated set's
@@ -24,19 +24,19 @@ from collm.evaluation.evaluate import wilson_interval
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--before", type=Path, required=True, help="qwen_eval results.json on the original test set")
-    p.add_argument("--after", type=Path, required=True, help="qwen_eval --changed-only results.json after the update")
+    p.add_argument("--before", type=Path, required=True, help="qwen_eval's --out on the original test set")
+    p.add_argument("--after", type=Path, required=True, help="qwen_eval's --out (--changed-only) after the update")
     p.add_argument("--updated", type=Path, required=True, help="the updated set's test.jsonl")
     p.add_argument("--out", type=Path, help="write the table here (markdown)")
     a = p.parse_args()
-    before, after = (json.loads(path.read_text()) for path in (a.before, a.after))
+    before, after = systems(a.before), systems(a.after)
     new_answer = {row["prompt"]: row["answer"] for row in map(json.loads, a.updated.read_text().splitlines())
                   if row.get("changed")}
     lines = [f"Test questions that use a changed fact: {len(new_answer)}.", "",
              "| system | before the update | before, graded by the new answers | after the update | after / before |",
              "| --- | --- | --- | --- | --- |"]
-    later = {s["name"]: s for s in after["systems"]}
-    for system in before["systems"]:
+    later = {s["name"]: s for s in after}
+    for system in before:
         if system["name"] not in later or not system.get("examples"):
             continue
         rows = [e for e in system["examples"] if e["prompt"] in new_answer]
@@ -54,6 +54,15 @@ def main() -> None:
     print(table)
     if a.out:
         write_text(a.out, table)
+
+
+def systems(folder: Path) -> list[dict]:
+    """Every system qwen_eval decoded into ``folder`` (its system-*.json files, one per system, as each
+    finished), in name order."""
+    found = [json.loads(path.read_text()) for path in sorted(folder.glob("system-*.json"))]
+    if not found:
+        raise SystemExit(f"{folder} holds no system-*.json: run qwen_eval.py with --out {folder} first")
+    return found
 
 
 def _cell(correct: int, total: int) -> str:
