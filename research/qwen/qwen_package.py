@@ -43,6 +43,9 @@ def main() -> None:
     p.add_argument("--speed", default="speed", help="the speed results in --runs (<name>.json and .md)")
     p.add_argument("--calibration", default="calibration.png", help="the calibration plot in --runs")
     p.add_argument("--plots", default="plot", help="prefix of the two plots in --runs (<prefix>_accuracy_vs_*.png)")
+    p.add_argument("--adapter", type=Path, help="a LoRA adapter folder to ship as the base (a router trained on a "
+                   "frozen base that is itself an adapter, such as the fact-tuned base: its collm.json is rewritten "
+                   "to the adapter's base model with base_weights lora)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--study", type=Path, default=Path("research/qwen/results/run"),
                    help="where the measured files that no command reads go")
@@ -54,7 +57,14 @@ def main() -> None:
     results = json.loads(results_path.read_text())
     # the package: what the commands read
     package = {n: router / n for n in ("collm.json", "head.safetensors")}
-    if (router / ADAPTER).is_dir():
+    texts = {}
+    if a.adapter is not None:
+        config = json.loads((router / "collm.json").read_text())
+        adapter_base = json.loads((a.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        texts["collm.json"] = _json(config | {"base": adapter_base, "base_weights": "lora",
+                                              "base_adapter_from": str(a.adapter)})
+        package = {"head.safetensors": router / "head.safetensors", ADAPTER: a.adapter}
+    elif (router / ADAPTER).is_dir():
         package[ADAPTER] = router / ADAPTER
     rows = results["systems"][0]["examples"]
     problems = {"problems": [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"]}
@@ -63,7 +73,7 @@ def main() -> None:
     # notes as footnotes: a Note column wraps the demo's terminal table into a column of words
     table = (f"### Held-out test templates ({results['rows']} problems, threshold {results['threshold']:g})\n\n"
              + markdown_table(results, footnotes=True))
-    shipped = ship(a.out, package, {"problems.json": _json(problems), "results.md": table})
+    shipped = ship(a.out, package, texts | {"problems.json": _json(problems), "results.md": table})
     # the study: everything else measured, beside the study's scripts
     study = {"train_config.json": router / "train_config.json", "train_rows.jsonl": train_rows(router),
              "test_results.md": runs / a.eval / "results.md"}
