@@ -205,3 +205,16 @@ def test_the_qwen_packager_ships_the_run_and_puts_the_study_beside_it(tmp_path):
         set(kept["files"])
     light = json.loads((study / "test_results.json").read_text())
     assert "tokens" not in light["systems"][0]["examples"][0]
+    # a head trained on a frozen adapter base ships with a given adapter as its base (the fact-tuned one, shrunk)
+    adapter = tmp_path / "small_adapter"
+    adapter.mkdir()
+    write_json(adapter / "adapter_config.json", {"base_model_name_or_path": "qwen2.5-coder-0.5b-instruct", "r": 16})
+    (adapter / "adapter_model.safetensors").write_bytes(b"small")
+    done = subprocess.run([sys.executable, str(script), "--runs", str(runs), "--out", str(tmp_path / "facts"),
+                           "--study", str(tmp_path / "facts-study"), "--adapter", str(adapter)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    verify_manifest(tmp_path / "facts")
+    config = json.loads((tmp_path / "facts" / "collm.json").read_text())
+    assert config["base"] == "qwen2.5-coder-0.5b-instruct" and config["base_weights"] == "lora"
+    assert (tmp_path / "facts" / "base_adapter" / "adapter_model.safetensors").read_bytes() == b"small"
