@@ -13,11 +13,12 @@ import time
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import make_llama, make_tokenizer, save_tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 from vllm_server import VllmServer, vllm_python
 
 from collm.backends.base import Columns
+from collm.backends.cross import RemoteTextExpert
 from collm.backends.models import EMBEDDED_DEFAULT, hf_folder, load_model
 from collm.backends.remote import RemoteExpert, is_remote_spec, parse_spec
 from collm.core.head import DeferralHead
@@ -152,6 +153,9 @@ def test_remote_scoring_needs_the_base_tokenizer(server, tmp_path):
     config = ScoreConfig(expert=server.spec, data=str(write_rows(tmp_path / "d.jsonl")), out=str(tmp_path / "s"))
     with pytest.raises(CollmError, match="needs --tokenizer"):
         score(config)
+    other = save_tiny(make_llama(0), make_tokenizer(), tmp_path / "chars")
+    with pytest.raises(CollmError, match="vocabularies differ.*give the expert as a model folder"):
+        score(ScoreConfig(expert=server.spec, tokenizer=str(other), data=config.data, out=str(tmp_path / "t")))
 
 
 def tiny_base(tokenizer, folder=None):
@@ -249,6 +253,47 @@ def test_generate_cli_takes_a_server(server, smol, tmp_path):
     assert result.exit_code == 0, result.output
     sources = json.loads(result.output.strip().splitlines()[-1])["sources"][0]
     assert sources and set(sources) == {1}
+
+
+TEXT_PROMPTS = ["Name three colours.", "What is 12 plus 30? Answer in one sentence."]
+
+
+def test_a_served_expert_with_another_tokenizer_writes_through_the_text(server, smol):
+    """A base with a character vocabulary and the served SmolLM2: a head that always defers gives SmolLM2's
+    own greedy text (its template, its tokens, read by the server from the text), one request per expert token
+    (not per base token); one that never defers gives the base's and asks nothing."""
+    model, tok = smol
+    chars = make_tokenizer()
+    served = RemoteTextExpert(RemoteExpert(server.spec, chars, check=False), chars)
+    base = make_llama(0)
+    always = CoLLM(base, [served], DeferralHead.constant(32, 1.0, 1), chars)
+    out = always.generate(TEXT_PROMPTS, max_new_tokens=40)
+    own = CoLLM(model, [], None, tok).generate(TEXT_PROMPTS, max_new_tokens=40, mode="base")
+    for ids, text, reference in zip(out.token_ids, out.texts, own.texts):
+        assert len(text) > 10 and reference.startswith(text), (text, reference)
+        assert len(ids) == 40 or text == reference  # it ended where SmolLM2 ends: its EOS became the base's
+    assert all(s == [1] * len(s) for s in out.sources)
+    assert out.stats["cross_forwards"] < sum(map(len, out.token_ids))  # an expert token holds several characters
+    assert always.generate(TEXT_PROMPTS, max_new_tokens=40, mode="expert").texts == out.texts
+    never = CoLLM(base, [served], DeferralHead.constant(32, 0.0, 1), chars).generate(TEXT_PROMPTS, max_new_tokens=20)
+    alone = CoLLM(base, [], None, chars).generate(TEXT_PROMPTS, max_new_tokens=20, mode="base")
+    assert never.token_ids == alone.token_ids and never.stats["expert_calls"] == 0
+    with pytest.raises(CollmError, match="lookahead and rewinds need an expert that shares"):
+        always.generate(TEXT_PROMPTS[:1], max_new_tokens=4, lookahead=4)
+
+
+def test_load_pairs_a_served_expert_of_another_vocabulary_through_the_text(server, tmp_path):
+    folder = save_tiny(make_llama(0), make_tokenizer(), tmp_path / "base")
+    pair = CoLLM.load(folder, [server.spec], "always")
+    assert isinstance(pair.experts[0], RemoteTextExpert)
+    torch.manual_seed(2)
+    mixed = DeferralHead(32, 1)
+    torch.nn.init.normal_(mixed.linear.weight, std=0.5)
+    pair.head = mixed
+    out = pair.generate(TEXT_PROMPTS, max_new_tokens=30, threshold=0.5)
+    for ids, text, sources in zip(out.token_ids, out.texts, out.sources):
+        assert pair.tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert any(0 in s and 1 in s for s in out.sources)  # both write
 
 
 def test_killed_server_fails_promptly_with_the_url(server, smol, monkeypatch):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from collm.backends.cross import CrossExpert, same_vocab
+from collm.backends.cross import CrossExpert, RemoteTextExpert, same_vocab
 from collm.backends.models import check_shapes, load_model
 from collm.backends.prepack import available
-from collm.backends.remote import RemoteExpert, is_remote_spec
+from collm.backends.remote import RemoteExpert, is_remote_spec, vocab_mismatch
 from collm.core.head import DeferralHead
 from collm.core.request import Request, Router, check_threshold, make_request
 from collm.data.rows import pad_id
@@ -127,8 +127,11 @@ class CoLLM:
         base_model, tokenizer = load_model(base, device=device, dtype=dtype)
         expert_models = []
         for spec in experts:
-            if is_remote_spec(spec):  # served elsewhere: connect and check its vocabulary by tokenizing
-                expert_models.append(RemoteExpert(spec, tokenizer))
+            if is_remote_spec(spec):  # served elsewhere: connect and compare its vocabulary by tokenizing
+                served = RemoteExpert(spec, tokenizer, check=False)
+                # another vocabulary: the two collaborate through the text (collm.backends.cross)
+                expert_models.append(served if vocab_mismatch(served, tokenizer) is None
+                                     else RemoteTextExpert(served, tokenizer))
                 continue
             model, expert_tokenizer = load_model(spec, device=device, dtype=dtype)
             if same_vocab(tokenizer, expert_tokenizer):

@@ -425,3 +425,139 @@ class CrossBackbone:
         self.forwards += 1
         for r in new:  # other rows keep theirs: masked columns change nothing after their tokens
             self.rows[r].logits = logits[r]
+
+
+# ---------------------------------------------------------------- an expert on a server, through its text
+
+
+class RemoteTextExpert:
+    """An expert on a completions server (collm.backends.remote) whose tokenizer differs from the base's: it
+    reads each row's text (the server tokenizes it; its prefix cache keeps the part it has read) and writes
+    text. ``RemoteTextExpert(RemoteExpert(spec, tokenizer, check=False), tokenizer)``; CoLLM.load makes one
+    where a served expert's vocabulary is not the base's.
+
+    The server reads the whole text as its own tokenizer writes it, every time (not only a window at the
+    seam); where the expert wrote a token its tokenizer would not produce for that text, it reads the
+    canonical one. A deferral is one request for the rows that defer in that step (per sampling setting)."""
+
+    translates = True
+    remote = True
+
+    def __init__(self, served, base_tokenizer):
+        self.served, self.base_tokenizer = served, base_tokenizer
+        self.config, self.name_or_path = served.config, served.name_or_path
+        self.chat = ChatMap(base_tokenizer, None)
+        rendered = served.chat_turn(_SENTINEL)
+        if rendered is not None:
+            prefix, found, suffix = rendered.partition(_SENTINEL)
+            self.chat.expert = (prefix, suffix) if found and prefix else None
+        base_eos = getattr(base_tokenizer, "eos_token_id", None)
+        if base_eos is None:
+            raise CollmError("the base's tokenizer has no EOS token: an expert's end of text cannot be written")
+        self.base_eos = int(base_eos)
+
+    @property
+    def identity(self) -> str:
+        return self.served.identity
+
+    @property
+    def url(self) -> str:
+        return self.served.url
+
+    def backbone(self) -> "TextBackbone":
+        return TextBackbone(self)
+
+    def base_ids(self, text: str) -> list[int]:
+        return self.base_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def close(self) -> None:
+        self.served.close()
+
+
+@dataclass
+class _Span:
+    """The text of a row's last deferral in the base's tokens, and the row's base tokens when it was written."""
+
+    base: list[int] = field(default_factory=list)
+    start: int = 0
+
+
+class TextBackbone:
+    """The :class:`~collm.backends.base.Backbone` of a :class:`RemoteTextExpert`: tokens picked on the server,
+    returned in the base's vocabulary, one base token per step while the head keeps deferring (as
+    :class:`CrossBackbone` does). Nothing is cached on this side."""
+
+    picks = True
+
+    def __init__(self, expert: RemoteTextExpert, rows: int = 0):
+        self.expert = expert
+        self.seen = 0
+        self.rows = [_Span() for _ in range(rows)]
+        self.requests = 0
+        self.seconds = 0.0  # on the text (decoding, mapping, the base's tokenization), not the server
+
+    def read(self, cols: Columns, end: int, *, hidden: bool = False, rows: Sequence[int] | None = None,
+             sampling: Sequence[Sampling] | None = None, step: int = 0,
+             check: Sequence[tuple[int, int]] | None = None) -> Next:
+        if hidden:
+            raise CollmError(f"the remote expert at {self.expert.url} has no hidden states to give")
+        if check:
+            raise CollmError("drafting (lookahead) needs an expert that shares the base's tokenizer")
+        self.rows += [_Span() for _ in range(cols.rows - len(self.rows))]
+        self.seen = end
+        started, requests, waited = time.perf_counter(), self.requests, 0.0
+        asked = list(range(cols.rows)) if rows is None else [int(r) for r in rows]
+        tokens = torch.full((cols.rows,), -1, dtype=torch.long)
+        groups: dict[tuple[Sampling, bool], list[tuple[int, str]]] = {}
+        for r in asked:
+            ids, span = cols.row_ids(r, end), self.rows[r]
+            written = ids[span.start:]
+            if span.base and written == span.base[:len(written)] and len(written) < len(span.base):
+                tokens[r] = span.base[len(written)]  # the deferral's text is still being written
+                continue
+            text, templated = self.expert.chat(self.expert.base_tokenizer.decode(ids, skip_special_tokens=False))
+            setting = sampling[r] if sampling is not None else Sampling()
+            groups.setdefault((setting, templated), []).append((r, text.rstrip("\ufffd")))
+        for (setting, templated), group in groups.items():
+            asking = time.perf_counter()
+            texts = self._write([t for _, t in group], setting, step, templated)
+            waited += time.perf_counter() - asking
+            for (r, _), (text, ended) in zip(group, texts):
+                span = self.rows[r]
+                span.base, span.start = ([], 0) if ended or not text else \
+                    (self.expert.base_ids(text), len(cols.row_ids(r, end)))
+                tokens[r] = span.base[0] if span.base else self.expert.base_eos
+        seconds = time.perf_counter() - started - waited
+        self.seconds += seconds
+        return Next(tokens=tokens, seams=(0, 0, self.requests - requests, seconds))
+
+    def _write(self, prompts: list[str], setting: Sampling, step: int, templated: bool) -> list[tuple[str, bool]]:
+        """The expert's next token's text after each prompt; where a token holds only part of a character (or
+        no text), up to MAX_SPAN tokens, so that whole characters come back; an empty text ends the row."""
+        served = self.expert.served
+        out = served.complete_text(prompts, setting, step, add_special_tokens=not templated)
+        self.requests += 1
+        short = [i for i, (text, ended) in enumerate(out) if not ended and not text.rstrip("\ufffd")]
+        if short:
+            more = served.complete_text([prompts[i] for i in short], setting, step, max_tokens=MAX_SPAN,
+                                        add_special_tokens=not templated)
+            self.requests += 1
+            for i, answer in zip(short, more):
+                out[i] = answer
+        return [(text.rstrip("\ufffd"), ended) for text, ended in out]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.rows = [self.rows[int(i)] for i in rows]
+
+    def cut(self, columns: int) -> None:
+        if columns < self.seen:
+            raise CollmError("an expert with another tokenizer cannot take back columns (no drafting or rewinds)")
+
+    def pad_left(self, columns: int) -> None:
+        self.seen += columns
+
+    def fresh(self, rows: int = 0) -> "TextBackbone":
+        return TextBackbone(self.expert, rows)
+
+    def extend(self, other: "TextBackbone") -> None:
+        self.rows += other.rows

@@ -7,7 +7,9 @@ sampling, and one token id back (never a vocabulary-sized vector). The server's 
 prefix, so each catch-up computes only the tokens the expert has not seen; nothing is cached on this side.
 
 Before the first request the server's tokenizer is compared with the base's (probe strings through its
-``/tokenize`` endpoint); a mismatch is refused with the first differing token. Failed connections are retried
+``/tokenize`` endpoint). Where they differ, ``CoLLM.load`` pairs the two through the text
+(collm.backends.cross.RemoteTextExpert: the server reads each row's text and writes text); scoring with such a
+server is refused with the first differing token. Failed connections are retried
 with backoff until a deadline, then fail with one line naming the URL; every call has a timeout.
 
 Environment: ``COLLM_REMOTE_TIMEOUT`` (seconds one answer may take, default 120) and ``COLLM_REMOTE_RETRY``
@@ -75,7 +77,9 @@ class RemoteExpert:
 
     remote = True
 
-    def __init__(self, spec: str, tokenizer, *, timeout: float | None = None, retry: float | None = None):
+    def __init__(self, spec: str, tokenizer, *, timeout: float | None = None, retry: float | None = None,
+                 check: bool = True):
+        """``check=False``: connect without comparing vocabularies (call :func:`vocab_mismatch` to compare)."""
         self.url, model = parse_spec(spec)
         self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         self.timeout = float(timeout or os.environ.get("COLLM_REMOTE_TIMEOUT", 120))
@@ -85,7 +89,8 @@ class RemoteExpert:
         self.model, self.max_model_len, self.root_name = self._pick_model(model)
         self.name_or_path = spec
         self.config = _ServedConfig(self.max_model_len)
-        check_remote_vocab(self, tokenizer)
+        if check:
+            check_remote_vocab(self, tokenizer)
 
     @property
     def identity(self) -> str:
@@ -175,6 +180,32 @@ class RemoteExpert:
         body = {"model": self.model, "prompt": text, "add_special_tokens": False}
         return [int(t) for t in self._post("/tokenize", body, root=True)["tokens"]]
 
+    def complete_text(self, prompts: list[str], sampling: Sampling, step: int = 0, *, max_tokens: int = 1,
+                      add_special_tokens: bool = True) -> list[tuple[str, bool]]:
+        """The text of the next ``max_tokens`` tokens after each prompt (text, tokenized by the server), and
+        whether the model ended there (its end of text); special tokens add no text."""
+        body = {"model": self.model, "prompt": prompts, "max_tokens": max_tokens, "n": 1, "top_k": 0,
+                "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "skip_special_tokens": True, "add_special_tokens": add_special_tokens}
+        if sampling.do_sample:
+            body |= {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                     "seed": (sampling.seed * 1_000_003 + step) % (2**31 - 1)}
+        else:
+            body |= {"temperature": 0.0, "top_p": 1.0}
+        return [(str(c.get("text") or ""), c.get("finish_reason") == "stop")
+                for c in self._choices(self._post("/completions", body), len(prompts))]
+
+    def chat_turn(self, sentinel: str) -> str | None:
+        """The served chat template rendered around one user turn whose content is ``sentinel`` (generation
+        prompt included), through vLLM's ``/tokenize`` and ``/detokenize``; None where it has no template."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": sentinel}],
+                "add_generation_prompt": True, "add_special_tokens": False}
+        try:
+            ids = self._post("/tokenize", body, root=True)["tokens"]
+        except CollmError:  # no chat template on the server (HTTP 400)
+            return None
+        return str(self._post("/detokenize", {"model": self.model, "tokens": ids}, root=True)["prompt"])
+
     def _pick_model(self, model: str | None) -> tuple[str, int | None, str]:
         served = self._get("/models").get("data", [])
         names = [m.get("id") for m in served]
@@ -237,6 +268,13 @@ class RemoteExpert:
 def check_remote_vocab(expert: RemoteExpert, tokenizer, name: str = "base") -> None:
     """Tokenize probe strings (fixed ones, the chat template's frame, and text decoded from ids spread over
     the whole vocabulary) locally and on the server; raise CollmError at the first token that differs."""
+    problem = vocab_mismatch(expert, tokenizer, name)
+    if problem:
+        raise CollmError(problem)
+
+
+def vocab_mismatch(expert: RemoteExpert, tokenizer, name: str = "base") -> str | None:
+    """What :func:`check_remote_vocab` would raise (the first token that differs), or None: one vocabulary."""
     if tokenizer is None:
         raise CollmError(f"a remote expert ({expert.url}) needs the base's tokenizer to check its vocabulary")
     spread = list(range(0, len(tokenizer), max(len(tokenizer) // 512, 1)))
@@ -250,8 +288,9 @@ def check_remote_vocab(expert: RemoteExpert, tokenizer, name: str = "base") -> N
         for i, (a, b) in enumerate(zip(local + [None], served + [None])):
             if a != b:
                 token = tokenizer.convert_ids_to_tokens(a) if a is not None else "(end)"
-                raise CollmError(f"vocabularies differ: the {name} reads {probe!r} with token {i} = {token!r} "
-                                 f"(id {a}) but the expert at {expert.url} has id {b}")
+                return (f"vocabularies differ: the {name} reads {probe!r} with token {i} = {token!r} "
+                        f"(id {a}) but the expert at {expert.url} has id {b}")
+    return None
 
 
 class RemoteBackbone:

@@ -39,7 +39,7 @@ from collm.backends.models import (
     plain_logits,
     weight_files,
 )
-from collm.backends.remote import RemoteExpert, is_remote_spec
+from collm.backends.remote import RemoteExpert, is_remote_spec, vocab_mismatch
 from collm.core.head import head_inputs
 from collm.data.rows import (
     DataConfig,
@@ -303,7 +303,12 @@ def _remote_expert(config: ScoreConfig):
     if not config.tokenizer:
         raise CollmError(f"scoring with the expert server {config.expert} needs --tokenizer (the base's model spec)")
     tokenizer = load_tokenizer(config.tokenizer)
-    return RemoteExpert(config.expert, tokenizer), tokenizer, _remote_outputs
+    expert = RemoteExpert(config.expert, tokenizer, check=False)
+    problem = vocab_mismatch(expert, tokenizer)
+    if problem:
+        raise CollmError(f"{problem}: scoring across tokenizers aligns the expert's tokens in process; give the "
+                         "expert as a model folder or .gguf")
+    return expert, tokenizer, _remote_outputs
 
 
 def _remote_outputs(expert: RemoteExpert, *batch):
