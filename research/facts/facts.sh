@@ -8,7 +8,8 @@
 # Stages (each skips when its output exists; training resumes from its checkpoints):
 #   1. data   collm data facts (seed 0): catalogue, fact documents, recall probe, questions split by template;
 #             and the same with 20% of the facts changed (--update-fraction 0.2), for the update
-#   2. tune   LoRA fine-tuning of the base on the fact documents (configs/fact-tune.yaml); the expert untouched
+#   2. tune   LoRA fine-tuning of the base on the fact documents (configs/fact-tune.yaml), then one epoch on the
+#             documents mixed with the training templates' gold solutions (tuned-mix); the expert untouched
 #   3. probe  the tuned base answers every probe question (a phrasing no document uses): recall per fact; and the
 #             expert on the same questions (it cannot know them: the check that the catalogue is new to it)
 #   4. score  collm score: the expert's log P(gold token) on the training questions' gold solutions, once
@@ -32,10 +33,14 @@ BASE=qwen2.5-coder-0.5b-instruct
 EXPERT=qwen2.5-coder-1.5b-instruct
 DT=bfloat16
 NEW=${NEW:-160}   # new tokens per answer: the gold solutions are 40-90 tokens
-# The fact-tuned base the later stages use. The 2026-12-03 run: runs/facts/tuned (3 epochs on the descriptions
-# alone; probe 28%), then runs/facts/tuned-qa (1 more epoch on descriptions + question documents, from tuned):
-#   TUNED=runs/facts/tuned-qa/base_adapter UNTIL=eval bash research/facts/facts.sh
-TUNED=${TUNED:-$R/tuned/base_adapter}
+# The fact-tuned base the later stages use: tuned-mix, one epoch on the fact documents mixed with the training
+# templates' gold solutions (a base tuned on documents alone answers every question with one fact sentence and
+# stops: 2 of 240 test questions right), from MIX_FROM. The 2026-12-03 run: runs/facts/tuned (3 epochs on the
+# descriptions alone, before the question documents existed; probe 28%), runs/facts/tuned-qa (1 more epoch on
+# descriptions + question documents; probe 84%), then tuned-mix from tuned-qa:
+#   MIX_FROM=runs/facts/tuned-qa/base_adapter bash research/facts/facts.sh
+MIX_FROM=${MIX_FROM:-$R/tuned/base_adapter}
+TUNED=${TUNED:-$R/tuned-mix/base_adapter}
 TAG=$(basename "$(dirname "$TUNED")")
 C=research/facts/configs
 UNTIL=${UNTIL:-}
@@ -47,6 +52,10 @@ stop data
 
 [[ -f $R/tuned/collm.json ]] || collm train --config $C/fact-tune.yaml --base $BASE \
   --data "$R/data/documents.jsonl" --out "$R/tuned"
+[[ -f $R/data/mix.jsonl ]] || { cat "$R/data/documents.jsonl" "$R/data/train.jsonl" > "$R/data/mix.jsonl.tmp" &&
+                                mv "$R/data/mix.jsonl.tmp" "$R/data/mix.jsonl"; }
+[[ -f $R/tuned-mix/collm.json ]] || collm train --config $C/fact-tune.yaml --base "$MIX_FROM" --epochs 1 \
+  --data "$R/data/mix.jsonl" --out "$R/tuned-mix"
 stop tune
 
 [[ -f $R/probe-$TAG.json ]] || python research/facts/probe.py --base "$TUNED" --data "$R/data/probe.jsonl" \
