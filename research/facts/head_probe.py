@@ -1,7 +1,8 @@
 """Where a trained head would defer on gold solutions: pi at every completion token of some rows, its quantiles,
 and pi at the tokens of the fact sentences (the completion's first lines state the facts) against the rest.
 
-    python research/facts/head_probe.py --run runs/facts/collm-tuned-qa --data runs/facts/data/validation.jsonl --every 4
+    python research/facts/head_probe.py --run runs/facts/collm-tuned-qa \
+        --data runs/facts/data/validation.jsonl --every 4
 
 A quick check before calibrating: which thresholds give which deferral rates on gold text (decoding writes its
 own text, so calibration measures the real rate), and whether the head leaves the fact tokens to the base.
