@@ -123,6 +123,29 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
+def _next_of_span(span_base: list[int], start: int, ids: list[int]) -> int | None:
+    """The next base token of a deferral's text while it is still being written (the row's tokens since
+    ``start`` are the first of ``span_base``); None where it is written out or the base wrote on inside it."""
+    written = ids[start:]
+    if len(written) < len(span_base) and written == span_base[:len(written)]:
+        return span_base[len(written)]
+    return None
+
+
+class _ThroughText:
+    """What both backbones of an expert with another tokenizer share: they follow the base's columns
+    (``seen``) but can never take them back."""
+
+    seen: int
+
+    def cut(self, columns: int) -> None:
+        if columns < self.seen:
+            raise CollmError("an expert with another tokenizer cannot take back columns (no drafting or rewinds)")
+
+    def pad_left(self, columns: int) -> None:
+        self.seen += columns
+
+
 @dataclass
 class _Own:
     """One row as the expert sees it: its tokens of the row's text (``ids``) and where each ends in that text,
@@ -144,7 +167,7 @@ class _Own:
     logits: torch.Tensor | None = None
 
 
-class CrossBackbone:
+class CrossBackbone(_ThroughText):
     """The :class:`~collm.backends.base.Backbone` of a :class:`CrossExpert`: tokens picked on this side
     (``picks``), returned in the base's vocabulary.
 
@@ -206,13 +229,6 @@ class CrossBackbone:
         self.inner.rows = len(self.rows)
         self.cols = Columns(*(t.index_select(0, index) for t in (self.cols.seq, self.cols.mask, self.cols.positions)))
 
-    def cut(self, columns: int) -> None:
-        if columns < self.seen:
-            raise CollmError("an expert with another tokenizer cannot take back columns (no drafting or rewinds)")
-
-    def pad_left(self, columns: int) -> None:
-        self.seen += columns
-
     def fresh(self, rows: int = 0) -> "CrossBackbone":
         return CrossBackbone(self.expert, rows)
 
@@ -253,9 +269,9 @@ class CrossBackbone:
             own.base_len = len(base_ids)
             return None
         if own.span:
-            written = base_ids[own.span_start:]
-            if written == own.span_base[:len(written)] and len(written) < len(own.span_base):
-                return own.span_base[len(written)]  # still being written: the expert has nothing new to read
+            following = _next_of_span(own.span_base, own.span_start, base_ids)
+            if following is not None:
+                return following  # still being written: the expert has nothing new to read
         text, templated = expert.chat(expert.base_tokenizer.decode(base_ids, skip_special_tokens=False))
         text = text.rstrip("\ufffd")  # a character the base has only begun waits for its other bytes
         if own.span:
@@ -482,7 +498,7 @@ class _Span:
     start: int = 0
 
 
-class TextBackbone:
+class TextBackbone(_ThroughText):
     """The :class:`~collm.backends.base.Backbone` of a :class:`RemoteTextExpert`: tokens picked on the server,
     returned in the base's vocabulary, one base token per step while the head keeps deferring (as
     :class:`CrossBackbone` does). Nothing is cached on this side."""
@@ -511,9 +527,9 @@ class TextBackbone:
         groups: dict[tuple[Sampling, bool], list[tuple[int, str]]] = {}
         for r in asked:
             ids, span = cols.row_ids(r, end), self.rows[r]
-            written = ids[span.start:]
-            if span.base and written == span.base[:len(written)] and len(written) < len(span.base):
-                tokens[r] = span.base[len(written)]  # the deferral's text is still being written
+            following = _next_of_span(span.base, span.start, ids)
+            if following is not None:
+                tokens[r] = following  # the deferral's text is still being written
                 continue
             text, templated = self.expert.chat(self.expert.base_tokenizer.decode(ids, skip_special_tokens=False))
             setting = sampling[r] if sampling is not None else Sampling()
@@ -548,13 +564,6 @@ class TextBackbone:
 
     def keep(self, rows: torch.Tensor) -> None:
         self.rows = [self.rows[int(i)] for i in rows]
-
-    def cut(self, columns: int) -> None:
-        if columns < self.seen:
-            raise CollmError("an expert with another tokenizer cannot take back columns (no drafting or rewinds)")
-
-    def pad_left(self, columns: int) -> None:
-        self.seen += columns
 
     def fresh(self, rows: int = 0) -> "TextBackbone":
         return TextBackbone(self.expert, rows)
