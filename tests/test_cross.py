@@ -328,3 +328,34 @@ def test_the_server_serves_a_pair_of_two_tokenizers(pair_parts):
         answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Add 12 and 21"}],
                                                 max_tokens=16, temperature=0, extra_body={"mode": "expert"})
         assert answer.choices[0].message.content == chat.texts[0]
+
+
+def _served(handler) -> "RemoteExpert":
+    """A RemoteExpert talking to ``handler`` (an httpx mock of the server's /tokenize and /detokenize)."""
+    import httpx
+
+    from collm.backends.remote import RemoteExpert
+
+    expert = RemoteExpert.__new__(RemoteExpert)
+    expert.url, expert.root, expert.model = "http://served/v1", "http://served", "m"
+    expert.timeout, expert.retry = 5.0, 0.0
+    expert.client = httpx.Client(transport=httpx.MockTransport(handler))
+    return expert
+
+
+def test_served_chat_turn_none_only_without_a_template():
+    """A served expert's chat template is read through /tokenize: HTTP 400 (vLLM's answer for a model without a
+    template) means no template; any other refusal (a wrong path, an auth error) is an error, not 'no template'."""
+    import httpx
+
+    def answer(status):
+        def handler(request):
+            if request.url.path == "/tokenize":
+                return httpx.Response(status, json={"tokens": [1, 2]} if status == 200 else {"message": "no"})
+            return httpx.Response(200, json={"prompt": "<u>@@</u><a>"})
+        return handler
+
+    assert _served(answer(200)).chat_turn("@@") == "<u>@@</u><a>"
+    assert _served(answer(400)).chat_turn("@@") is None
+    with pytest.raises(CollmError, match="HTTP 404"):
+        _served(answer(404)).chat_turn("@@")

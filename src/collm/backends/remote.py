@@ -202,7 +202,9 @@ class RemoteExpert:
                 "add_generation_prompt": True, "add_special_tokens": False}
         try:
             ids = self._post("/tokenize", body, root=True)["tokens"]
-        except CollmError:  # no chat template on the server (HTTP 400)
+        except Refused as e:  # a server with no chat template answers 400; anything else is a real error
+            if e.status != 400:
+                raise
             return None
         return str(self._post("/detokenize", {"model": self.model, "tokens": ids}, root=True)["prompt"])
 
@@ -261,8 +263,17 @@ class RemoteExpert:
         if response.status_code >= 400:
             error = answer.get("error", answer) if isinstance(answer, dict) else answer
             message = error.get("message", error) if isinstance(error, dict) else error
-            raise CollmError(f"the expert server at {url} refused the request (HTTP {response.status_code}): {message}")
+            raise Refused(f"the expert server at {url} refused the request (HTTP {response.status_code}): {message}",
+                          response.status_code)
         return answer
+
+
+class Refused(CollmError):
+    """The expert server answered a request with an HTTP error below 500 (``status``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def check_remote_vocab(expert: RemoteExpert, tokenizer, name: str = "base") -> None:
