@@ -8,6 +8,7 @@ for token; at every deferral the expert reads the text as its own tokenizer writ
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 from conftest import CHARS, VOCAB, make_llama, make_tokenizer, save_tiny
@@ -19,6 +20,7 @@ from collm import CoLLM
 from collm.backends import cross
 from collm.backends.base import Columns
 from collm.backends.cross import CrossExpert
+from collm.backends.remote import RemoteExpert
 from collm.core.head import DeferralHead
 from collm.errors import CollmError
 
@@ -330,12 +332,8 @@ def test_the_server_serves_a_pair_of_two_tokenizers(pair_parts):
         assert answer.choices[0].message.content == chat.texts[0]
 
 
-def _served(handler) -> "RemoteExpert":
+def _served(handler) -> RemoteExpert:
     """A RemoteExpert talking to ``handler`` (an httpx mock of the server's /tokenize and /detokenize)."""
-    import httpx
-
-    from collm.backends.remote import RemoteExpert
-
     expert = RemoteExpert.__new__(RemoteExpert)
     expert.url, expert.root, expert.model = "http://served/v1", "http://served", "m"
     expert.timeout, expert.retry = 5.0, 0.0
@@ -346,8 +344,6 @@ def _served(handler) -> "RemoteExpert":
 def test_served_chat_turn_none_only_without_a_template():
     """A served expert's chat template is read through /tokenize: HTTP 400 (vLLM's answer for a model without a
     template) means no template; any other refusal (a wrong path, an auth error) is an error, not 'no template'."""
-    import httpx
-
     def answer(status):
         def handler(request):
             if request.url.path == "/tokenize":
