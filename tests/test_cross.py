@@ -222,6 +222,27 @@ def test_compacting_the_expert_s_matrix_changes_no_token(pair_parts, monkeypatch
     assert tokens == joined and none == 0 < compactions and width < loose_width
 
 
+def test_reading_only_the_rows_with_new_tokens_changes_no_token(pair_parts, monkeypatch):
+    """Where only some rows of a batch have new tokens for the expert, its forward runs over those rows alone
+    (HFBackbone.read_rows); every token and writer is the all-rows forward's, with rows joining and leaving."""
+    pair = cross_pair(pair_parts, _mixed_head())
+    split = pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
+    joined, _, _ = _joining(pair)
+    reads = []
+    original = cross.CrossBackbone._place
+
+    def counted(self, wants):
+        original(self, wants)
+        reads.append(self.row_reads)
+    monkeypatch.setattr(cross.CrossBackbone, "_place", counted)
+    pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
+    assert max(reads) > 0  # some forwards did read a subset of the rows
+    monkeypatch.setattr(cross.HFBackbone, "read_rows", lambda self, cols, end, rows: None)
+    whole = pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
+    assert split.token_ids == whole.token_ids and split.sources == whole.sources
+    assert _joining(pair)[0] == joined
+
+
 def test_sampling_across_tokenizers_is_seeded(pair_parts):
     pair = cross_pair(pair_parts, constant(1.0))
     a = pair.generate(PROMPTS, max_new_tokens=20, do_sample=True, temperature=1.0, seed=4)

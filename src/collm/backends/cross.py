@@ -186,6 +186,7 @@ class CrossBackbone(_ThroughText):
         self.inner = HFBackbone(expert.model, vocab_size(expert.model), rows=rows)
         self.cols = Columns(*(torch.zeros((rows, 0), dtype=torch.long, device=self.device) for _ in range(3)))
         self.windows = self.cutbacks = self.forwards = self.compactions = 0
+        self.row_reads = 0  # forwards over only the rows with new tokens (HFBackbone.read_rows)
         self.seconds = 0.0  # on the text, not the model (see Next.seams)
         self.model_seconds = 0.0
 
@@ -436,11 +437,18 @@ class CrossBackbone(_ThroughText):
         self.cols = Columns(torch.cat([self.cols.seq, seq], 1), torch.cat([self.cols.mask, mask], 1),
                             torch.cat([self.cols.positions, positions], 1))
         started = time.perf_counter()
-        logits = self.inner.read(self.cols, width + extra).logits
+        readers = sorted(new)
+        # A forward costs compute for every row it holds, masked or not: where only some rows have new
+        # tokens (most steps of a batch: the rows that defer), only they go through the model.
+        logits = self.inner.read_rows(self.cols, width + extra, readers) if len(readers) < rows else None
+        if logits is None:
+            logits = self.inner.read(self.cols, width + extra).logits[readers]
+        else:
+            self.row_reads += 1
         self.model_seconds += time.perf_counter() - started
         self.forwards += 1
-        for r in new:  # other rows keep theirs: masked columns change nothing after their tokens
-            self.rows[r].logits = logits[r]
+        for r, answer in zip(readers, logits):  # other rows keep theirs: masked columns change nothing after them
+            self.rows[r].logits = answer
 
 
 # ---------------------------------------------------------------- an expert on a server, through its text

@@ -81,6 +81,40 @@ class HFBackbone:
                          hidden=out.hidden_states[-1][:, -1] if hidden else None)
         return self.last
 
+    def read_rows(self, cols: Columns, end: int, rows: list[int]) -> torch.Tensor | None:
+        """Consume columns [seen, end) for ``rows`` only, in one forward over those rows; the other rows' new
+        columns must be masked (their cache entries there are zeros, never attended to). Returns the rows'
+        next-token logits (len(rows), vocab), or None where the cache cannot be split by rows (nothing read yet,
+        or a layer whose length is not the matrix's, such as a sliding window): then call :meth:`read`.
+
+        A read costs compute for every row it holds, masked or not, so where few rows of a batch have new
+        tokens this is the cheaper forward; the copies of those rows' cache entries cost memory traffic only."""
+        layers = [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
+        if self.reencode or not layers or end <= self.seen or \
+                any(layer.keys.dim() != 4 or layer.keys.shape[2] != self.seen for layer in layers) or \
+                len(layers) != len(self.cache.layers):
+            return None
+        index = torch.tensor(rows, dtype=torch.long, device=cols.seq.device)
+        full = [(layer.keys, layer.values) for layer in layers]
+        start = self.seen
+        try:
+            for layer, (keys, values) in zip(layers, full):
+                layer.keys, layer.values = keys.index_select(0, index), values.index_select(0, index)
+            out = self.model(input_ids=cols.seq[index, start:end], attention_mask=cols.mask[index, :end],
+                             position_ids=cols.positions[index, start:end], cache=self.cache, use_cache=True,
+                             logits_to_keep=1)
+            for layer, (keys, values) in zip(layers, full):
+                grown = [keys.new_zeros((keys.shape[0], keys.shape[1], end - start, keys.shape[3])),
+                         values.new_zeros((values.shape[0], values.shape[1], end - start, values.shape[3]))]
+                grown[0][index], grown[1][index] = layer.keys[:, :, start:], layer.values[:, :, start:]
+                layer.keys, layer.values = torch.cat([keys, grown[0]], 2), torch.cat([values, grown[1]], 2)
+        except BaseException:
+            for layer, (keys, values) in zip(layers, full):
+                layer.keys, layer.values = keys, values
+            raise
+        self.seen, self.last = end, None
+        return out.logits[:, -1, : self.vocab].float()
+
     def _check(self, cols: Columns, end: int, pairs: list[tuple[int, int]], hidden: bool) -> Next:
         """One forward over [seen, end) that keeps every column's output, for a draft's check. The verdict for
         column c is the output at column c - 1: this read's for c > seen, the previous read's for c = seen.
