@@ -237,8 +237,10 @@ def test_reading_only_the_rows_with_new_tokens_changes_no_token(pair_parts, monk
     monkeypatch.setattr(cross.CrossBackbone, "_place", counted)
     pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
     assert max(reads) > 0  # some forwards did read a subset of the rows
-    monkeypatch.setattr(cross.HFBackbone, "read_rows", lambda self, cols, end, rows: None)
+    pair.experts[0].row_reads = False
+    reads.clear()
     whole = pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
+    assert max(reads) == 0  # every forward over all rows
     assert split.token_ids == whole.token_ids and split.sources == whole.sources
     assert _joining(pair)[0] == joined
 

@@ -91,8 +91,11 @@ class CrossExpert:
 
     translates = True
 
-    def __init__(self, model, tokenizer, base_tokenizer, *, window: int = WINDOW):
+    def __init__(self, model, tokenizer, base_tokenizer, *, window: int = WINDOW, row_reads: bool = True):
+        """``row_reads``: in a batch, each forward runs over only the rows with new tokens (False: over every
+        row, the others masked; the same tokens, slower: for benchmarks)."""
         self.model, self.tokenizer, self.base_tokenizer = model, tokenizer, base_tokenizer
+        self.row_reads = row_reads
         self.config = model.config
         self.name_or_path = getattr(model, "name_or_path", "")
         self.window = window
@@ -440,7 +443,8 @@ class CrossBackbone(_ThroughText):
         readers = sorted(new)
         # A forward costs compute for every row it holds, masked or not: where only some rows have new
         # tokens (most steps of a batch: the rows that defer), only they go through the model.
-        logits = self.inner.read_rows(self.cols, width + extra, readers) if len(readers) < rows else None
+        logits = self.inner.read_rows(self.cols, width + extra, readers) \
+            if self.expert.row_reads and len(readers) < rows else None
         if logits is None:
             logits = self.inner.read(self.cols, width + extra).logits[readers]
         else:
