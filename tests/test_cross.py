@@ -233,7 +233,7 @@ def test_reading_only_the_rows_with_new_tokens_changes_no_token(pair_parts, monk
 
     def counted(self, wants):
         original(self, wants)
-        reads.append(self.row_reads)
+        reads.append(self.subset_forwards)
     monkeypatch.setattr(cross.CrossBackbone, "_place", counted)
     pair.generate(PROMPTS, max_new_tokens=40, threshold=0.5)
     assert max(reads) > 0  # some forwards did read a subset of the rows

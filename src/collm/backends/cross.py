@@ -189,7 +189,7 @@ class CrossBackbone(_ThroughText):
         self.inner = HFBackbone(expert.model, vocab_size(expert.model), rows=rows)
         self.cols = Columns(*(torch.zeros((rows, 0), dtype=torch.long, device=self.device) for _ in range(3)))
         self.windows = self.cutbacks = self.forwards = self.compactions = 0
-        self.row_reads = 0  # forwards over only the rows with new tokens (HFBackbone.read_rows)
+        self.subset_forwards = 0  # forwards over only the rows with new tokens (HFBackbone.read_rows)
         self.seconds = 0.0  # on the text, not the model (see Next.seams)
         self.model_seconds = 0.0
 
@@ -448,7 +448,7 @@ class CrossBackbone(_ThroughText):
         if logits is None:
             logits = self.inner.read(self.cols, width + extra).logits[readers]
         else:
-            self.row_reads += 1
+            self.subset_forwards += 1
         self.model_seconds += time.perf_counter() - started
         self.forwards += 1
         for r, answer in zip(readers, logits):  # other rows keep theirs: masked columns change nothing after them

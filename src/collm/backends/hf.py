@@ -103,11 +103,13 @@ class HFBackbone:
             out = self.model(input_ids=cols.seq[index, start:end], attention_mask=cols.mask[index, :end],
                              position_ids=cols.positions[index, start:end], cache=self.cache, use_cache=True,
                              logits_to_keep=1)
+            def grown(old: torch.Tensor, read: torch.Tensor) -> torch.Tensor:  # all rows; zeros where masked
+                new = old.new_zeros((old.shape[0], old.shape[1], end - start, old.shape[3]))
+                new[index] = read[:, :, start:]
+                return torch.cat([old, new], 2)
+
             for layer, (keys, values) in zip(layers, full):
-                grown = [keys.new_zeros((keys.shape[0], keys.shape[1], end - start, keys.shape[3])),
-                         values.new_zeros((values.shape[0], values.shape[1], end - start, values.shape[3]))]
-                grown[0][index], grown[1][index] = layer.keys[:, :, start:], layer.values[:, :, start:]
-                layer.keys, layer.values = torch.cat([keys, grown[0]], 2), torch.cat([values, grown[1]], 2)
+                layer.keys, layer.values = grown(keys, layer.keys), grown(values, layer.values)
         except BaseException:
             for layer, (keys, values) in zip(layers, full):
                 layer.keys, layer.values = keys, values
