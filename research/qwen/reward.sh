@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The reward-trained router on the Qwen pair (collm reward), from the shipped router-policy head.
 #   bash scripts/install.sh --qwen && bash research/qwen/reward.sh     # re-run after a kill: it resumes
-#   PRICE=0.008 ROUNDS=12 bash research/qwen/reward.sh                # another lambda, or more rounds
+#   PRICE=0.004 LR=1e-4 ROUNDS=12 bash research/qwen/reward.sh         # another lambda or rate, or more rounds
 # The recipe is research/qwen/configs/reward.yaml (rollouts on the GSM-Symbolic train templates, 32 problems x 4
-# answers a round at 320 new tokens, bf16); this script adds the price and the rounds, one thread (the other
-# core stays free).
+# answers a round at 320 new tokens, bf16); this script adds the price, the learning rate and the rounds, one
+# thread (the other core stays free).
+# Run folders do not outlive a session's machine, so after every round the script copies what a resume needs
+# (reward_config.json, checkpoints/, metrics.jsonl: a few hundred kB) to research/qwen/results/reward/<name>/, and
+# a fresh checkout restores it from there before resuming; commit that folder to keep the rounds.
 # Then calibrate on the 110 validation problems and evaluate on the 220 test problems:
 #   STAGE=calibrate bash research/qwen/reward.sh ; STAGE=eval bash research/qwen/reward.sh
 set -euo pipefail
@@ -12,13 +15,23 @@ cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 R=${RUNS:-runs/qwen}
 D=$R/data/gsm
-PRICE=${PRICE:-0.004}
+PRICE=${PRICE:-0.008}
+LR=${LR:-0.0002}
 ROUNDS=${ROUNDS:-8}
-OUT=$R/reward-price$PRICE
+NAME=reward-price$PRICE-lr$LR
+OUT=$R/$NAME
+KEEP=research/qwen/results/reward/$NAME
 [[ -f $D/manifest.json ]] || collm data gsm --out "$D"
 case ${STAGE:-train} in
   train)
-    collm reward --config research/qwen/configs/reward.yaml --out "$OUT" --price "$PRICE" --rounds "$ROUNDS" ;;
+    if [[ ! -d $OUT/checkpoints && -d $KEEP/checkpoints ]]; then  # a fresh checkout: resume from the kept rounds
+      mkdir -p "$OUT" && cp -r "$KEEP/checkpoints" "$KEEP/reward_config.json" "$KEEP/metrics.jsonl" "$OUT/"
+    fi
+    for ((r = 1; r <= ROUNDS; r++)); do  # one round per call: each resumes the last and is kept before the next
+      collm reward --config research/qwen/configs/reward.yaml --out "$OUT" --price "$PRICE" --lr "$LR" --rounds "$r"
+      mkdir -p "$KEEP.tmp" && rm -rf "$KEEP.tmp"/* && cp -r "$OUT/checkpoints" "$OUT/reward_config.json" \
+        "$OUT/metrics.jsonl" "$KEEP.tmp/" && rm -rf "$KEEP" && mv "$KEEP.tmp" "$KEEP"
+    done ;;
   calibrate)
     collm calibrate --run "$OUT" --data "$D/validation.jsonl" --thresholds "${THRESHOLDS:-0.4,0.5,0.6,0.7}" \
       --max-new-tokens 320 --batch-size 55 --no-baselines --dtype bfloat16 --png "$OUT/calibration.png" ;;
