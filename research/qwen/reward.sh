@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The reward-trained router on the Qwen pair (collm reward), from the shipped router-policy head.
 #   bash scripts/install.sh --qwen && bash research/qwen/reward.sh     # re-run after a kill: it resumes
-#   PRICE=0.004 LR=1e-4 ROUNDS=12 bash research/qwen/reward.sh         # another lambda or rate, or more rounds
+#   PRICE=0.004 LR=1e-4 UPDATES=4 ROUNDS=12 bash research/qwen/reward.sh   # another lambda, rate, steps, more rounds
 # The recipe is research/qwen/configs/reward.yaml (rollouts on the GSM-Symbolic train templates, 32 problems x 4
-# answers a round at 320 new tokens, bf16); this script adds the price, the learning rate and the rounds, one
-# thread (the other core stays free).
+# answers a round at 320 new tokens, bf16); this script adds the price, the learning rate, the optimizer steps per
+# round and the rounds, one thread unless OMP_NUM_THREADS says otherwise.
 # Run folders do not outlive a session's machine, so after every round the script copies what a resume needs
 # (reward_config.json, checkpoints/, metrics.jsonl: a few hundred kB) to research/qwen/results/reward/<name>/, and
 # a fresh checkout restores it from there before resuming; commit that folder to keep the rounds.
@@ -17,8 +17,9 @@ R=${RUNS:-runs/qwen}
 D=$R/data/gsm
 PRICE=${PRICE:-0.008}
 LR=${LR:-0.0002}
+UPDATES=${UPDATES:-16}
 ROUNDS=${ROUNDS:-8}
-NAME=reward-price$PRICE-lr$LR
+NAME=reward-price$PRICE-lr$LR-updates$UPDATES
 OUT=$R/$NAME
 KEEP=research/qwen/results/reward/$NAME
 [[ -f $D/manifest.json ]] || collm data gsm --out "$D"
@@ -28,7 +29,8 @@ case ${STAGE:-train} in
       mkdir -p "$OUT" && cp -r "$KEEP/checkpoints" "$KEEP/reward_config.json" "$KEEP/metrics.jsonl" "$OUT/"
     fi
     for ((r = 1; r <= ROUNDS; r++)); do  # one round per call: each resumes the last and is kept before the next
-      collm reward --config research/qwen/configs/reward.yaml --out "$OUT" --price "$PRICE" --lr "$LR" --rounds "$r"
+      collm reward --config research/qwen/configs/reward.yaml --out "$OUT" --price "$PRICE" --lr "$LR" \
+        --updates "$UPDATES" --rounds "$r"
       mkdir -p "$KEEP.tmp" && rm -rf "$KEEP.tmp"/* && cp -r "$OUT/checkpoints" "$OUT/reward_config.json" \
         "$OUT/metrics.jsonl" "$KEEP.tmp/" && rm -rf "$KEEP" && mv "$KEEP.tmp" "$KEEP"
     done ;;
