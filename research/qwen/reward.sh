@@ -6,7 +6,7 @@
 # answers a round at 320 new tokens, bf16); this script adds the price, the learning rate, the optimizer steps per
 # round and the rounds, one thread unless OMP_NUM_THREADS says otherwise.
 # Run folders do not outlive a session's machine, so after every round the script copies what a resume needs
-# (reward_config.json, checkpoints/, metrics.jsonl: a few hundred kB) to research/qwen/results/reward/<name>/, and
+# (reward_config.json, checkpoints/, metrics.jsonl: about 50 kB) to research/qwen/results/reward/<name>/, and
 # a fresh checkout restores it from there before resuming; commit that folder to keep the rounds.
 # Then calibrate on the 110 validation problems and evaluate on the 220 test problems:
 #   STAGE=calibrate bash research/qwen/reward.sh ; STAGE=eval bash research/qwen/reward.sh
@@ -28,7 +28,8 @@ case ${STAGE:-train} in
     if [[ ! -d $OUT/checkpoints && -d $KEEP/checkpoints ]]; then  # a fresh checkout: resume from the kept rounds
       mkdir -p "$OUT" && cp -r "$KEEP/checkpoints" "$KEEP/reward_config.json" "$KEEP/metrics.jsonl" "$OUT/"
     fi
-    for ((r = 1; r <= ROUNDS; r++)); do  # one round per call: each resumes the last and is kept before the next
+    done_rounds=0; [[ -f $OUT/metrics.jsonl ]] && done_rounds=$(wc -l < "$OUT/metrics.jsonl")
+    for ((r = done_rounds + 1; r <= ROUNDS; r++)); do  # one round per call: each resumes the last, kept before the next
       collm reward --config research/qwen/configs/reward.yaml --out "$OUT" --price "$PRICE" --lr "$LR" \
         --updates "$UPDATES" --rounds "$r"
       mkdir -p "$KEEP.tmp" && rm -rf "$KEEP.tmp"/* && cp -r "$OUT/checkpoints" "$OUT/reward_config.json" \
