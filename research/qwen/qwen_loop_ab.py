@@ -4,13 +4,14 @@ Used to compare the engine's drafting with the separate drafting loop it replace
 on the same machine in one sitting; alternate the checkouts so that the shared machine's drift falls on both:
 
     git worktree add /tmp/old faa145e~1
-    for k in 1 2 3; do
-      PYTHONPATH=/tmp/old/src python research/qwen/qwen_loop_ab.py old$k 0,5 --out results/ab
-      PYTHONPATH=src python research/qwen/qwen_loop_ab.py new$k 0,5 --out results/ab
+    for k in 1 2 3 4; do
+      PYTHONPATH=/tmp/old/src python research/qwen/qwen_loop_ab.py old$k 0,5 --out runs/qwen/loop-ab
+      PYTHONPATH=src python research/qwen/qwen_loop_ab.py new$k 0,5 --out runs/qwen/loop-ab
     done
 
 Rows are indexes into the 8 test prompts that qwen_speed.py --spread --prompts 8 takes; each answer's wall time
 (prefill included) and length are printed and written to <out>/<label>.json. --expert also times the expert alone.
+The measured A/B (results/cpu_qwen_loop_ab.json) gathers such runs' printed lines, runs 1-2 with --expert.
 """
 
 import argparse
