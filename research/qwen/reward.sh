@@ -32,8 +32,11 @@ case ${STAGE:-train} in
     for ((r = done_rounds + 1; r <= ROUNDS; r++)); do  # one round per call: each resumes the last, kept before the next
       collm reward --config research/qwen/configs/reward.yaml --out "$OUT" --price "$PRICE" --lr "$LR" \
         --updates "$UPDATES" --rounds "$r"
-      mkdir -p "$KEEP.tmp" && rm -rf "$KEEP.tmp"/* && cp -r "$OUT/checkpoints" "$OUT/reward_config.json" \
-        "$OUT/metrics.jsonl" "$KEEP.tmp/" && rm -rf "$KEEP" && mv "$KEEP.tmp" "$KEEP"
+      # the new copy is whole before the old one goes (.tmp and .old are this script's own names)
+      rm -rf "$KEEP.tmp" "$KEEP.old" && mkdir -p "$KEEP.tmp" && cp -r "$OUT/checkpoints" "$OUT/reward_config.json" \
+        "$OUT/metrics.jsonl" "$KEEP.tmp/"
+      if [[ -d $KEEP ]]; then mv "$KEEP" "$KEEP.old"; fi
+      mv "$KEEP.tmp" "$KEEP" && rm -rf "$KEEP.old"
     done ;;
   calibrate)
     collm calibrate --run "$OUT" --data "$D/validation.jsonl" --thresholds "${THRESHOLDS:-0.4,0.5,0.6,0.7}" \
